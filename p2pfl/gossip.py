@@ -1,0 +1,284 @@
+"""Sans-IO CHOCO-Gossip engine (Koloskova, Stich, Jaggi, ICML 2019).
+
+Per round t on peer i:  q_i = Q(x_i - xhat_i);  xhat_i += q_i;  send q_i to every neighbour;
+apply each neighbour's q_j to the replica xhat_j strictly in sequence order;
+x_i += gamma * sum_j w_ij (xhat_j - xhat_i).
+With the identity codec and gamma = 1 this is exact gossip averaging x <- W x.
+
+The engine is pure: it consumes and produces `wire.Message`s and never touches sockets or
+clocks, so every protocol path (gaps, restarts, resyncs) is unit-tested in-process.  Replicas
+stay bit-identical with the sender because both apply the same decoded tensor with the same op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from p2pfl.compress import CodecError, CompressionPlan, Encoded, get_codec
+from p2pfl.wire import Kind, Message, TensorPayload
+
+State = dict[str, torch.Tensor]
+Action = tuple[int, Message]  # (destination peer, message)
+
+
+class GossipError(ValueError):
+    """A message that the protocol cannot use (unknown peer, wrong layout, bad codec data)."""
+
+
+def zeros_like_state(state: State) -> State:
+    return {k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()}
+
+
+def clone_state(state: State) -> State:
+    return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
+
+
+@dataclass
+class Replica:
+    """What peer i knows of neighbour j's public copy xhat_j."""
+
+    xhat: State
+    inc: int | None = None  # the incarnation of j this replica follows; None before first contact
+    next_seq: int = 0
+    round: int = -1  # latest round whose delta is in xhat
+    synced: bool = True
+    resync_asked: bool = False
+    pending: dict[int, tuple[int, State]] = field(default_factory=dict)  # seq -> (round, decoded q)
+
+
+@dataclass
+class RoundStats:
+    round: int
+    compression_error: float = 0.0  # ||Q(v) - v|| / ||v|| of this round's delta
+    payload_bytes: int = 0
+    dense_bytes: int = 0
+
+
+class ChocoEngine:
+    def __init__(
+        self,
+        me: int,
+        weights: dict[int, float],
+        x: State,
+        plan: CompressionPlan | str = "none",
+        gamma: float | None = None,
+        seed: int = 0,
+        inc: int = 0,
+    ) -> None:
+        if me in weights:
+            raise GossipError(f"weights: peer {me} must not list itself as a neighbour")
+        self.me = me
+        self.weights = dict(weights)
+        self.plan = CompressionPlan.parse(plan) if isinstance(plan, str) else plan
+        self.gamma = gamma if gamma is not None else min(self.plan.codec_for(k).default_gamma for k in x)
+        self.seed = seed
+        self.inc = inc
+        self.x: State = clone_state(x)
+        self.layout = {k: tuple(v.shape) for k, v in self.x.items()}
+        self.xhat: State = zeros_like_state(self.x)
+        self.out_seq = 0
+        self.round = -1
+        self.replicas = {j: Replica(xhat=zeros_like_state(self.x)) for j in self.weights}
+        self.duplicates = 0
+        self.last_stats = RoundStats(round=-1)
+
+    # ------------------------------------------------------------------ sending
+
+    def set_x(self, x: State) -> None:
+        """Take the trainer's new local model (same layout)."""
+        self._check_layout(x, "local state")
+        self.x = clone_state(x)
+
+    def make_delta(self, rnd: int, empty: bool = False) -> Message:
+        """Step 2: compress x - xhat, advance xhat, and return the DELTA every neighbour gets.
+
+        `empty` sends a delta with no tensors (drain rounds: only sketches travel), which keeps
+        sequence numbers and round bookkeeping identical on both sides.
+        """
+        if rnd <= self.round:
+            raise GossipError(f"round: {rnd} is not after the last round {self.round}")
+        self.round = rnd
+        tensors: dict[str, TensorPayload] = {}
+        stats = RoundStats(round=rnd)
+        err2 = ref2 = 0.0
+        if not empty:
+            for idx, name in enumerate(sorted(self.x)):
+                v = self.x[name] - self.xhat[name]
+                codec = self.plan.codec_for(name)
+                enc = codec.encode(v.contiguous(), seed=self._codec_seed(self.out_seq, idx))
+                q = codec.decode(enc, tuple(v.shape))
+                self.xhat[name] += q
+                err2 += float(((q - v) ** 2).sum())
+                ref2 += float((v**2).sum())
+                tensors[name] = TensorPayload(codec=codec.spec, shape=tuple(v.shape), parts=dict(enc.parts), meta=dict(enc.meta))
+                stats.payload_bytes += sum(p.numel() * p.element_size() for p in enc.parts.values())
+                stats.dense_bytes += v.numel() * 4
+        stats.compression_error = math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
+        self.last_stats = stats
+        msg = Message(Kind.DELTA, self.me, round=rnd, seq=self.out_seq, inc=self.inc, tensors=tensors)
+        self.out_seq += 1
+        self._drain_all()
+        return msg
+
+    def state_message(self) -> Message:
+        """A full, exact copy of xhat_i: the answer to a resync request."""
+        tensors = {k: TensorPayload(codec="none", shape=tuple(v.shape), parts={"data": v.clone()}) for k, v in self.xhat.items()}
+        return Message(Kind.STATE, self.me, round=self.round, seq=self.out_seq, inc=self.inc, tensors=tensors)
+
+    def _control(self, kind: Kind) -> Message:
+        return Message(kind, self.me, round=max(self.round, 0), seq=self.out_seq, inc=self.inc)
+
+    def hello(self) -> Message:
+        return self._control(Kind.HELLO)
+
+    def heartbeat(self) -> Message:
+        return self._control(Kind.HEARTBEAT)
+
+    def bye(self) -> Message:
+        return self._control(Kind.BYE)
+
+    def _codec_seed(self, seq: int, idx: int) -> int:
+        return (self.seed * 1_000_003 + self.me * 7_919 + seq * 131 + idx) & 0x7FFFFFFF
+
+    # ---------------------------------------------------------------- receiving
+
+    def receive(self, msg: Message) -> list[Action]:
+        """Feed one validated wire message; returns the messages to send in response."""
+        rep = self.replicas.get(msg.sender)
+        if rep is None:
+            raise GossipError(f"sender: peer {msg.sender} is not a neighbour of {self.me}")
+        if msg.kind == Kind.BYE:
+            return []
+        actions = self._check_incarnation(rep, msg)
+        if msg.kind == Kind.DELTA:
+            actions += self._on_delta(rep, msg)
+        elif msg.kind == Kind.STATE:
+            self._on_state(rep, msg)
+        elif msg.kind == Kind.RESYNC:
+            actions.append((msg.sender, self.state_message()))
+        return actions
+
+    def _check_incarnation(self, rep: Replica, msg: Message) -> list[Action]:
+        """Every message carries seq = number of deltas its sender had sent before it, so the
+        first message of a new incarnation tells whether its xhat is still the all-zero start."""
+        if rep.inc == msg.inc:
+            return []
+        first_contact = rep.inc is None
+        rep.inc = msg.inc
+        rep.pending.clear()
+        rep.resync_asked = False
+        actions: list[Action] = []
+        if msg.seq == 0:
+            rep.xhat = zeros_like_state(self.x)
+            rep.next_seq, rep.round, rep.synced = 0, -1, True
+        else:
+            rep.synced = False
+            if msg.kind != Kind.STATE:
+                actions.append(self._ask_resync(msg.sender, rep))
+        if not first_contact or self.out_seq > 0:
+            # Its replica of us is fresh (or stale): give it our exact xhat.
+            actions.append((msg.sender, self.state_message()))
+        return actions
+
+    def _ask_resync(self, peer: int, rep: Replica) -> Action:
+        rep.resync_asked = True
+        return (peer, self._control(Kind.RESYNC))
+
+    def _decode(self, msg: Message) -> State:
+        if set(msg.tensors) != set(self.layout):
+            missing = sorted(set(self.layout) - set(msg.tensors))[:3]
+            extra = sorted(set(msg.tensors) - set(self.layout))[:3]
+            raise GossipError(f"tensors from peer {msg.sender}: layout mismatch (missing {missing}, unexpected {extra})")
+        out: State = {}
+        for name, tp in msg.tensors.items():
+            if tuple(tp.shape) != self.layout[name]:
+                raise GossipError(f"tensor {name!r} from peer {msg.sender}: shape {list(tp.shape)}, expected {list(self.layout[name])}")
+            try:
+                q = get_codec(tp.codec).decode(Encoded(parts=tp.parts, meta=tp.meta), tuple(tp.shape))
+            except CodecError as e:
+                raise GossipError(f"tensor {name!r} from peer {msg.sender}: {e}") from None
+            if not bool(torch.isfinite(q).all()):
+                raise GossipError(f"tensor {name!r} from peer {msg.sender}: decodes to NaN/Inf")
+            out[name] = q.to(torch.float32).reshape(self.layout[name])
+        return out
+
+    def _on_delta(self, rep: Replica, msg: Message) -> list[Action]:
+        q = self._decode(msg) if msg.tensors else {}
+        if msg.seq < rep.next_seq and rep.synced:
+            self.duplicates += 1
+            return []
+        if msg.seq in rep.pending:
+            self.duplicates += 1
+            return []
+        rep.pending[msg.seq] = (msg.round, q)
+        actions: list[Action] = []
+        if rep.synced and msg.seq > rep.next_seq and rep.next_seq not in rep.pending and not rep.resync_asked:
+            rep.synced = False
+            actions.append(self._ask_resync(msg.sender, rep))
+        self._drain(rep)
+        return actions
+
+    def _on_state(self, rep: Replica, msg: Message) -> None:
+        if rep.synced and msg.seq < rep.next_seq:
+            return  # older than what we already applied
+        if set(msg.tensors) != set(self.layout):
+            raise GossipError(f"state from peer {msg.sender}: layout mismatch")
+        state = self._decode(msg)
+        rep.xhat = {k: v.clone() for k, v in state.items()}
+        rep.next_seq, rep.round, rep.synced, rep.resync_asked = msg.seq, msg.round, True, False
+        for s in [s for s in rep.pending if s < msg.seq]:
+            del rep.pending[s]
+        self._drain(rep)
+
+    def _drain(self, rep: Replica) -> None:
+        """Apply buffered deltas in sequence order, but none from a round we have not reached.
+
+        Holding back a neighbour's round t+1 delta until we mix round t+1 keeps both ends of an
+        edge mixing the same versions, which is what preserves the network mean exactly.
+        """
+        while rep.synced and rep.next_seq in rep.pending and rep.pending[rep.next_seq][0] <= self.round:
+            rnd, q = rep.pending.pop(rep.next_seq)
+            for k, v in q.items():
+                rep.xhat[k] += v
+            rep.next_seq += 1
+            rep.round = max(rep.round, rnd)
+
+    def _drain_all(self) -> None:
+        for rep in self.replicas.values():
+            self._drain(rep)
+
+    # ------------------------------------------------------------------- mixing
+
+    def ready(self, rnd: int, live: Iterable[int]) -> bool:
+        """Have all live neighbours' round-`rnd` deltas been applied?"""
+        return all(self.replicas[j].synced and self.replicas[j].round >= rnd for j in live if j in self.replicas)
+
+    def waiting_for(self, rnd: int, live: Iterable[int]) -> list[int]:
+        return [j for j in live if j in self.replicas and not (self.replicas[j].synced and self.replicas[j].round >= rnd)]
+
+    def mix(self, live: Iterable[int]) -> None:
+        """Step 4. Down or unsynced neighbours are left out, i.e. their weight moves to self."""
+        use = [j for j in live if j in self.replicas and self.replicas[j].synced]
+        for name in self.x:
+            acc = torch.zeros_like(self.x[name])
+            for j in use:
+                acc += self.weights[j] * (self.replicas[j].xhat[name] - self.xhat[name])
+            self.x[name] += self.gamma * acc
+
+    def neighbor_distance(self, live: Iterable[int]) -> float:
+        """sqrt(mean_j ||xhat_j - xhat_i||^2) over live, synced neighbours: local disagreement."""
+        d2 = [
+            sum(float(((self.replicas[j].xhat[k] - self.xhat[k]) ** 2).sum()) for k in self.xhat)
+            for j in live
+            if j in self.replicas and self.replicas[j].synced
+        ]
+        return math.sqrt(sum(d2) / len(d2)) if d2 else 0.0
+
+    def _check_layout(self, state: State, what: str) -> None:
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != self.layout:
+            raise GossipError(f"{what}: layout {sorted(got.items())[:3]}... differs from the engine's")

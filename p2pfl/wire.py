@@ -1,0 +1,228 @@
+"""Wire format: one msgpack header frame, then one raw frame per tensor part.
+
+Header (msgpack map): ``v`` protocol version, ``kind``, ``sender``, ``inc`` (sender incarnation),
+``round``, ``seq``, ``tensors`` (list of descriptors: name, codec, shape, parts [[key, dtype, shape]],
+meta) and ``info`` (small msgpack-able extras). Tensor data never goes through msgpack and nothing
+is unpickled: frames are viewed in place with ``torch.frombuffer`` after every size, dtype and value
+check below has passed. Anything off raises ``WireError`` with the offending field named.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+MAX_HEADER = 4 * 1024 * 1024
+MAX_TENSORS = 4096
+
+
+class WireError(ValueError):
+    """A frame sequence that is not a valid message; the message says which field and why."""
+
+
+class Kind(StrEnum):
+    HELLO = "hello"  # announce incarnation, round and next sequence number
+    HEARTBEAT = "heartbeat"
+    DELTA = "delta"  # compressed CHOCO update q, applied in sequence order
+    STATE = "state"  # full replica (resync), exact fp32
+    RESYNC = "resync"  # request a STATE from the receiver
+    BYE = "bye"  # clean shutdown: mark me down now, not after a timeout
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+
+
+@dataclass
+class TensorPayload:
+    """One named tensor as the codec left it: the parts travel as frames, meta in the header."""
+
+    codec: str
+    shape: tuple[int, ...]
+    parts: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts.values())
+
+
+@dataclass
+class Message:
+    kind: Kind
+    sender: int
+    round: int = 0
+    seq: int = 0
+    inc: int = 0
+    tensors: dict[str, TensorPayload] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_frame(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw 16-bit words
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Frames for zmq ``send_multipart(copy=False)``: the header, then each part's raw bytes."""
+    descs = []
+    frames: list[bytes | memoryview] = []
+    for name, tp in msg.tensors.items():
+        parts = []
+        for key, part in tp.parts.items():
+            if part.dtype not in DTYPE_NAMES:
+                raise WireError(f"tensor {name!r} part {key!r}: dtype {part.dtype} cannot travel")
+            parts.append([key, DTYPE_NAMES[part.dtype], list(part.shape)])
+            frames.append(_as_frame(part))
+        descs.append({"name": name, "codec": tp.codec, "shape": list(tp.shape), "parts": parts, "meta": tp.meta})
+    header = {
+        "v": PROTOCOL_VERSION,
+        "kind": str(msg.kind),
+        "sender": msg.sender,
+        "inc": msg.inc,
+        "round": msg.round,
+        "seq": msg.seq,
+        "tensors": descs,
+        "info": msg.info,
+    }
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def _int(header: dict[str, Any], key: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    v = header.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise WireError(f"header.{key}: expected an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _shape(v: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 8 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in v):
+        raise WireError(f"{where}: expected a list of at most 8 non-negative ints, got {v!r}")
+    return tuple(v)
+
+
+def _meta(v: Any, where: str) -> dict[str, Any]:
+    if not isinstance(v, dict) or len(v) > 64:
+        raise WireError(f"{where}: expected a small mapping, got {type(v).__name__}")
+    for k, x in v.items():
+        if not isinstance(k, str) or not isinstance(x, int | float | str | bool):
+            raise WireError(f"{where}[{k!r}]: expected a scalar, got {type(x).__name__}")
+        if isinstance(x, float) and not math.isfinite(x):
+            raise WireError(f"{where}[{k!r}]: non-finite value {x}")
+    return v
+
+
+def decode(frames: Sequence[Any], max_frame: int = DEFAULT_MAX_FRAME, check_finite: bool = True) -> Message:
+    """Validate and view a frame sequence as a Message. Raises WireError and nothing else."""
+    if not frames:
+        raise WireError("empty message: no header frame")
+    raw = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    for k, f in enumerate(raw):
+        if f.nbytes > max_frame:
+            raise WireError(f"frame {k}: {f.nbytes} bytes exceeds the maximum of {max_frame}")
+    if raw[0].nbytes > MAX_HEADER:
+        raise WireError(f"header: {raw[0].nbytes} bytes exceeds {MAX_HEADER}")
+    try:
+        header = msgpack.unpackb(raw[0], raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireError(f"header: not valid msgpack ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header: expected a map, got {type(header).__name__}")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise WireError(f"header.v: unsupported protocol version {header.get('v')!r} (speak {PROTOCOL_VERSION})")
+    try:
+        kind = Kind(header.get("kind"))
+    except ValueError:
+        raise WireError(f"header.kind: unknown message kind {header.get('kind')!r}") from None
+    info = header.get("info", {})
+    if not isinstance(info, dict):
+        raise WireError("header.info: expected a map")
+    descs = header.get("tensors", [])
+    if not isinstance(descs, list) or len(descs) > MAX_TENSORS:
+        raise WireError(f"header.tensors: expected a list of at most {MAX_TENSORS} descriptors")
+    msg = Message(
+        kind=kind,
+        sender=_int(header, "sender", 0, 2**31),
+        inc=_int(header, "inc"),
+        round=_int(header, "round"),
+        seq=_int(header, "seq"),
+        info=info,
+    )
+    expected = sum(len(d["parts"]) if isinstance(d, dict) and isinstance(d.get("parts"), list) else 0 for d in descs)
+    if expected != len(raw) - 1:
+        raise WireError(f"frames: descriptors name {expected} parts but {len(raw) - 1} data frames arrived")
+    cursor = 1
+    for k, d in enumerate(descs):
+        where = f"tensors[{k}]"
+        if not isinstance(d, dict):
+            raise WireError(f"{where}: expected a descriptor map")
+        name, codec = d.get("name"), d.get("codec")
+        if not isinstance(name, str) or not name or len(name) > 512:
+            raise WireError(f"{where}.name: expected a non-empty string, got {name!r}")
+        if name in msg.tensors:
+            raise WireError(f"{where}.name: duplicate tensor {name!r}")
+        if not isinstance(codec, str) or len(codec) > 128:
+            raise WireError(f"{where}.codec: expected a codec spec string, got {codec!r}")
+        shape = _shape(d.get("shape"), f"{where}.shape")
+        meta = _meta(d.get("meta", {}), f"{where}.meta")
+        plist = d.get("parts")
+        if not isinstance(plist, list):
+            raise WireError(f"{where}.parts: expected a list of [key, dtype, shape]")
+        parts: dict[str, torch.Tensor] = {}
+        for pk, p in enumerate(plist):
+            pwhere = f"{where}({name}).parts[{pk}]"
+            if not (isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)):
+                raise WireError(f"{pwhere}: expected [key, dtype, shape]")
+            key, dname, pshape = p[0], p[1], _shape(p[2], f"{pwhere}.shape")
+            if key in parts:
+                raise WireError(f"{pwhere}: duplicate part key {key!r}")
+            if dname not in DTYPES:
+                raise WireError(f"{pwhere}.dtype: {dname!r} is not an allowed dtype")
+            dtype = DTYPES[dname]
+            numel = math.prod(pshape)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            buf = raw[cursor]
+            cursor += 1
+            if buf.nbytes != numel * itemsize:
+                raise WireError(f"{pwhere}: frame has {buf.nbytes} bytes, {dname}{list(pshape)} needs {numel * itemsize}")
+            parts[key] = _view(buf, dtype, pshape)
+            if check_finite and dtype in FLOAT_DTYPES and numel and not bool(torch.isfinite(parts[key]).all()):
+                raise WireError(f"{pwhere}: contains NaN or Inf")
+        msg.tensors[name] = TensorPayload(codec=codec, shape=shape, parts=parts, meta=meta)
+    return msg
+
+
+def _view(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if buf.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():  # zmq frames are read-only; we never write through the view
+        warnings.simplefilter("ignore", UserWarning)
+        if dtype == torch.bfloat16:
+            return torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16).reshape(shape)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def frames_nbytes(frames: Sequence[Any]) -> int:
+    return sum(memoryview(f.buffer if hasattr(f, "buffer") else f).nbytes for f in frames)
