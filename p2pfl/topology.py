@@ -110,7 +110,7 @@ def second_eigenvalue(w: np.ndarray) -> float:
 # ---------------------------------------------------------------- generators
 
 def _torus_dims(n: int) -> tuple[int, int]:
-    r = int(math.isqrt(n))
+    r = math.isqrt(n)
     while n % r:
         r -= 1
     return r, n // r
@@ -182,7 +182,7 @@ def _need(mapping: dict[str, Any], key: str, typ: type, where: str) -> Any:
     if key not in mapping:
         raise TopologyError(f"{where}: missing field {key!r}")
     value = mapping[key]
-    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+    if (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
         raise TopologyError(f"{where}.{key}: expected {typ.__name__}, got {value!r}")
     return value
 

@@ -1,0 +1,140 @@
+"""Local cluster launcher: one OS process per peer of a topology, progress, clean shutdown, summary."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pfl import topology as topo_mod
+from p2pfl.metrics import read_jsonl
+
+
+def _last_records(run_dir: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
+    out = {}
+    for p in ids:
+        path = run_dir / "metrics" / f"peer-{p}.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            if lines:
+                with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
+                    out[p] = json.loads(lines[-1])
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(run_dir: Path, ids: list[int]) -> dict[str, Any]:
+    per_peer = {p: read_jsonl(run_dir / "metrics" / f"peer-{p}.jsonl") for p in ids if (run_dir / "metrics" / f"peer-{p}.jsonl").exists()}
+    last = {p: recs[-1] for p, recs in per_peer.items() if recs}
+    first = {p: recs[0] for p, recs in per_peer.items() if recs}
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "peers": len(ids),
+        "rounds_done": {p: r["round"] + 1 for p, r in last.items()},
+        "final_consensus_distance": _mean([r.get("consensus_distance") for r in last.values()]),
+        "bytes_sent_total": sum(sum(x.get("bytes_sent", 0) for x in recs) for recs in per_peer.values()),
+        "rejected_messages": sum(r.get("rejected_messages", 0) for r in last.values()),
+    }
+    accs = [r.get("accuracy") for r in first.values() if r.get("accuracy") is not None]
+    if accs:
+        summary["accuracy_first_round"] = _mean(accs)
+        summary["accuracy_final"] = _mean([r.get("accuracy") for r in last.values()])
+        summary["global_accuracy_final"] = _mean([r.get("global_accuracy") for r in last.values() if "global_accuracy" in r])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, extra = argv[:k], argv[k + 1 :]
+    ap = argparse.ArgumentParser(prog="scripts/launch.sh", description="Run every peer of a topology locally.")
+    ap.add_argument("topology", type=Path)
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--run-dir", type=Path)
+    ap.add_argument("--no-report", action="store_true", help="skip p2pfl-report at the end")
+    args = ap.parse_args(argv)
+    try:
+        topo = topo_mod.load(args.topology)
+    except topo_mod.TopologyError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    shutil.copy(args.topology, run_dir / "topology.yaml")
+    common = ["--topology", str(args.topology), "--run-dir", str(run_dir)]
+    if args.rounds is not None:
+        common += ["--rounds", str(args.rounds)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    print(f"launch: {topo.n} peers of {args.topology} -> {run_dir} (logs in {run_dir / 'logs'})", flush=True)
+    for p in topo.ids:
+        with open(run_dir / "logs" / f"peer-{p}.stdout", "wb") as out:  # the child keeps its own handle
+            procs[p] = subprocess.Popen(
+                [sys.executable, "-m", "p2pfl.cli_peer", *common, "--id", str(p), *extra],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+
+    stopping = {"n": 0}
+
+    def forward(sig: int, _frame: Any) -> None:
+        stopping["n"] += 1
+        target = signal.SIGTERM if stopping["n"] == 1 else signal.SIGKILL
+        print(f"\nlaunch: forwarding {signal.Signals(target).name} to all peers", flush=True)
+        for pr in procs.values():
+            if pr.poll() is None:
+                pr.send_signal(target)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    last_line = ""
+    while any(pr.poll() is None for pr in procs.values()):
+        time.sleep(1.0)
+        recs = _last_records(run_dir, topo.ids)
+        rounds = [recs[p]["round"] + 1 if p in recs else 0 for p in topo.ids]
+        cd = _mean([r.get("consensus_distance") for r in recs.values()])
+        acc = _mean([r.get("accuracy") for r in recs.values() if r.get("accuracy") is not None])
+        alive = sum(pr.poll() is None for pr in procs.values())
+        line = f"launch: rounds {min(rounds)}..{max(rounds)} | alive {alive}/{topo.n} | consensus {cd:.3e}"
+        if math.isfinite(acc):
+            line += f" | accuracy {acc:.3f}"
+        if line != last_line:
+            print(line, flush=True)
+            last_line = line
+    codes = {p: pr.returncode for p, pr in procs.items()}
+    failed = {p: c for p, c in codes.items() if c != 0}
+    summary = summarize(run_dir, topo.ids)
+    summary["exit_codes"] = codes
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("launch: summary " + json.dumps(summary))
+    if not args.no_report:
+        try:
+            from p2pfl.report import write_report
+
+            path = write_report(run_dir)
+            print(f"launch: report at {path}")
+        except ImportError:
+            pass
+    if failed:
+        print(f"launch: peers failed: {failed} (see {run_dir / 'logs'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Per-round JSONL records, and which round's record can be written yet.
+
+A round's consensus estimate needs every peer's sketch of the model after that round, which
+reaches a peer up to `diameter` rounds later; records therefore wait in `RecordQueue` until
+their sketch set is complete (or is given up on) and are written in round order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class JsonlWriter:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class RecordQueue:
+    """Holds each round's record until the consensus estimate of its sketch round is known."""
+
+    def __init__(self, give_up_after: int) -> None:
+        self.give_up_after = give_up_after
+        self.waiting: list[tuple[int, dict[str, Any]]] = []  # (sketch round, record)
+
+    def push(self, sketch_round: int, record: dict[str, Any]) -> None:
+        self.waiting.append((sketch_round, record))
+
+    def pop_ready(self, current_round: int, is_complete: Any, force: bool = False) -> list[tuple[int, dict[str, Any]]]:
+        """Records, in order, whose sketch round is complete or too old to wait for."""
+        out = []
+        while self.waiting:
+            r, _rec = self.waiting[0]
+            if not (force or is_complete(r) or current_round - r > self.give_up_after):
+                break
+            out.append(self.waiting.pop(0))
+        return out
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out

@@ -1,0 +1,360 @@
+"""The peer daemon: wires trainer, CHOCO engine, sketches and transport into rounds.
+
+Everything protocol-shaped is decided by the sans-IO pieces (`gossip`, `consensus`, `wire`);
+this module owns the clocks (heartbeats, adaptive round deadlines), the sockets and the files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2pfl import topology as topo_mod
+from p2pfl.consensus import SketchBook, Sketcher, flatten
+from p2pfl.gossip import ChocoEngine, GossipError
+from p2pfl.metrics import JsonlWriter, RecordQueue
+from p2pfl.state import save_state, synthetic_state
+from p2pfl.transport import Transport
+from p2pfl.wire import Kind, Message, TensorPayload, WireError, decode, encode
+
+SKETCH_TENSOR = "_sketches"
+
+
+@dataclass
+class PeerConfig:
+    topology: Path
+    id: int
+    rounds: int = 50
+    run_dir: Path = Path("runs/default")
+    seed: int = 0
+    no_train: bool = False
+    dim: int = 131072  # --no-train state size (floats)
+    compress: str = "none"
+    gamma: float | None = None
+    sketch_dim: int = 1024
+    heartbeat: float = 1.0  # seconds between heartbeats
+    peer_timeout: float = 10.0  # silent this long => marked down
+    min_wait: float = 2.0  # floor of the adaptive round deadline
+    round_timeout: float = 120.0  # ceiling of the adaptive round deadline
+    startup_timeout: float = 60.0
+    max_frame: int = 256 * 1024 * 1024
+    checkpoint_every: int = 0
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+class LogLimiter:
+    """Log the first few of a kind of event, then every 1000th: hostile input must not flood the log."""
+
+    def __init__(self, first: int = 20, every: int = 1000) -> None:
+        self.first, self.every, self.count = first, every, 0
+
+    def __call__(self) -> bool:
+        self.count += 1
+        return self.count <= self.first or self.count % self.every == 0
+
+
+class Peer:
+    def __init__(self, cfg: PeerConfig) -> None:
+        self.cfg = cfg
+        self.topo = topo_mod.load(cfg.topology)
+        if cfg.id not in self.topo.peers:
+            raise topo_mod.TopologyError(f"--id: peer {cfg.id} is not in {cfg.topology} (ids {self.topo.ids})")
+        self.me = cfg.id
+        self.neighbors = self.topo.neighbors(self.me)
+        self.run_dir = Path(cfg.run_dir)
+        self.log = logging.getLogger(f"p2pfl.peer.{self.me}")
+        self.trainer: Any = None
+        if cfg.no_train:
+            x0 = synthetic_state(cfg.seed, self.me, cfg.dim)
+        else:
+            from p2pfl.trainer import Trainer, TrainerConfig
+
+            self.trainer = Trainer(TrainerConfig(**{"seed": cfg.seed, **cfg.trainer}), self.me, self.topo.n)
+            x0 = self.trainer.adapter_state()
+        weights = self.topo.mh_weights(self.me)
+        weights.pop(self.me)
+        self.inc = int.from_bytes(os.urandom(6), "big")
+        self.engine = ChocoEngine(self.me, weights, x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc)
+        dim = flatten(x0).numel()
+        self.sketcher = Sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
+        self.diameter = self.topo.diameter()
+        self.book = SketchBook(self.me, self.topo.ids, horizon=self.diameter + 2)
+        self.records = RecordQueue(give_up_after=self.diameter + 2)
+        self.transport = Transport(self.topo.peers[self.me], {j: self.topo.peers[j] for j in self.neighbors}, cfg.max_frame)
+        self.last_seen: dict[int, float] = {}
+        self.live: set[int] = set()
+        self.rejected = 0
+        self.rejected_by_reason: dict[str, int] = {}
+        self._log_reject = LogLimiter()
+        self._progress = asyncio.Event()
+        self.wait_ewma: float | None = None
+        self.round = -1
+        self.writer = JsonlWriter(self.run_dir / "metrics" / f"peer-{self.me}.jsonl")
+        self._stop = asyncio.Event()
+
+    # ------------------------------------------------------------------ network
+
+    def _send(self, peer: int, msg: Message) -> None:
+        self.transport.send(peer, encode(msg))
+
+    def _broadcast_control(self, msg: Message, to: list[int] | None = None) -> None:
+        for j in self.neighbors if to is None else to:
+            self._send(j, msg)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected += 1
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+        if self._log_reject():
+            self.log.warning("peer %d: rejected message (%s): %s [total %d]", self.me, reason, detail, self.rejected)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            ident, frames = await self.transport.recv()
+            try:
+                msg = decode(frames, self.cfg.max_frame)
+            except WireError as e:
+                self._reject("wire", str(e))
+                continue
+            if ident != str(msg.sender).encode():
+                self._reject("identity", f"routing id {ident[:32]!r} claims to be peer {msg.sender}")
+                continue
+            if msg.sender not in self.engine.replicas:
+                self._reject("unknown-peer", f"peer {msg.sender} is not a neighbour")
+                continue
+            try:
+                self._take_sketches(msg)
+                actions = self.engine.receive(msg)
+            except GossipError as e:
+                self._reject("protocol", str(e))
+                continue
+            self._mark_seen(msg.sender, alive=msg.kind != Kind.BYE)
+            for dest, reply in actions:
+                self._send(dest, reply)
+            self._progress.set()
+
+    def _take_sketches(self, msg: Message) -> None:
+        tp = msg.tensors.pop(SKETCH_TENSOR, None)
+        if tp is None:
+            return
+        keys = msg.info.get("sketches")
+        data = tp.parts.get("data")
+        k = self.sketcher.k if self.sketcher else -1
+        if (
+            not isinstance(keys, list)
+            or data is None
+            or data.dtype != torch.float64
+            or tuple(data.shape) != (len(keys), k)
+            or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, int) for v in e) for e in keys)
+        ):
+            raise GossipError(f"sketches from peer {msg.sender}: malformed block (keys/shape/dtype)")
+        for (origin, rnd), row in zip(keys, data, strict=True):
+            self.book.add(origin, rnd, row.clone(), via=msg.sender)
+
+    def _with_sketches(self, msg: Message, peer: int) -> Message:
+        out = self.book.outgoing(peer, max(self.round, 0))
+        if not out:
+            return msg
+        data = torch.stack([s for _, _, s in out])
+        tensors = {**msg.tensors, SKETCH_TENSOR: TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})}
+        info = {**msg.info, "sketches": [[o, r] for o, r, _ in out]}
+        return Message(msg.kind, msg.sender, msg.round, msg.seq, msg.inc, tensors, info)
+
+    def _mark_seen(self, peer: int, alive: bool = True) -> None:
+        now = time.monotonic()
+        self.last_seen[peer] = now if alive else -math.inf
+        if alive and peer not in self.live:
+            self.live.add(peer)
+            self.log.info("peer %d: neighbour %d is up", self.me, peer)
+        elif not alive and peer in self.live:
+            self._mark_down(peer, "said goodbye")
+
+    def _mark_down(self, peer: int, why: str) -> None:
+        self.live.discard(peer)
+        self.transport.flush(peer)
+        self.log.warning("peer %d: neighbour %d is down (%s); its weight moves to self", self.me, peer, why)
+        self._progress.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self._broadcast_control(self.engine.heartbeat())
+            now = time.monotonic()
+            for j in list(self.live):
+                if now - self.last_seen.get(j, -math.inf) > self.cfg.peer_timeout:
+                    self._mark_down(j, f"silent for {self.cfg.peer_timeout:.1f}s")
+            await asyncio.sleep(self.cfg.heartbeat)
+
+    # -------------------------------------------------------------------- rounds
+
+    def _deadline(self) -> float:
+        if self.wait_ewma is None:
+            return self.cfg.round_timeout
+        return min(self.cfg.round_timeout, max(self.cfg.min_wait, 4.0 * self.wait_ewma + 0.5))
+
+    async def _wait_round(self, rnd: int) -> tuple[float, list[int]]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + self._deadline()
+        while not self.engine.ready(rnd, self.live):
+            left = deadline - loop.time()
+            if left <= 0:
+                late = self.engine.waiting_for(rnd, self.live)
+                self.log.warning("peer %d: round %d deadline passed; mixing without %s", self.me, rnd, late)
+                return loop.time() - start, late
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), timeout=min(left, 0.5))
+        waited = loop.time() - start
+        self.wait_ewma = waited if self.wait_ewma is None else 0.8 * self.wait_ewma + 0.2 * waited
+        return waited, []
+
+    async def _startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.cfg.startup_timeout
+        while set(self.neighbors) - self.live and loop.time() < end:
+            self._broadcast_control(self.engine.hello(), [j for j in self.neighbors if j not in self.live])
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), timeout=0.25)
+        missing = sorted(set(self.neighbors) - self.live)
+        if missing:
+            self.log.warning("peer %d: starting without neighbours %s (not seen in %.0fs)", self.me, missing, self.cfg.startup_timeout)
+        # One more hello so neighbours that saw us before we saw them have our latest state.
+        self._broadcast_control(self.engine.hello())
+
+    def _sketch(self, rnd: int) -> None:
+        if self.sketcher is not None:
+            self.book.add(self.me, rnd, self.sketcher(self.engine.x))
+
+    def _emit_records(self, force: bool = False) -> None:
+        for srnd, rec in self.records.pop_ready(self.round, self.book.complete, force):
+            est, got = self.book.estimate(srnd) if self.sketcher else (float("nan"), 0)
+            rec["consensus_distance"] = est
+            rec["consensus_peers"] = got
+            self.writer.write(rec)
+        self.book.prune(self.round - self.diameter - 4)
+
+    async def run(self) -> int:
+        self.log.info("peer %d: %d neighbours %s, %d rounds, compress=%s, run dir %s", self.me, len(self.neighbors), self.neighbors, self.cfg.rounds, self.cfg.compress, self.run_dir)
+        await self.transport.start()
+        tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._heartbeat_loop())]
+        try:
+            await self._startup()
+            await self._rounds()
+        finally:
+            self._broadcast_control(self.engine.bye(), sorted(self.live))
+            await self.transport.drain(1.0)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._save()
+            await self.transport.close()
+            self.writer.close()
+        return 0
+
+    async def _rounds(self) -> None:
+        drain = self.diameter if self.sketcher else 0
+        sent0, recv0 = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
+        for rnd in range(self.cfg.rounds + drain):
+            if self._stop.is_set():
+                self.log.info("peer %d: stopping after round %d", self.me, self.round)
+                break
+            t0 = time.time()
+            training = rnd < self.cfg.rounds
+            train_metrics: dict[str, float] = {}
+            self._sketch(rnd)  # the model after rnd mixing steps
+            if training and self.trainer is not None:
+                train_metrics = await asyncio.to_thread(self.trainer.train_round)
+                self.engine.set_x(self.trainer.adapter_state())
+            delta = self.engine.make_delta(rnd, empty=not training)
+            self.round = rnd
+            for j in sorted(self.live):
+                self._send(j, self._with_sketches(delta, j))
+            waited, late = await self._wait_round(rnd)
+            if not training:
+                self._emit_records()
+                continue
+            self.engine.mix(self.live)
+            if self.trainer is not None:
+                self.trainer.load_adapter_state(self.engine.x)
+                train_metrics.update(await self._evaluate(rnd))
+            stats = self.transport.stats
+            rec: dict[str, Any] = {
+                "peer": self.me,
+                "round": rnd,
+                "time": time.time(),
+                "round_s": time.time() - t0,
+                "wait_s": waited,
+                "late_neighbors": late,
+                "neighbor_distance": self.engine.neighbor_distance(self.live),
+                "bytes_sent": stats.bytes_sent - sent0,
+                "bytes_received": stats.bytes_received - recv0,
+                "payload_bytes": self.engine.last_stats.payload_bytes,
+                "compression_ratio": self.engine.last_stats.dense_bytes / max(1, self.engine.last_stats.payload_bytes),
+                "compression_error": self.engine.last_stats.compression_error,
+                "live_neighbors": len(self.live),
+                "rejected_messages": self.rejected,
+                "duplicates": self.engine.duplicates,
+                "dropped_messages": stats.dropped,
+                **train_metrics,
+            }
+            sent0, recv0 = stats.bytes_sent, stats.bytes_received
+            self.records.push(rnd + 1, rec)
+            self._emit_records()
+            if self.cfg.checkpoint_every and (rnd + 1) % self.cfg.checkpoint_every == 0:
+                self._save()
+        self._emit_records(force=True)
+
+    async def _evaluate(self, rnd: int) -> dict[str, float]:
+        every = int(self.cfg.trainer.get("eval_every", 1) or 1)
+        last = rnd == self.cfg.rounds - 1
+        if rnd % every and not last:
+            return {}
+        return await asyncio.to_thread(self.trainer.evaluate, last or rnd % (every * 5) == 0)
+
+    def _save(self) -> None:
+        save_state(self.run_dir / f"peer-{self.me}" / "adapter.safetensors", self.engine.x, {"round": str(self.round), "peer": str(self.me)})
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+def setup_logging(run_dir: Path, peer: int, level: str = "INFO") -> Path:
+    path = run_dir / "logs" / f"peer-{peer}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s peer={peer} %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in (logging.FileHandler(path), logging.StreamHandler()):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    return path
+
+
+def run_peer(cfg: PeerConfig) -> int:
+    import signal
+
+    import uvloop
+
+    torch.set_num_threads(1)
+    random.seed(cfg.seed * 1000 + cfg.id)
+    torch.manual_seed(cfg.seed * 1000 + cfg.id)
+    peer = Peer(cfg)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, peer.request_stop)
+        return await peer.run()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())

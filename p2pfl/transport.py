@@ -1,0 +1,145 @@
+"""Asyncio ZeroMQ transport: one ROUTER bound per peer, one DEALER per neighbour.
+
+It moves frame lists and nothing else: no protocol logic lives here.  Sends never block the
+event loop: each neighbour has a bounded queue drained by its own task, DEALERs use
+ZMQ_IMMEDIATE (nothing queues for a peer that is not connected) and a send high-water mark; a
+full queue drops the message and counts it (CHOCO's sequence numbers turn that into a resync).
+The ROUTER's routing id is the sender's DEALER identity, which the peer checks against the
+header's sender field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from p2pfl.topology import PeerSpec
+from p2pfl.wire import frames_nbytes
+
+log = logging.getLogger("p2pfl.transport")
+
+
+@dataclass
+class TransportStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    dropped: int = 0
+
+
+class Transport:
+    def __init__(
+        self,
+        me: PeerSpec,
+        neighbors: dict[int, PeerSpec],
+        max_frame: int,
+        queue_size: int = 64,
+        hwm: int = 64,
+        curve: dict[str, Any] | None = None,
+    ) -> None:
+        self.me = me
+        self.neighbors = neighbors
+        self.max_frame = max_frame
+        self.queue_size = queue_size
+        self.hwm = hwm
+        self.curve = curve
+        self.ctx = zmq.asyncio.Context()
+        self.router: zmq.asyncio.Socket | None = None
+        self.dealers: dict[int, zmq.asyncio.Socket] = {}
+        self.queues: dict[int, asyncio.Queue[Sequence[Any]]] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stats = TransportStats()
+
+    def _bind_endpoint(self) -> str:
+        return f"tcp://{self.me.host}:{self.me.port}"
+
+    async def start(self) -> None:
+        r = self.ctx.socket(zmq.ROUTER)
+        r.setsockopt(zmq.LINGER, 0)
+        r.setsockopt(zmq.RCVHWM, self.hwm * 4)
+        r.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        r.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted neighbour takes its identity back
+        r.bind(self._bind_endpoint())
+        self.router = r
+        for j, spec in self.neighbors.items():
+            d = self.ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.setsockopt(zmq.IMMEDIATE, 1)
+            d.setsockopt(zmq.SNDHWM, self.hwm)
+            d.setsockopt(zmq.RECONNECT_IVL, 100)
+            d.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
+            d.connect(spec.endpoint)
+            self.dealers[j] = d
+            self.queues[j] = asyncio.Queue(self.queue_size)
+            self.tasks.append(asyncio.create_task(self._sender(j), name=f"send-{j}"))
+
+    def send(self, peer: int, frames: Sequence[Any]) -> bool:
+        """Queue a message for a neighbour; False (and counted) if its queue is full."""
+        q = self.queues.get(peer)
+        if q is None:
+            raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
+        try:
+            q.put_nowait(frames)
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            return False
+        return True
+
+    def flush(self, peer: int) -> int:
+        """Forget what is queued for a neighbour that went down."""
+        q = self.queues[peer]
+        n = 0
+        while not q.empty():
+            q.get_nowait()
+            n += 1
+        self.stats.dropped += n
+        return n
+
+    async def _sender(self, peer: int) -> None:
+        q, sock = self.queues[peer], self.dealers[peer]
+        while True:
+            frames = await q.get()
+            try:
+                await sock.send_multipart(frames, copy=False)
+            except zmq.ZMQError as e:
+                self.stats.dropped += 1
+                log.warning("peer %s: send to %s failed: %s", self.me.id, peer, e)
+                continue
+            self.stats.bytes_sent += frames_nbytes(frames)
+            self.stats.messages_sent += 1
+
+    async def recv(self) -> tuple[bytes, list[zmq.Frame]]:
+        """Next message as (routing identity, frames without the identity)."""
+        assert self.router is not None
+        frames = await self.router.recv_multipart(copy=False)
+        self.stats.messages_received += 1
+        self.stats.bytes_received += frames_nbytes(frames[1:])
+        return frames[0].bytes, frames[1:]
+
+    async def drain(self, timeout: float) -> None:
+        """Give queued messages (e.g. goodbyes) a moment to leave before closing."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while loop.time() < end and any(not q.empty() for q in self.queues.values()):
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for d in self.dealers.values():
+            d.close(0)
+        if self.router is not None:
+            self.router.close(0)
+        self.ctx.term()

@@ -1,0 +1,8 @@
+"""`python peer.py ...` is `p2pfl-peer ...`."""
+
+import sys
+
+from p2pfl.cli import peer_main
+
+if __name__ == "__main__":
+    sys.exit(peer_main())
