@@ -126,7 +126,11 @@ class ChocoEngine:
 
     def state_message(self) -> Message:
         """A full, exact copy of xhat_i: the answer to a resync request."""
-        tensors = {k: TensorPayload(codec="none", shape=tuple(v.shape), parts={"data": v.clone()}) for k, v in self.xhat.items()}
+        exact = get_codec("none")
+        tensors = {}
+        for k, v in self.xhat.items():  # a copy: xhat moves on while the message may still be queued
+            enc = exact.encode(v.clone())
+            tensors[k] = TensorPayload(codec=exact.spec, shape=tuple(v.shape), parts=dict(enc.parts), meta=dict(enc.meta))
         return Message(Kind.STATE, self.me, round=self.round, seq=self.out_seq, inc=self.inc, tensors=tensors)
 
     def _control(self, kind: Kind) -> Message:

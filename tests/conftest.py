@@ -1,0 +1,77 @@
+"""Helpers for multi-process tests: one OS process per peer over real loopback TCP."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pfl import topology as T
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_base_port(n: int) -> int:
+    """A base port with n consecutive free TCP ports on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for k in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + k))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+def make_topology(tmp: Path, kind: str, n: int, **params) -> tuple[T.Topology, Path]:
+    topo = T.generate(kind, n, base_port=free_base_port(n), **params)
+    path = tmp / f"{kind}-{n}.yaml"
+    topo.dump(path)
+    return topo, path
+
+
+def start_peer(topo_path: Path, peer: int, run_dir: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(run_dir / f"stdout-{peer}.log", "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(topo_path), "--id", str(peer), "--run-dir", str(run_dir), *args],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )
+
+
+def wait_all(procs: dict[int, subprocess.Popen], timeout: float) -> dict[int, int]:
+    end = time.monotonic() + timeout
+    codes = {}
+    for p, pr in procs.items():
+        try:
+            codes[p] = pr.wait(timeout=max(1.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            raise AssertionError(f"peer {p} did not finish within {timeout}s") from None
+    return codes
+
+
+@pytest.fixture
+def cluster_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    yield d
+    # Show the tail of failing peers' output in the pytest report.
+    for f in sorted(d.glob("stdout-*.log")):
+        text = f.read_text(errors="replace")
+        if "Traceback" in text:
+            print(f"--- {f.name}\n{text[-3000:]}")

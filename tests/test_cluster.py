@@ -1,0 +1,107 @@
+"""Multi-process runs over real loopback TCP, one OS process per peer, checked against theory."""
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+from p2pfl.consensus import exact_distance, network_mean
+from p2pfl.metrics import read_jsonl
+from p2pfl.state import load_state, synthetic_state
+
+from .conftest import make_topology, start_peer, wait_all
+
+DIM = 131072
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,n,rounds", [("ring", 8, 30), ("torus", 16, 20), ("exponential", 16, 15)])
+def test_exact_gossip_meets_spectral_bound(tmp_path, cluster_dir, kind, n, rounds):
+    topo, path = make_topology(tmp_path, kind, n)
+    args = ["--rounds", str(rounds), "--no-train", "--dim", str(DIM), "--seed", "7", "--min-wait", "60", "--peer-timeout", "60"]
+    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    codes = wait_all(procs, timeout=400)
+    assert codes == {p: 0 for p in topo.ids}
+
+    x0 = [synthetic_state(7, p, DIM) for p in topo.ids]
+    xT = [load_state(cluster_dir / f"peer-{p}" / "adapter.safetensors") for p in topo.ids]
+    d0, dT = exact_distance(x0), exact_distance(xT)
+    lam = topo.mixing_lambda()
+    assert dT <= lam**rounds * d0 * 1.001 + 1e-6, (dT / d0, lam**rounds)
+    assert dT < 1e-2 * d0  # and the run really mixed
+
+    m0, mT = network_mean(x0), network_mean(xT)
+    assert float((mT - m0).norm() / m0.norm()) < 1e-5
+
+    for p in topo.ids:
+        recs = read_jsonl(cluster_dir / "metrics" / f"peer-{p}.jsonl")
+        assert [r["round"] for r in recs] == list(range(rounds))
+        last = recs[-1]
+        assert last["consensus_peers"] == n
+        assert abs(last["consensus_distance"] - dT) <= 0.10 * dT, (p, last["consensus_distance"], dT)
+        assert last["live_neighbors"] == topo.degree(p)
+        assert last["rejected_messages"] == 0
+        # Every round carried the full fp32 state to every neighbour (bytes are counted when they leave).
+        assert sum(r["bytes_sent"] for r in recs) >= rounds * 4 * DIM * topo.degree(p)
+        assert recs[0]["neighbor_distance"] > last["neighbor_distance"]
+
+
+@pytest.mark.slow
+def test_sigkilled_peer_does_not_stop_its_neighbours(tmp_path, cluster_dir):
+    topo, path = make_topology(tmp_path, "ring", 6)
+    rounds = 40
+    args = ["--rounds", str(rounds), "--no-train", "--dim", "16384", "--peer-timeout", "3", "--heartbeat", "0.5", "--min-wait", "20"]
+    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    victim_log = cluster_dir / "metrics" / "peer-3.jsonl"
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not (victim_log.exists() and len(victim_log.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    procs[3].send_signal(signal.SIGKILL)
+    codes = wait_all(procs, timeout=300)
+    assert codes[3] == -signal.SIGKILL
+    assert all(codes[p] == 0 for p in topo.ids if p != 3), codes
+    for p in (2, 4):
+        recs = read_jsonl(cluster_dir / "metrics" / f"peer-{p}.jsonl")
+        assert recs[-1]["round"] == rounds - 1
+        assert recs[-1]["live_neighbors"] == 1  # peer 3 is down, the other neighbour is up
+        log = (cluster_dir / "logs" / f"peer-{p}.log").read_text()
+        assert "neighbour 3 is down" in log
+    # The survivors (a path 4-5-0-1-2) still reach consensus among themselves.
+    xs = [load_state(cluster_dir / f"peer-{p}" / "adapter.safetensors") for p in topo.ids if p != 3]
+    x0 = [synthetic_state(0, p, 16384) for p in topo.ids if p != 3]
+    assert exact_distance(xs) < 0.05 * exact_distance(x0)
+
+
+@pytest.mark.slow
+def test_garbage_from_a_stranger_is_rejected_and_counted(tmp_path, cluster_dir):
+    import zmq
+
+    topo, path = make_topology(tmp_path, "ring", 3)
+    args = ["--rounds", "25", "--no-train", "--dim", "4096", "--min-wait", "20"]
+    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, b"1")  # pretends to be peer 1 but sends junk / forged headers
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(topo.peers[0].endpoint)
+    from p2pfl.wire import Kind, Message, encode
+
+    time.sleep(3)
+    sent = 0
+    for k in range(200):
+        s.send_multipart([b"\x93not-a-header", b"x" * k])
+        s.send_multipart([bytes(f) for f in encode(Message(Kind.HEARTBEAT, sender=2, inc=1))])  # identity 1, header says 2
+        sent += 2
+    codes = wait_all(procs, timeout=200)
+    s.close()
+    ctx.term()
+    assert codes == {0: 0, 1: 0, 2: 0}
+    last = read_jsonl(cluster_dir / "metrics" / "peer-0.jsonl")[-1]
+    assert last["round"] == 24
+    assert last["rejected_messages"] == sent
+    log = (cluster_dir / "logs" / "peer-0.log").read_text()
+    assert "rejected message (wire)" in log and "rejected message (identity)" in log
+    assert json.loads(json.dumps(last))  # a valid record
+    assert torch.isfinite(load_state(cluster_dir / "peer-0" / "adapter.safetensors")["blocks.00.lora_B"]).all()

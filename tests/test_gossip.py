@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+import torch
+
+from p2pfl import topology as T
+from p2pfl.consensus import exact_distance, flatten, network_mean
+from p2pfl.gossip import ChocoEngine, GossipError
+from p2pfl.sim import SimNetwork
+from p2pfl.state import synthetic_state
+from p2pfl.wire import Kind, Message, TensorPayload
+
+
+def states(topo, dim=4096, seed=0):
+    return {p: synthetic_state(seed, p, dim) for p in topo.ids}
+
+
+def test_identity_codec_is_exact_gossip_averaging():
+    topo = T.generate("ring", 8)
+    x0 = states(topo)
+    net = SimNetwork(topo, x0)
+    X = torch.stack([flatten(x0[p]).double() for p in topo.ids]).numpy()
+    W = topo.mixing_matrix()
+    for _ in range(15):
+        net.step()
+        X = W @ X
+    assert np.abs(net.flat().numpy() - X).max() < 1e-4
+    lam = topo.mixing_lambda()
+    d0, d15 = exact_distance(x0.values()), exact_distance(net.states().values())
+    assert d15 <= lam**15 * d0 * (1 + 1e-6)
+    assert d15 >= 0.5 * lam**15 * d0  # the bound is nearly tight for random starts
+    m0, m15 = network_mean(x0.values()), network_mean(net.states().values())
+    assert float((m0 - m15).norm() / m0.norm()) < 1e-6
+
+
+def test_replicas_are_bit_identical_to_senders():
+    topo = T.generate("torus", 9)
+    net = SimNetwork(topo, states(topo), plan="topk:0.1+int8")
+    for _ in range(10):
+        net.step()
+    for p, e in net.engines.items():
+        for j in topo.neighbors(p):
+            for k in e.xhat:
+                assert torch.equal(net.engines[j].replicas[p].xhat[k], e.xhat[k])
+
+
+def test_runs_are_deterministic():
+    topo = T.generate("exponential", 8)
+    a, b = SimNetwork(topo, states(topo), "randk:0.2"), SimNetwork(topo, states(topo), "randk:0.2")
+    for _ in range(5):
+        a.step()
+        b.step()
+    assert torch.equal(a.flat(), b.flat())
+
+
+def test_lost_delta_triggers_resync_and_replicas_recover():
+    topo = T.generate("ring", 6)
+    net = SimNetwork(topo, states(topo), plan="topk:0.2")
+    net.step()
+    lost = {"n": 0}
+
+    def drop(src, dst, msg):
+        if src == 2 and dst == 3 and msg.kind == Kind.DELTA and msg.round == 1:
+            lost["n"] += 1
+            return True
+        return False
+
+    net.step(drop=drop)
+    assert lost["n"] == 1
+    rep = net.engines[3].replicas[2]
+    assert rep.round == 0  # round-1 delta never arrived
+    net.step()  # round 2 delta arrives with a gap -> RESYNC -> STATE, delivered recursively
+    assert rep.synced and rep.round == 2
+    for k in rep.xhat:
+        assert torch.equal(rep.xhat[k], net.engines[2].xhat[k])
+
+
+def test_restarted_peer_resyncs_both_ways():
+    topo = T.generate("ring", 5)
+    x0 = states(topo)
+    net = SimNetwork(topo, x0, plan="fp16")
+    for _ in range(3):
+        net.step()
+    # Peer 0 restarts from scratch (new incarnation, fresh zero replicas, sequence 0).
+    w = topo.mh_weights(0)
+    w.pop(0)
+    net.engines[0] = ChocoEngine(0, w, x0[0], "fp16", seed=0, inc=999)
+    for j in topo.neighbors(0):
+        net.deliver(0, j, net.engines[0].hello())  # neighbours see the new incarnation and send STATE
+    for j in topo.neighbors(0):
+        assert net.engines[0].replicas[j].synced
+        for k in net.engines[j].xhat:
+            assert torch.equal(net.engines[0].replicas[j].xhat[k], net.engines[j].xhat[k])
+    net.engines[0].round = net.round  # catch up to the network's round
+    for _ in range(30):
+        net.step()
+    for p, e in net.engines.items():
+        for j in topo.neighbors(p):
+            for k in e.xhat:
+                assert torch.equal(net.engines[j].replicas[p].xhat[k], e.xhat[k])
+    assert exact_distance(net.states().values()) < 1e-2 * exact_distance(x0.values())
+
+
+def test_future_round_delta_is_held_back():
+    topo = T.generate("path", 2)
+    net = SimNetwork(topo, states(topo, 256))
+    e0, e1 = net.engines[0], net.engines[1]
+    m0 = e0.make_delta(0)
+    m1 = e1.make_delta(0)
+    net.deliver(0, 1, m0)
+    net.deliver(1, 0, m1)
+    e0.mix([1])
+    ahead = e0.make_delta(1)  # peer 0 is in round 1 while peer 1 still mixes round 0
+    net.deliver(0, 1, ahead)
+    assert e1.replicas[0].round == 0 and 1 in e1.replicas[0].pending
+    e1.mix([0])
+    e1.make_delta(1)
+    assert e1.replicas[0].round == 1 and not e1.replicas[0].pending
+
+
+def test_rejects_unknown_peer_bad_layout_and_bad_values():
+    topo = T.generate("ring", 4)
+    e = SimNetwork(topo, states(topo, 512)).engines[0]
+    with pytest.raises(GossipError, match="not a neighbour"):
+        e.receive(Message(Kind.DELTA, sender=2, inc=1))
+    good = SimNetwork(topo, states(topo, 512)).engines[1].make_delta(0)
+    bad = Message(Kind.DELTA, 1, 0, 0, good.inc, {"nope": TensorPayload("none", (3,), {"data": torch.zeros(3)})})
+    with pytest.raises(GossipError, match="layout mismatch"):
+        e.receive(bad)
+    name = next(iter(good.tensors))
+    shape = good.tensors[name].shape
+    wrong = dict(good.tensors)
+    wrong[name] = TensorPayload("none", (shape[0] + 1, shape[1]), {"data": torch.zeros(shape[0] + 1, shape[1])})
+    with pytest.raises(GossipError, match="shape"):
+        e.receive(Message(Kind.DELTA, 1, 0, 0, good.inc, wrong))
+    bogus = dict(good.tensors)
+    bogus[name] = TensorPayload("none", shape, {"data": torch.zeros(3)})
+    with pytest.raises(GossipError):
+        e.receive(Message(Kind.DELTA, 1, 0, 0, good.inc, bogus))
+
+
+def test_down_neighbour_weight_moves_to_self_and_stays_doubly_stochastic():
+    topo = T.generate("ring", 6)
+    x0 = states(topo)
+    net = SimNetwork(topo, x0)
+    live = set(topo.ids) - {3}
+    for _ in range(60):
+        net.step(live=live)
+    # Live peers converge to the mean of the live peers' starting points.
+    target = torch.stack([flatten(x0[p]).double() for p in sorted(live)]).mean(0)
+    for p in live:
+        assert float((flatten(net.engines[p].x).double() - target).norm() / target.norm()) < 1e-3
