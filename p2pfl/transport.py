@@ -94,6 +94,10 @@ class Transport:
             return False
         return True
 
+    async def send_wait(self, peer: int, frames: Sequence[Any]) -> None:
+        """Like `send`, but wait for queue space (back-pressure for bulk producers)."""
+        await self.queues[peer].put(frames)
+
     def flush(self, peer: int) -> int:
         """Forget what is queued for a neighbour that went down."""
         q = self.queues[peer]
