@@ -30,7 +30,10 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-timeout", type=float, help="ceiling of the adaptive round deadline in seconds (default 120)")
     p.add_argument("--startup-timeout", type=float, help="how long to wait for neighbours at start (default 60)")
     p.add_argument("--max-frame", type=int, help="largest accepted frame in bytes (default 256 MiB)")
-    p.add_argument("--checkpoint-every", type=int, help="save the adapter every K rounds (default 0: at exit only)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every K rounds (default 0: at exit only)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the last good checkpoint in RUN_DIR/peer-<id>/")
+    p.add_argument("--round-period", type=float, help="pace rounds: each lasts at least this many seconds (default 0)")
+    p.add_argument("--max-lag", type=int, help="neighbours this many rounds behind are not waited for (default 10)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option (repeatable), e.g. --set local_steps=5")
     p.add_argument("--log-level", default="INFO")
     return p

@@ -17,6 +17,10 @@ class JsonlWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # a crash can leave a torn last line; appending after it would glue two records
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                self.path.write_bytes(data[: data.rfind(b"\n") + 1])
         self._f = self.path.open("a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -49,8 +53,13 @@ class RecordQueue:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn final line (a peer killed mid-write) is ignored."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
     out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    for k, line in enumerate(lines):
+        try:
             out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k != len(lines) - 1:
+                raise
     return out

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from p2pfl import checkpoint as ckpt
 from p2pfl import topology as topo_mod
 from p2pfl.consensus import SketchBook, Sketcher, flatten
 from p2pfl.gossip import ChocoEngine, GossipError
-from p2pfl.metrics import JsonlWriter, RecordQueue
+from p2pfl.metrics import JsonlWriter, RecordQueue, read_jsonl
 from p2pfl.state import save_state, synthetic_state
 from p2pfl.transport import Transport
 from p2pfl.wire import Kind, Message, TensorPayload, WireError, decode, encode
@@ -49,6 +50,9 @@ class PeerConfig:
     startup_timeout: float = 60.0
     max_frame: int = 256 * 1024 * 1024
     checkpoint_every: int = 0
+    resume: bool = False
+    round_period: float = 0.0  # a round lasts at least this long (paced gossip)
+    max_lag: int = 10  # neighbours more rounds behind than this are neither waited for nor mixed
     trainer: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,7 +103,15 @@ class Peer:
         self._progress = asyncio.Event()
         self.wait_ewma: float | None = None
         self.round = -1
-        self.writer = JsonlWriter(self.run_dir / "metrics" / f"peer-{self.me}.jsonl")
+        self.start_round = 0
+        self._next_round_at = 0.0
+        self.neighbor_round: dict[int, int] = {}
+        self.resumed: ckpt.Checkpoint | None = None
+        self.peer_dir = self.run_dir / f"peer-{self.me}"
+        self.metrics_path = self.run_dir / "metrics" / f"peer-{self.me}.jsonl"
+        if cfg.resume:
+            self._resume()
+        self.writer = JsonlWriter(self.metrics_path)
         self._stop = asyncio.Event()
 
     # ------------------------------------------------------------------ network
@@ -137,6 +149,7 @@ class Peer:
             except GossipError as e:
                 self._reject("protocol", str(e))
                 continue
+            self.neighbor_round[msg.sender] = max(self.neighbor_round.get(msg.sender, 0), msg.round)
             self._mark_seen(msg.sender, alive=msg.kind != Kind.BYE)
             for dest, reply in actions:
                 self._send(dest, reply)
@@ -204,10 +217,10 @@ class Peer:
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self._deadline()
-        while not self.engine.ready(rnd, self.live):
+        while not self.engine.ready(rnd, self._participants(rnd)):
             left = deadline - loop.time()
             if left <= 0:
-                late = self.engine.waiting_for(rnd, self.live)
+                late = self.engine.waiting_for(rnd, self._participants(rnd))
                 self.log.warning("peer %d: round %d deadline passed; mixing without %s", self.me, rnd, late)
                 return loop.time() - start, late
             self._progress.clear()
@@ -222,14 +235,47 @@ class Peer:
         end = loop.time() + self.cfg.startup_timeout
         while set(self.neighbors) - self.live and loop.time() < end:
             self._broadcast_control(self.engine.hello(), [j for j in self.neighbors if j not in self.live])
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), timeout=0.25)
+            await self._tick(0.25)
         missing = sorted(set(self.neighbors) - self.live)
         if missing:
             self.log.warning("peer %d: starting without neighbours %s (not seen in %.0fs)", self.me, missing, self.cfg.startup_timeout)
         # One more hello so neighbours that saw us before we saw them have our latest state.
         self._broadcast_control(self.engine.hello())
+        running = {j: r for j, r in self.neighbor_round.items() if j in self.live and r > 0}
+        if running:
+            await self._catch_up(running, end)
+
+    async def _tick(self, timeout: float) -> None:
+        self._progress.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), timeout=timeout)
+
+    async def _catch_up(self, running: dict[int, int], end: float) -> None:
+        """Join a network that is already running: resync replicas, then jump to its round.
+
+        A peer without a checkpoint starts from a neighbour's current model (its exact xhat);
+        a resumed peer keeps its own model. Both start at the slowest live neighbour's round, so
+        no neighbour waits on rounds that the newcomer would replay.
+        """
+        loop = asyncio.get_running_loop()
+        while loop.time() < end and not all(self.engine.replicas[j].synced for j in running):
+            await self._tick(0.25)
+        synced = [j for j in sorted(running) if self.engine.replicas[j].synced]
+        if self.resumed is None and synced:
+            donor = synced[0]
+            self.engine.x = {k: v.clone() for k, v in self.engine.replicas[donor].xhat.items()}
+            if self.trainer is not None:
+                self.trainer.load_adapter_state(self.engine.x)
+            self.log.info("peer %d: late join, starting from neighbour %d's model", self.me, donor)
+        target = min(running.values())
+        if target > self.start_round:
+            self.log.info("peer %d: catching up from round %d to the network's round %d", self.me, self.start_round, target)
+            self.start_round = target
+        self.engine.round = max(self.engine.round, self.start_round - 1)
+
+    def _participants(self, rnd: int) -> set[int]:
+        """Live neighbours that are not lagging by more than --max-lag rounds."""
+        return {j for j in self.live if self.neighbor_round.get(j, 0) >= rnd - self.cfg.max_lag}
 
     def _sketch(self, rnd: int) -> None:
         if self.sketcher is not None:
@@ -257,18 +303,22 @@ class Peer:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._save()
+            self._checkpoint()
             await self.transport.close()
             self.writer.close()
         return 0
 
     async def _rounds(self) -> None:
-        drain = self.diameter if self.sketcher else 0
+        drain = max(1, self.diameter if self.sketcher else 1)  # >= 1 so every training delta lands
         sent0, recv0 = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
-        for rnd in range(self.cfg.rounds + drain):
+        for rnd in range(self.start_round, self.cfg.rounds + drain):
             if self._stop.is_set():
                 self.log.info("peer %d: stopping after round %d", self.me, self.round)
                 break
             t0 = time.time()
+            if self.cfg.round_period > 0 and rnd > self.start_round:
+                await asyncio.sleep(max(0.0, self._next_round_at - time.monotonic()))
+            self._next_round_at = time.monotonic() + self.cfg.round_period
             training = rnd < self.cfg.rounds
             train_metrics: dict[str, float] = {}
             self._sketch(rnd)  # the model after rnd mixing steps
@@ -283,7 +333,10 @@ class Peer:
             if not training:
                 self._emit_records()
                 continue
-            self.engine.mix(self.live)
+            lagging = sorted(self.live - self._participants(rnd))
+            if lagging:
+                self.log.warning("peer %d: round %d leaves out lagging neighbours %s", self.me, rnd, lagging)
+            self.engine.mix(self._participants(rnd))
             if self.trainer is not None:
                 self.trainer.load_adapter_state(self.engine.x)
                 train_metrics.update(await self._evaluate(rnd))
@@ -312,6 +365,7 @@ class Peer:
             self._emit_records()
             if self.cfg.checkpoint_every and (rnd + 1) % self.cfg.checkpoint_every == 0:
                 self._save()
+                self._checkpoint()
         self._emit_records(force=True)
 
     async def _evaluate(self, rnd: int) -> dict[str, float]:
@@ -322,7 +376,34 @@ class Peer:
         return await asyncio.to_thread(self.trainer.evaluate, last or rnd % (every * 5) == 0)
 
     def _save(self) -> None:
-        save_state(self.run_dir / f"peer-{self.me}" / "adapter.safetensors", self.engine.x, {"round": str(self.round), "peer": str(self.me)})
+        save_state(self.peer_dir / "adapter.safetensors", self.engine.x, {"round": str(self.round), "peer": str(self.me)})
+
+    def _checkpoint(self) -> None:
+        tensors, meta = ckpt.engine_state(self.engine)
+        meta["peer"] = self.me
+        meta["torch_rng"] = ckpt.split_plain(torch.get_rng_state(), "rng/torch", tensors)
+        if self.trainer is not None and hasattr(self.trainer, "optimizer_state"):
+            meta["optimizer"] = ckpt.split_plain(self.trainer.optimizer_state(), "opt", tensors)
+        ckpt.save(self.peer_dir, max(self.round, 0), tensors, meta)
+
+    def _resume(self) -> None:
+        found = ckpt.load_latest(self.peer_dir)
+        if found is None:
+            self.log.warning("peer %d: --resume but no usable checkpoint in %s; starting fresh", self.me, self.peer_dir)
+            return
+        ckpt.restore_engine(self.engine, found.tensors, found.meta)
+        torch.set_rng_state(ckpt.join_plain(found.meta["torch_rng"], found.tensors))
+        if self.trainer is not None:
+            self.trainer.load_adapter_state(self.engine.x)
+            if "optimizer" in found.meta:
+                self.trainer.load_optimizer_state(ckpt.join_plain(found.meta["optimizer"], found.tensors))
+        last_logged = -1
+        if self.metrics_path.exists():
+            last_logged = max((r["round"] for r in read_jsonl(self.metrics_path)), default=-1)
+        self.start_round = max(self.engine.round + 1, last_logged + 1)
+        self.engine.round = self.start_round - 1
+        self.resumed = found
+        self.log.info("peer %d: resumed from %s (round %d); next round %d", self.me, found.path.name, found.round, self.start_round)
 
     def request_stop(self) -> None:
         self._stop.set()

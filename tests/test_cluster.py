@@ -105,3 +105,58 @@ def test_garbage_from_a_stranger_is_rejected_and_counted(tmp_path, cluster_dir):
     assert "rejected message (wire)" in log and "rejected message (identity)" in log
     assert json.loads(json.dumps(last))  # a valid record
     assert torch.isfinite(load_state(cluster_dir / "peer-0" / "adapter.safetensors")["blocks.00.lora_B"]).all()
+
+
+def _rounds_of(run_dir, p):
+    return [r["round"] for r in read_jsonl(run_dir / "metrics" / f"peer-{p}.jsonl")]
+
+
+@pytest.mark.slow
+def test_killed_peers_resume_and_rejoin(tmp_path, cluster_dir):
+    from p2pfl import checkpoint as ckpt
+
+    topo, path = make_topology(tmp_path, "ring", 8)
+    rounds, dim = 110, 16384
+    args = ["--rounds", str(rounds), "--no-train", "--dim", str(dim), "--round-period", "0.2", "--checkpoint-every", "5",
+            "--peer-timeout", "3", "--heartbeat", "0.5", "--min-wait", "20"]
+    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+
+    def wait_round(p, r):
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            f = cluster_dir / "metrics" / f"peer-{p}.jsonl"
+            if f.exists() and len(f.read_text().splitlines()) > r:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"peer {p} never reached round {r}")
+
+    wait_round(2, 17)
+    victims = (2, 5)
+    for v in victims:
+        procs[v].send_signal(signal.SIGKILL)
+        procs[v].wait()
+    killed_at = {v: max(_rounds_of(cluster_dir, v)) for v in victims}
+    wait_round(0, 30)  # the others carry on without them
+    for v in victims:
+        procs[v] = start_peer(path, v, cluster_dir, *args, "--resume")
+    codes = wait_all(procs, timeout=400)
+    assert codes == {p: 0 for p in topo.ids}, codes
+
+    for p in topo.ids:
+        rs = _rounds_of(cluster_dir, p)
+        assert all(a < b for a, b in zip(rs, rs[1:], strict=False)), f"peer {p}'s round counter went backwards"
+        assert rs[-1] == rounds - 1
+    for v in victims:
+        log = (cluster_dir / "logs" / f"peer-{v}.log").read_text()
+        assert "resumed from checkpoint-" in log and "catching up" in log
+        assert min(r for r in _rounds_of(cluster_dir, v) if r > killed_at[v]) > 30  # it jumped, not replayed
+        final = ckpt.load_latest(cluster_dir / f"peer-{v}")
+        for j in topo.neighbors(v):
+            other = ckpt.load_latest(cluster_dir / f"peer-{j}")
+            for k in [k for k in other.tensors if k.startswith("xhat/")]:
+                name = k[len("xhat/"):]
+                assert torch.equal(final.tensors[f"rep/{j}/{name}"], other.tensors[k]), (v, j, name)
+                assert torch.equal(other.tensors[f"rep/{v}/{name}"], final.tensors[f"xhat/{name}"]), (j, v, name)
+    x0 = [synthetic_state(0, p, dim) for p in topo.ids]
+    xT = [load_state(cluster_dir / f"peer-{p}" / "adapter.safetensors") for p in topo.ids]
+    assert exact_distance(xT) < 1e-2 * exact_distance(x0)
