@@ -32,7 +32,7 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, damage):
         newest.write_bytes(bytes(b))
     else:
         newest.with_suffix(".sha256").unlink()
-    with pytest.raises(C.CheckpointError, match="checksum|no checksum"):
+    with pytest.raises(C.CheckpointError, match=r"checksum|no checksum"):
         C.read(newest)
     got = C.load_latest(tmp_path)
     assert got is not None and got.round == 5 and torch.equal(got.tensors["w"], torch.zeros(100))
