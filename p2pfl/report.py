@@ -1,0 +1,495 @@
+"""`p2pfl-report RUN_DIR`: plots and a summary page for one run, read from its JSONL metrics.
+
+Peers never send their metrics anywhere, so the run directory is the only place a whole run can
+be seen at once; this turns it into a page a person can read, with the measured consensus
+contraction set against the spectral-gap bound of exact gossip so the run is judged by theory.
+
+The numbers are computed by `summarize` (pure: records in, dict out) and only then drawn and
+written, so tests can check every figure on the page against the records by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import itertools
+import json
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from p2pfl import topology as topo_mod
+from p2pfl.metrics import read_jsonl
+
+Record = Mapping[str, Any]
+COUNTERS = ("rejected_messages", "duplicates", "dropped_messages")  # cumulative per peer
+LAMBDA_ZERO = 1e-12  # below this W is 11^T/n to rounding: exact gossip agrees after one round
+
+
+class ReportError(Exception):
+    """A run directory that cannot be reported on; the message says what is missing."""
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _peer_id(path: Path) -> int | None:
+    m = re.fullmatch(r"peer-(\d+)\.jsonl", path.name)
+    return int(m.group(1)) if m else None
+
+
+def _read_lenient(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """All records of one file; a line cut short by a peer killed mid-write is skipped, not fatal."""
+    try:
+        return read_jsonl(path)
+    except json.JSONDecodeError:
+        pass
+    except (OSError, UnicodeDecodeError) as e:
+        notes.append(f"{path.name}: unreadable ({e})")
+        return []
+    out, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    notes.append(f"{path.name}: skipped {bad} line(s) that are not JSON")
+    return out
+
+
+def load_run(run_dir: Path) -> tuple[topo_mod.Topology | None, dict[int, list[dict[str, Any]]], list[str]]:
+    """Topology (None when unusable: the plots lose the bound, not the data), records, notes."""
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: not a directory")
+    notes: list[str] = []
+    topo: topo_mod.Topology | None = None
+    try:
+        topo = topo_mod.load(run_dir / "topology.yaml")
+    except topo_mod.TopologyError as e:
+        notes.append(f"no usable topology, so no spectral bound: {e}")
+    metrics = run_dir / "metrics"
+    files = sorted((pid, f) for f in metrics.glob("peer-*.jsonl") if (pid := _peer_id(f)) is not None)
+    if not files:
+        raise ReportError(f"{run_dir}: no metrics (expected {metrics}/peer-<id>.jsonl); is this a run directory?")
+    records = {pid: _read_lenient(f, notes) for pid, f in files}
+    if topo is not None:
+        missing = sorted(set(topo.ids) - set(records))
+        if missing:
+            notes.append(f"no metrics file for peer(s) {missing}")
+    if not any(records.values()):
+        raise ReportError(f"{metrics}: metrics files hold no records")
+    return topo, records, notes
+
+
+# ---------------------------------------------------------------- pure computations
+
+
+def _num(rec: Record, key: str) -> float | None:
+    """A finite number or None: fields may be missing, null (NaN on the wire) or of another type."""
+    v = rec.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
+def index_records(records_by_peer: Mapping[int, Sequence[Record]]) -> dict[int, dict[int, Record]]:
+    """peer -> round -> record, in round order; a round logged twice (a restarted peer) keeps the last."""
+    out: dict[int, dict[int, Record]] = {}
+    for p in sorted(records_by_peer):
+        rounds: dict[int, Record] = {}
+        for rec in records_by_peer[p]:
+            r = rec.get("round") if isinstance(rec, Mapping) else None
+            if isinstance(r, int) and not isinstance(r, bool) and r >= 0:
+                rounds[r] = rec
+        if rounds:
+            out[p] = dict(sorted(rounds.items()))
+    return out
+
+
+def _latest(by_round: Mapping[int, Record], key: str) -> float | None:
+    for rec in reversed(list(by_round.values())):
+        v = _num(rec, key)
+        if v is not None:
+            return v
+    return None
+
+
+def summarize(records_by_peer: Mapping[int, Sequence[Record]], lambda_: float | None) -> dict[str, Any]:
+    """Every number the report shows, from the records alone (plus lambda of the topology).
+
+    Per-round series are over the union of rounds; a mean is over the peers that logged a finite
+    value that round. "Final" accuracy is each peer's latest evaluated value (evaluation may skip
+    rounds). Counters are cumulative per peer, so a peer contributes its largest value.
+    """
+    idx = index_records(records_by_peer)
+    if not idx:
+        raise ReportError("no records with a valid 'round' field")
+    rounds = sorted({r for by_round in idx.values() for r in by_round})
+
+    def per_round_mean(key: str) -> list[float | None]:
+        return [_mean([v for p in idx if r in idx[p] and (v := _num(idx[p][r], key)) is not None]) for r in rounds]
+
+    def per_round_sum(key: str) -> list[int]:
+        return [int(sum(_num(idx[p][r], key) or 0 for p in idx if r in idx[p])) for r in rounds]
+
+    consensus = per_round_mean("consensus_distance")
+    present = [(r, v) for r, v in zip(rounds, consensus, strict=True) if v is not None]
+    sent, received = per_round_sum("bytes_sent"), per_round_sum("bytes_received")
+    cumulative, acc_total = [], 0
+    for b in sent:
+        acc_total += b
+        cumulative.append(acc_total)
+
+    s: dict[str, Any] = {
+        "peers_reporting": len(idx),
+        "peer_ids": sorted(idx),
+        "rounds": rounds[-1] + 1,
+        "rounds_per_peer_min": min(len(v) for v in idx.values()),
+        "rounds_per_peer_max": max(len(v) for v in idx.values()),
+        "lambda": lambda_,
+        "spectral_gap": None if lambda_ is None else 1.0 - lambda_,
+        "total_bytes_sent": sum(sent),
+        "total_bytes_received": sum(received),
+        "series": {
+            "round": rounds,
+            "consensus_mean": consensus,
+            "bytes_sent": sent,
+            "bytes_received": received,
+            "bytes_sent_cumulative": cumulative,
+            "accuracy_mean": per_round_mean("accuracy"),
+            "global_accuracy_mean": per_round_mean("global_accuracy"),
+        },
+    }
+    for key in COUNTERS:
+        s[key] = int(sum(max((_num(rec, key) or 0 for rec in by_round.values()), default=0) for by_round in idx.values()))
+
+    # Consensus against theory: exact gossip has Xi_t <= lambda^t Xi_0 and a record is written after
+    # its round, so round t's value is compared with Xi_0 lambda^(t+1), Xi_0 estimated backwards.
+    s.update(consensus_initial=None, consensus_initial_round=None, consensus_final=None, consensus_final_round=None)
+    s.update(contraction_measured=None, contraction_ratios=0, xi0_estimate=None, bound=None, rounds_above_bound=None)
+    if present:
+        (r0, m0), (rf, mf) = present[0], present[-1]
+        s.update(consensus_initial=m0, consensus_initial_round=r0, consensus_final=mf, consensus_final_round=rf)
+        logs = [
+            math.log(b / a)
+            for (ra, a), (rb, b) in itertools.pairwise(present)
+            if rb == ra + 1 and a > 0 and b > 0
+        ]
+        if logs:
+            s["contraction_measured"] = math.exp(math.fsum(logs) / len(logs))
+            s["contraction_ratios"] = len(logs)
+        if lambda_ is not None and lambda_ > LAMBDA_ZERO and m0 > 0:
+            xi0 = m0 / lambda_ ** (r0 + 1)
+            bound = [xi0 * lambda_ ** (r + 1) if r >= r0 else None for r in rounds]
+            s["xi0_estimate"], s["bound"] = xi0, bound
+            s["rounds_above_bound"] = sum(
+                1 for v, b in zip(consensus, bound, strict=True) if v is not None and b is not None and v > b
+            )
+
+    finals = [v for by_round in idx.values() if (v := _latest(by_round, "accuracy")) is not None]
+    if finals:
+        s.update(accuracy_final_mean=_mean(finals), accuracy_final_min=min(finals), accuracy_final_max=max(finals))
+        s["accuracy_peers"] = len(finals)
+    globals_ = [v for by_round in idx.values() if (v := _latest(by_round, "global_accuracy")) is not None]
+    if globals_:
+        s["global_accuracy_final_mean"] = _mean(globals_)
+
+    clusters = {p: [(r, c) for r, rec in by_round.items() if isinstance(c := rec.get("cluster"), int) and not isinstance(c, bool)] for p, by_round in idx.items()}
+    clusters = {p: seq for p, seq in clusters.items() if seq}
+    if clusters:
+        final = {p: seq[-1][1] for p, seq in clusters.items()}
+        s["clusters_final"] = dict(sorted(Counter(final.values()).items()))  # cluster -> members
+        s["cluster_changes"] = sum(1 for seq in clusters.values() for a, b in itertools.pairwise(seq) if a[1] != b[1])
+
+    fair_keys = sorted({k for by_round in idx.values() for rec in by_round.values() for k in rec if "fair" in k})
+    fairness = {}
+    for k in fair_keys:
+        vals = [v for by_round in idx.values() if (v := _latest(by_round, k)) is not None]
+        if vals:
+            fairness[k] = _mean(vals)
+    if fairness:
+        s["fairness_final_mean"] = fairness
+    return s
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(width: float = 7.5, height: float = 4.2) -> Any:
+    """A Figure without pyplot: no global backend state, safe inside the launcher and tests."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_consensus(idx: Mapping[int, Mapping[int, Record]], s: Mapping[str, Any], title: str, path: Path) -> Path:
+    fig = _figure()
+    ax = fig.add_subplot()
+    rounds, mean = s["series"]["round"], s["series"]["consensus_mean"]
+    lowest = math.inf
+    for k, by_round in enumerate(idx.values()):
+        pts = [(r, v) for r, rec in by_round.items() if (v := _num(rec, "consensus_distance")) is not None and v > 0]
+        if pts:
+            lowest = min(lowest, *(v for _, v in pts))
+            ax.plot(*zip(*pts, strict=True), color="tab:blue", lw=0.7, alpha=0.35, label="each peer's estimate" if k == 0 else None)
+    pts = [(r, v) for r, v in zip(rounds, mean, strict=True) if v is not None and v > 0]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), color="black", lw=2, marker="o", ms=3, label="mean over peers")
+    bound = s.get("bound")
+    if bound:
+        bpts = [(r, b) for r, b in zip(rounds, bound, strict=True) if b is not None and b > 0]
+        lam = s["lambda"]
+        ax.plot(*zip(*bpts, strict=True), color="tab:red", ls="--", lw=1.5,
+                label=f"spectral bound $\\Xi_0\\lambda^{{t+1}}$, $\\lambda$={lam:.4f}\n"
+                f"($\\Xi_0$ estimated as round-{s['consensus_initial_round']} mean / $\\lambda^{{{s['consensus_initial_round'] + 1}}}$)")
+        if min(b for _, b in bpts) < lowest / 10:  # keep a fast-falling bound from squashing the data
+            ax.set_ylim(bottom=lowest / 10)
+    if pts:
+        ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no consensus estimates recorded", ha="center", va="center", transform=ax.transAxes)
+    measured = s.get("contraction_measured")
+    sub = f"measured contraction {measured:.4f}/round" if measured is not None else ""
+    if measured is not None and s.get("lambda") is not None:
+        sub += f" vs $\\lambda$ = {s['lambda']:.4f}"
+    ax.set_title(f"Consensus distance — {title}\n{sub}", fontsize=10)
+    ax.set_xlabel("round")
+    ax.set_ylabel(r"consensus distance $\Xi$ (estimate)")
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy(idx: Mapping[int, Mapping[int, Record]], s: Mapping[str, Any], title: str, path: Path) -> Path:
+    from matplotlib import colormaps
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"]
+    n = max(1, len(idx) - 1)
+    first_acc = first_glob = True
+    for k, by_round in enumerate(idx.values()):
+        colour = cmap(k / n)
+        pts = [(r, v) for r, rec in by_round.items() if (v := _num(rec, "accuracy")) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color=colour, lw=0.8, alpha=0.6, label="each peer (local test)" if first_acc else None)
+            first_acc = False
+        gpts = [(r, v) for r, rec in by_round.items() if (v := _num(rec, "global_accuracy")) is not None]
+        if gpts:
+            ax.scatter(*zip(*gpts, strict=True), color=colour, marker="x", s=18, alpha=0.7,
+                       label="each peer (global test)" if first_glob else None)
+            first_glob = False
+    ser = s["series"]
+    pts = [(r, v) for r, v in zip(ser["round"], ser["accuracy_mean"], strict=True) if v is not None]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), color="black", lw=2, label="mean over peers (local test)")
+    gpts = [(r, v) for r, v in zip(ser["round"], ser["global_accuracy_mean"], strict=True) if v is not None]
+    if gpts:
+        ax.scatter(*zip(*gpts, strict=True), color="tab:red", marker="D", s=40, zorder=3, label="mean over peers (global test)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Accuracy — {title}", fontsize=10)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bytes(s: Mapping[str, Any], title: str, path: Path) -> Path:
+    fig = _figure(9.5, 3.8)
+    left, right = fig.subplots(1, 2)
+    ser = s["series"]
+    mb = 1e6
+    left.bar(ser["round"], [b / mb for b in ser["bytes_sent"]], color="tab:blue", width=0.8, label="sent")
+    left.plot(ser["round"], [b / mb for b in ser["bytes_received"]], color="tab:orange", lw=1.2, marker=".", label="received")
+    left.set_title("per round, summed over peers", fontsize=10)
+    left.set_ylabel("MB")
+    left.set_ylim(0, 1.25 * max(1, *ser["bytes_sent"], *ser["bytes_received"]) / mb)
+    left.legend(loc="upper right", ncols=2, fontsize=8)
+    right.plot(ser["round"], [b / mb for b in ser["bytes_sent_cumulative"]], color="tab:blue", lw=2)
+    right.set_title(f"cumulative sent: {s['total_bytes_sent'] / mb:,.1f} MB", fontsize=10)
+    right.set_ylabel("MB")
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"Bytes on the wire — {title}", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_clusters(idx: Mapping[int, Mapping[int, Record]], s: Mapping[str, Any], title: str, path: Path) -> Path:
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    rounds, peers = s["series"]["round"], sorted(idx)
+    ids = sorted({c for by_round in idx.values() for rec in by_round.values()
+                  if isinstance(c := rec.get("cluster"), int) and not isinstance(c, bool)})
+    slot = {c: k for k, c in enumerate(ids)}
+    col = {r: k for k, r in enumerate(rounds)}
+    grid = np.full((len(peers), len(rounds)), np.nan)
+    for i, p in enumerate(peers):
+        for r, rec in idx[p].items():
+            c = rec.get("cluster")
+            if isinstance(c, int) and not isinstance(c, bool):
+                grid[i, col[r]] = slot[c]
+    base = colormaps["tab20" if len(ids) > 10 else "tab10"]
+    cmap = ListedColormap([base(k % base.N) for k in range(len(ids))]).with_extremes(bad="white")
+    fig = _figure(7.5, max(2.5, 0.28 * len(peers) + 1.5))
+    ax = fig.add_subplot()
+    ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=cmap,
+              norm=BoundaryNorm(np.arange(len(ids) + 1) - 0.5, len(ids)),
+              extent=(rounds[0] - 0.5, rounds[-1] + 0.5, len(peers) - 0.5, -0.5))
+    ax.set_yticks(range(len(peers)), [str(p) for p in peers], fontsize=7 if len(peers) > 24 else 9)
+    ax.set_xlabel("round")
+    ax.set_ylabel("peer")
+    ax.set_title(f"Cluster assignment — {title} ({s.get('cluster_changes', 0)} changes; white: no record)", fontsize=10)
+    ax.legend(handles=[Patch(color=cmap(k), label=f"cluster {c}") for k, c in enumerate(ids)],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- summary page
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.6g}"
+
+
+def _bytes(v: int) -> str:
+    return f"{v:,} ({v / 1e6:,.1f} MB)"
+
+
+def summary_rows(s: Mapping[str, Any], topo_name: str, n_peers: int | None) -> list[tuple[str, str]]:
+    """(quantity, value) rows shared by the Markdown and HTML pages."""
+    peers = f"{s['peers_reporting']} with metrics" + (f" of {n_peers}" if n_peers is not None else "")
+    rounds = f"{s['rounds']}"
+    if s["rounds_per_peer_min"] != s["rounds_per_peer_max"]:
+        rounds += f" (records per peer {s['rounds_per_peer_min']}–{s['rounds_per_peer_max']})"
+    rows = [
+        ("topology", topo_name),
+        ("peers", peers),
+        ("rounds", rounds),
+        ("lambda = ‖W − 11ᵀ/n‖₂", _fmt(s["lambda"])),
+        ("spectral gap 1 − lambda", _fmt(s["spectral_gap"])),
+        (f"initial mean consensus estimate (round {_fmt(s['consensus_initial_round'])})", _fmt(s["consensus_initial"])),
+        (f"final mean consensus estimate (round {_fmt(s['consensus_final_round'])})", _fmt(s["consensus_final"])),
+        ("measured contraction per round (geometric mean of ratios)",
+         f"{_fmt(s['contraction_measured'])} vs lambda {_fmt(s['lambda'])} ({s['contraction_ratios']} ratios)"),
+    ]
+    if s["rounds_above_bound"] is not None:
+        n_est = sum(1 for b, v in zip(s["bound"], s["series"]["consensus_mean"], strict=True) if b is not None and v is not None)
+        rows.append(("rounds above the spectral bound", f"{s['rounds_above_bound']} of {n_est}"))
+    rows += [
+        ("total bytes sent", _bytes(s["total_bytes_sent"])),
+        ("total bytes received", _bytes(s["total_bytes_received"])),
+    ]
+    if "accuracy_final_mean" in s:
+        rows.append(("final accuracy mean / min / max",
+                     f"{_fmt(s['accuracy_final_mean'])} / {_fmt(s['accuracy_final_min'])} / {_fmt(s['accuracy_final_max'])}"))
+    if "global_accuracy_final_mean" in s:
+        rows.append(("final global accuracy (mean)", _fmt(s["global_accuracy_final_mean"])))
+    rows += [(f"{k.replace('_', ' ')} (sum over peers)", _fmt(s[k])) for k in COUNTERS]
+    if "clusters_final" in s:
+        sizes = ", ".join(f"{c}: {m}" for c, m in s["clusters_final"].items())
+        rows.append(("final clusters (cluster: peers)", f"{len(s['clusters_final'])} ({sizes})"))
+        rows.append(("cluster changes", _fmt(s["cluster_changes"])))
+    rows += [(f"{k} (final, mean over peers)", _fmt(v)) for k, v in s.get("fairness_final_mean", {}).items()]
+    return rows
+
+
+def _markdown(title: str, rows: list[tuple[str, str]], images: list[str], notes: list[str]) -> str:
+    def cell(t: str) -> str:
+        return t.replace("|", "\\|")
+
+    lines = [f"# p2pfl run report: {title}", "", "| quantity | value |", "|---|---|"]
+    lines += [f"| {cell(k)} | {cell(v)} |" for k, v in rows]
+    if notes:
+        lines += ["", "Notes:", *(f"- {n}" for n in notes)]
+    lines.append("")
+    lines += [f"![{Path(i).stem}]({i})\n" for i in images]
+    return "\n".join(lines)
+
+
+def _html(title: str, rows: list[tuple[str, str]], images: list[str], notes: list[str]) -> str:
+    e = html.escape
+    body = [f"<h1>p2pfl run report: {e(title)}</h1>", "<table>", "<tr><th>quantity</th><th>value</th></tr>"]
+    body += [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows]
+    body.append("</table>")
+    if notes:
+        body += ["<p>Notes:</p><ul>", *(f"<li>{e(n)}</li>" for n in notes), "</ul>"]
+    body += [f'<p><a href="{e(i)}"><img src="{e(i)}" alt="{e(Path(i).stem)}"></a></p>' for i in images]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}img{max-width:100%}")
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title>'
+            f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the PNGs, summary.md, summary.html and report.json; returns summary.html's path."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "report"
+    topo, records, notes = load_run(run_dir)
+    lam = topo.mixing_lambda() if topo is not None else None
+    s = summarize(records, lam)
+    idx = index_records(records)
+    title = topo.name if topo is not None else run_dir.name
+    out.mkdir(parents=True, exist_ok=True)
+
+    images = [plot_consensus(idx, s, title, out / "consensus.png")]
+    if "accuracy_final_mean" in s or "global_accuracy_final_mean" in s:
+        images.append(plot_accuracy(idx, s, title, out / "accuracy.png"))
+    images.append(plot_bytes(s, title, out / "bytes.png"))
+    if "clusters_final" in s:
+        images.append(plot_clusters(idx, s, title, out / "clusters.png"))
+    names = [p.name for p in images]
+
+    rows = summary_rows(s, title, topo.n if topo is not None else None)
+    (out / "summary.md").write_text(_markdown(title, rows, names, notes))
+    (out / "report.json").write_text(json.dumps({"topology": title, **s, "notes": notes}, indent=1))
+    page = out / "summary.html"
+    page.write_text(_html(title, rows, names, notes))
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="p2pfl-report", description="Plots and a summary page for a p2pfl run directory.")
+    ap.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="run directory written by scripts/launch.sh or peers")
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/report)")
+    args = ap.parse_args(argv)
+    try:
+        page = write_report(args.run_dir, args.out)
+    except ReportError as e:
+        print(f"p2pfl-report: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"p2pfl-report: error: cannot write the report: {e}", file=sys.stderr)
+        return 2
+    print(f"p2pfl-report: wrote {page} (and {page.with_suffix('.md').name}, PNGs) in {page.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
