@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -32,6 +33,10 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frame", type=int, help="largest accepted frame in bytes (default 256 MiB)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every K rounds (default 0: at exit only)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last good checkpoint in RUN_DIR/peer-<id>/")
+    p.add_argument("--robust", help="robust mixing: off (default), clip[:TAU], trimmed:B, median")
+    p.add_argument("--norm-factor", type=float, help="reject deltas over this many times the recent median norm (default 100; 0 off)")
+    p.add_argument("--byzantine", help="fault injection for experiments: this peer gossips a corrupted model (scale:F, noise:S)")
+    p.add_argument("--secret-key", type=Path, help="CurveZMQ secret key file (default <topology dir>/keys/peer-<id>.key_secret)")
     p.add_argument("--round-period", type=float, help="pace rounds: each lasts at least this many seconds (default 0)")
     p.add_argument("--max-lag", type=int, help="neighbours this many rounds behind are not waited for (default 10)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option (repeatable), e.g. --set local_steps=5")
@@ -99,8 +104,14 @@ def topology_main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("inspect", help="peers, degrees, diameter, spectral gap, predicted rounds")
     i.add_argument("file", type=Path)
     i.add_argument("--json", action="store_true")
+    k = sub.add_parser("keygen", help="CurveZMQ key pairs: one (--name) or every peer's, listed in the topology")
+    k.add_argument("--topology", type=Path, help="give every peer of this file a key pair and write the public keys into it")
+    k.add_argument("--keys-dir", type=Path, help="where secret keys go (default <topology dir>/keys, or ./keys)")
+    k.add_argument("--name", help="write only this key pair (e.g. peer-3) and print its public key")
     args = p.parse_args(argv)
     try:
+        if args.cmd == "keygen":
+            return _keygen(args)
         if args.cmd == "generate":
             params = {"seed": args.seed}
             for item in args.param:
@@ -139,6 +150,31 @@ def topology_main(argv: list[str] | None = None) -> int:
     print(f"lambda = ||W - 11'/n||_2 = {info['lambda']:.6f}  (Metropolis-Hastings weights)")
     print(f"spectral gap 1 - lambda = {info['spectral_gap']:.6f}")
     print(f"rounds of exact gossip to reduce consensus distance 1e-3x: {info['rounds_to_1e-3']}")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    import yaml
+    import zmq.auth
+
+    keys_dir = args.keys_dir or (args.topology.parent / "keys" if args.topology else Path("keys"))
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    if args.name:
+        pub_file, secret_file = zmq.auth.create_certificates(str(keys_dir), args.name)
+        os.chmod(secret_file, 0o600)
+        public, _ = zmq.auth.load_certificate(pub_file)
+        print(public.decode())
+        return 0
+    if not args.topology:
+        raise topo_mod.TopologyError("keygen: give --topology FILE (all peers) or --name NAME (one key pair)")
+    topo = topo_mod.load(args.topology)
+    doc = yaml.safe_load(args.topology.read_text())
+    for entry in doc["peers"]:
+        pub_file, secret_file = zmq.auth.create_certificates(str(keys_dir), f"peer-{entry['id']}")
+        os.chmod(secret_file, 0o600)
+        entry["public_key"] = zmq.auth.load_certificate(pub_file)[0].decode()
+    args.topology.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+    print(f"wrote {topo.n} key pairs to {keys_dir} and their public keys to {args.topology}; keep *.key_secret private")
     return 0
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from p2pfl.compress import CodecError, CompressionPlan, Encoded, get_codec
+from p2pfl.robust import NormGuard, RobustSpec, robust_step
 from p2pfl.wire import Kind, Message, TensorPayload
 
 State = dict[str, torch.Tensor]
@@ -68,6 +69,8 @@ class ChocoEngine:
         gamma: float | None = None,
         seed: int = 0,
         inc: int = 0,
+        robust: RobustSpec | str = "off",
+        norm_factor: float = 100.0,
     ) -> None:
         if me in weights:
             raise GossipError(f"weights: peer {me} must not list itself as a neighbour")
@@ -83,6 +86,8 @@ class ChocoEngine:
         self.out_seq = 0
         self.round = -1
         self.replicas = {j: Replica(xhat=zeros_like_state(self.x)) for j in self.weights}
+        self.robust = RobustSpec.parse(robust) if isinstance(robust, str) else robust
+        self.guard = NormGuard(norm_factor)
         self.duplicates = 0
         self.last_stats = RoundStats(round=-1)
 
@@ -171,6 +176,9 @@ class ChocoEngine:
         first message of a new incarnation tells whether its xhat is still the all-zero start."""
         if rep.inc == msg.inc:
             return []
+        if rep.inc is not None and msg.inc < rep.inc:
+            # Incarnations grow (start time in microseconds): an older one is a replay or a zombie.
+            raise GossipError(f"peer {msg.sender}: stale incarnation {msg.inc} < {rep.inc} (replayed or old message)")
         first_contact = rep.inc is None
         rep.inc = msg.inc
         rep.pending.clear()
@@ -210,6 +218,10 @@ class ChocoEngine:
 
     def _on_delta(self, rep: Replica, msg: Message) -> list[Action]:
         q = self._decode(msg) if msg.tensors else {}
+        if q and not (msg.seq < rep.next_seq and rep.synced):
+            problem = self.guard.check(math.sqrt(sum(float((v**2).sum()) for v in q.values())))
+            if problem is not None:
+                raise GossipError(f"delta {msg.seq} from peer {msg.sender}: {problem}")
         if msg.seq < rep.next_seq and rep.synced:
             self.duplicates += 1
             return []
@@ -265,6 +277,9 @@ class ChocoEngine:
     def mix(self, live: Iterable[int]) -> None:
         """Step 4. Down or unsynced neighbours are left out, i.e. their weight moves to self."""
         use = [j for j in live if j in self.replicas and self.replicas[j].synced]
+        if self.robust.kind != "off":
+            robust_step(self.robust, self.x, self.xhat, [self.replicas[j].xhat for j in use], [self.weights[j] for j in use], self.gamma)
+            return
         for name in self.x:
             acc = torch.zeros_like(self.x[name])
             for j in use:

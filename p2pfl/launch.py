@@ -123,13 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("launch: summary " + json.dumps(summary))
     if not args.no_report:
-        try:
-            from p2pfl.report import write_report
+        from p2pfl.report import ReportError, write_report
 
-            path = write_report(run_dir)
-            print(f"launch: report at {path}")
-        except ImportError:
-            pass
+        try:
+            print(f"launch: report at {write_report(run_dir)}")
+        except ReportError as e:
+            print(f"launch: no report: {e}", file=sys.stderr)
     if failed:
         print(f"launch: peers failed: {failed} (see {run_dir / 'logs'})", file=sys.stderr)
         return 1

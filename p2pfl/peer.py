@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import zmq.auth
 
 from p2pfl import checkpoint as ckpt
 from p2pfl import topology as topo_mod
@@ -25,7 +25,7 @@ from p2pfl.consensus import SketchBook, Sketcher, flatten
 from p2pfl.gossip import ChocoEngine, GossipError
 from p2pfl.metrics import JsonlWriter, RecordQueue, read_jsonl
 from p2pfl.state import save_state, synthetic_state
-from p2pfl.transport import Transport
+from p2pfl.transport import CurveKeys, Transport
 from p2pfl.wire import Kind, Message, TensorPayload, WireError, decode, encode
 
 SKETCH_TENSOR = "_sketches"
@@ -51,6 +51,10 @@ class PeerConfig:
     max_frame: int = 256 * 1024 * 1024
     checkpoint_every: int = 0
     resume: bool = False
+    robust: str = "off"  # off, clip[:TAU], trimmed:B, median
+    norm_factor: float = 100.0  # reject deltas this many times the recent median norm (0: off)
+    byzantine: str = "off"  # fault injection for experiments: scale:F or noise:S (this peer misbehaves)
+    secret_key: Path | None = None  # CurveZMQ secret key file; default <topology dir>/keys/peer-<id>.key_secret
     round_period: float = 0.0  # a round lasts at least this long (paced gossip)
     max_lag: int = 10  # neighbours more rounds behind than this are neither waited for nor mixed
     trainer: dict[str, Any] = field(default_factory=dict)
@@ -87,14 +91,19 @@ class Peer:
             x0 = self.trainer.adapter_state()
         weights = self.topo.mh_weights(self.me)
         weights.pop(self.me)
-        self.inc = int.from_bytes(os.urandom(6), "big")
-        self.engine = ChocoEngine(self.me, weights, x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc)
+        self.inc = time.time_ns() // 1000  # grows across restarts, so an older incarnation is a replay
+        self.engine = ChocoEngine(self.me, weights, x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc, robust=cfg.robust, norm_factor=cfg.norm_factor)
+        self.attack = parse_byzantine(cfg.byzantine)
         dim = flatten(x0).numel()
         self.sketcher = Sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
         self.diameter = self.topo.diameter()
         self.book = SketchBook(self.me, self.topo.ids, horizon=self.diameter + 2)
         self.records = RecordQueue(give_up_after=self.diameter + 2)
-        self.transport = Transport(self.topo.peers[self.me], {j: self.topo.peers[j] for j in self.neighbors}, cfg.max_frame)
+        self.curve = curve_keys(self.topo, self.me, cfg)
+        if self.curve is None:
+            self.log.warning("peer %d: NO ENCRYPTION OR AUTHENTICATION: the topology lists no public keys, so anyone who "
+                             "can reach port %d can read and inject updates (run p2pfl-topology keygen)", self.me, self.topo.peers[self.me].port)
+        self.transport = Transport(self.topo.peers[self.me], {j: self.topo.peers[j] for j in self.neighbors}, cfg.max_frame, curve=self.curve)
         self.last_seen: dict[int, float] = {}
         self.live: set[int] = set()
         self.rejected = 0
@@ -131,11 +140,14 @@ class Peer:
 
     async def _receive_loop(self) -> None:
         while True:
-            ident, frames = await self.transport.recv()
+            ident, authed, frames = await self.transport.recv()
             try:
                 msg = decode(frames, self.cfg.max_frame)
             except WireError as e:
                 self._reject("wire", str(e))
+                continue
+            if self.curve is not None and authed != msg.sender:
+                self._reject("identity", f"CURVE key of peer {authed} sent a message claiming to be peer {msg.sender}")
                 continue
             if ident != str(msg.sender).encode():
                 self._reject("identity", f"routing id {ident[:32]!r} claims to be peer {msg.sender}")
@@ -189,7 +201,10 @@ class Peer:
             self.live.add(peer)
             self.log.info("peer %d: neighbour %d is up", self.me, peer)
         elif not alive and peer in self.live:
-            self._mark_down(peer, "said goodbye")
+            self.live.discard(peer)
+            self.transport.flush(peer)
+            self.log.info("peer %d: neighbour %d said goodbye", self.me, peer)
+            self._progress.set()
 
     def _mark_down(self, peer: int, why: str) -> None:
         self.live.discard(peer)
@@ -325,6 +340,8 @@ class Peer:
             if training and self.trainer is not None:
                 train_metrics = await asyncio.to_thread(self.trainer.train_round)
                 self.engine.set_x(self.trainer.adapter_state())
+            if training and self.attack is not None:
+                self.engine.x = self.attack(self.engine.x, rnd)
             delta = self.engine.make_delta(rnd, empty=not training)
             self.round = rnd
             for j in sorted(self.live):
@@ -407,6 +424,51 @@ class Peer:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def parse_byzantine(spec: str) -> Any:
+    """A model-poisoning fault for robustness experiments: the peer gossips a corrupted model.
+
+    scale:F multiplies its model by F every round (an exploding sender); noise:S adds Gaussian
+    noise of standard deviation S (a random sender)."""
+    if spec in ("", "off", None):
+        return None
+    name, _, arg = spec.partition(":")
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"--byzantine: expected scale:F or noise:S, got {spec!r}") from None
+    if name == "scale":
+        return lambda x, rnd: {k: v * value for k, v in x.items()}
+    if name == "noise":
+        def noisy(x: dict[str, torch.Tensor], rnd: int) -> dict[str, torch.Tensor]:
+            g = torch.Generator().manual_seed(rnd)
+            return {k: v + value * torch.randn(v.shape, generator=g) for k, v in x.items()}
+        return noisy
+    raise ValueError(f"--byzantine: expected scale:F or noise:S, got {spec!r}")
+
+
+def curve_keys(topo: topo_mod.Topology, me: int, cfg: PeerConfig) -> CurveKeys | None:
+    """Secure mode is on exactly when the topology lists public keys; then every peer needs one."""
+    listed = {p: spec.extra.get("public_key") for p, spec in topo.peers.items()}
+    if not any(listed.values()):
+        return None
+    missing = sorted(p for p, k in listed.items() if not k)
+    if missing:
+        raise topo_mod.TopologyError(f"{cfg.topology}: peers {missing} have no public_key while others do; list one for every peer")
+    for p, k in listed.items():
+        if not isinstance(k, str) or len(k) != 40:
+            raise topo_mod.TopologyError(f"{cfg.topology}: peer {p} public_key must be a 40-character Z85 string")
+    path = cfg.secret_key or Path(cfg.topology).parent / "keys" / f"peer-{me}.key_secret"
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise topo_mod.TopologyError(f"--secret-key: cannot load CurveZMQ secret key {path}: {e}") from e
+    if secret is None:
+        raise topo_mod.TopologyError(f"--secret-key: {path} holds no secret key")
+    if public.decode() != listed[me]:
+        raise topo_mod.TopologyError(f"--secret-key: {path} does not match peer {me}'s public_key in {cfg.topology}")
+    return CurveKeys(public=public, secret=secret, peers={p: str(k).encode() for p, k in listed.items()})
 
 
 def setup_logging(run_dir: Path, peer: int, level: str = "INFO") -> Path:

@@ -14,16 +14,47 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from p2pfl.topology import PeerSpec
 from p2pfl.wire import frames_nbytes
 
 log = logging.getLogger("p2pfl.transport")
+
+
+@dataclass
+class CurveKeys:
+    """CurveZMQ keys (Z85 bytes): ours, and every peer's public key from the topology file."""
+
+    public: bytes
+    secret: bytes
+    peers: dict[int, bytes] = field(default_factory=dict)
+
+    def peer_of(self, public: bytes) -> int | None:
+        for p, k in self.peers.items():
+            if k == public:
+                return p
+        return None
+
+
+class _KnownKeys:
+    """ZAP credentials provider: a connection is accepted only with a key listed in the topology."""
+
+    def __init__(self, keys: CurveKeys) -> None:
+        self.allowed = set(keys.peers.values())
+        self.refused = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key in self.allowed  # pyzmq hands us the client's key in Z85
+        if not ok:
+            self.refused += 1
+            log.warning("refused a CURVE handshake from an unknown key")
+        return ok
 
 
 @dataclass
@@ -43,7 +74,7 @@ class Transport:
         max_frame: int,
         queue_size: int = 64,
         hwm: int = 64,
-        curve: dict[str, Any] | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.me = me
         self.neighbors = neighbors
@@ -57,12 +88,23 @@ class Transport:
         self.queues: dict[int, asyncio.Queue[Sequence[Any]]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.stats = TransportStats()
+        self.auth: AsyncioAuthenticator | None = None
+        self.keycheck: _KnownKeys | None = None
 
     def _bind_endpoint(self) -> str:
         return f"tcp://{self.me.host}:{self.me.port}"
 
     async def start(self) -> None:
+        if self.curve is not None:
+            self.keycheck = _KnownKeys(self.curve)
+            self.auth = AsyncioAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve_callback(domain="*", credentials_provider=self.keycheck)
         r = self.ctx.socket(zmq.ROUTER)
+        if self.curve is not None:
+            r.curve_secretkey = self.curve.secret
+            r.curve_publickey = self.curve.public
+            r.curve_server = True  # plaintext and unknown keys fail the handshake: no fallback
         r.setsockopt(zmq.LINGER, 0)
         r.setsockopt(zmq.RCVHWM, self.hwm * 4)
         r.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
@@ -77,6 +119,10 @@ class Transport:
             d.setsockopt(zmq.RECONNECT_IVL, 100)
             d.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
+            if self.curve is not None:
+                d.curve_secretkey = self.curve.secret
+                d.curve_publickey = self.curve.public
+                d.curve_serverkey = self.curve.peers[j]
             d.connect(spec.endpoint)
             self.dealers[j] = d
             self.queues[j] = asyncio.Queue(self.queue_size)
@@ -121,13 +167,20 @@ class Transport:
             self.stats.bytes_sent += frames_nbytes(frames)
             self.stats.messages_sent += 1
 
-    async def recv(self) -> tuple[bytes, list[zmq.Frame]]:
-        """Next message as (routing identity, frames without the identity)."""
+    async def recv(self) -> tuple[bytes, int | None, list[zmq.Frame]]:
+        """Next message as (routing identity, CURVE-authenticated peer id or None, frames).
+
+        The authenticated id comes from the ZAP handshake (the frame's User-Id is the sender's
+        public key), so it cannot be forged by the sender, unlike the routing identity."""
         assert self.router is not None
         frames = await self.router.recv_multipart(copy=False)
         self.stats.messages_received += 1
         self.stats.bytes_received += frames_nbytes(frames[1:])
-        return frames[0].bytes, frames[1:]
+        authed = None
+        if self.curve is not None and len(frames) > 1:
+            user = frames[1].get("User-Id")
+            authed = self.curve.peer_of(user.encode() if isinstance(user, str) else user)
+        return frames[0].bytes, authed, frames[1:]
 
     async def drain(self, timeout: float) -> None:
         """Give queued messages (e.g. goodbyes) a moment to leave before closing."""
@@ -146,4 +199,6 @@ class Transport:
             d.close(0)
         if self.router is not None:
             self.router.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
