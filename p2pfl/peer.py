@@ -87,7 +87,7 @@ class Peer:
         else:
             from p2pfl.trainer import Trainer, TrainerConfig
 
-            self.trainer = Trainer(TrainerConfig(**{"seed": cfg.seed, **cfg.trainer}), self.me, self.topo.n)
+            self.trainer = Trainer(TrainerConfig.from_dict({"seed": cfg.seed, **cfg.trainer}), self.me, self.topo.n)
             x0 = self.trainer.adapter_state()
         weights = self.topo.mh_weights(self.me)
         weights.pop(self.me)
@@ -386,7 +386,7 @@ class Peer:
         self._emit_records(force=True)
 
     async def _evaluate(self, rnd: int) -> dict[str, float]:
-        every = int(self.cfg.trainer.get("eval_every", 1) or 1)
+        every = max(1, int(self.trainer.cfg.eval_every))
         last = rnd == self.cfg.rounds - 1
         if rnd % every and not last:
             return {}
@@ -491,7 +491,11 @@ def run_peer(cfg: PeerConfig) -> int:
     torch.set_num_threads(1)
     random.seed(cfg.seed * 1000 + cfg.id)
     torch.manual_seed(cfg.seed * 1000 + cfg.id)
-    peer = Peer(cfg)
+    try:
+        peer = Peer(cfg)
+    except (topo_mod.TopologyError, ValueError, OSError) as e:  # bad config, keys, checkpoint or data
+        logging.getLogger("p2pfl").error("peer %d: cannot start: %s", cfg.id, e)
+        return 2
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
