@@ -76,10 +76,10 @@ async def ours(nbytes: int, seconds: float) -> float:
             await a.send_wait(1, encode(msg))
 
     task = asyncio.create_task(sender())
-    await b.recv()
+    await b.recv()  # warm up
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        _, frames = await b.recv()
+        _, _, frames = await b.recv()
         m = decode(frames)
         done += m.tensors["w"].parts["data"].numel() * 4
     rate = done / (time.perf_counter() - t0)
