@@ -36,6 +36,8 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--robust", help="robust mixing: off (default), clip[:TAU], trimmed:B, median")
     p.add_argument("--norm-factor", type=float, help="reject deltas over this many times the recent median norm (default 100; 0 off)")
     p.add_argument("--byzantine", help="fault injection for experiments: this peer gossips a corrupted model (scale:F, noise:S)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
+    p.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
     p.add_argument("--secret-key", type=Path, help="CurveZMQ secret key file (default <topology dir>/keys/peer-<id>.key_secret)")
     p.add_argument("--round-period", type=float, help="pace rounds: each lasts at least this many seconds (default 0)")
     p.add_argument("--max-lag", type=int, help="neighbours this many rounds behind are not waited for (default 10)")

@@ -23,7 +23,7 @@ from p2pfl import checkpoint as ckpt
 from p2pfl import topology as topo_mod
 from p2pfl.consensus import SketchBook, Sketcher, flatten
 from p2pfl.gossip import ChocoEngine, GossipError
-from p2pfl.metrics import JsonlWriter, RecordQueue, read_jsonl
+from p2pfl.metrics import JsonlWriter, PromExporter, RecordQueue, read_jsonl
 from p2pfl.state import save_state, synthetic_state
 from p2pfl.transport import CurveKeys, Transport
 from p2pfl.wire import Kind, Message, TensorPayload, WireError, decode, encode
@@ -54,6 +54,8 @@ class PeerConfig:
     robust: str = "off"  # off, clip[:TAU], trimmed:B, median
     norm_factor: float = 100.0  # reject deltas this many times the recent median norm (0: off)
     byzantine: str = "off"  # fault injection for experiments: scale:F or noise:S (this peer misbehaves)
+    metrics_port: int = 0  # serve Prometheus metrics on 127.0.0.1:PORT (0: off)
+    metrics_host: str = "127.0.0.1"
     secret_key: Path | None = None  # CurveZMQ secret key file; default <topology dir>/keys/peer-<id>.key_secret
     round_period: float = 0.0  # a round lasts at least this long (paced gossip)
     max_lag: int = 10  # neighbours more rounds behind than this are neither waited for nor mixed
@@ -121,6 +123,7 @@ class Peer:
         if cfg.resume:
             self._resume()
         self.writer = JsonlWriter(self.metrics_path)
+        self.prom = PromExporter(cfg.metrics_port, self.me, cfg.metrics_host) if cfg.metrics_port else None
         self._stop = asyncio.Event()
 
     # ------------------------------------------------------------------ network
@@ -302,6 +305,8 @@ class Peer:
             rec["consensus_distance"] = est
             rec["consensus_peers"] = got
             self.writer.write(rec)
+            if self.prom is not None:
+                self.prom.update(rec)
         self.book.prune(self.round - self.diameter - 4)
 
     async def run(self) -> int:
@@ -321,6 +326,8 @@ class Peer:
             self._checkpoint()
             await self.transport.close()
             self.writer.close()
+            if self.prom is not None:
+                self.prom.close()
         return 0
 
     async def _rounds(self) -> None:
