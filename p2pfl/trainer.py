@@ -1,0 +1,218 @@
+"""Local training and evaluation of one peer's LoRA adapter.
+
+The daemon calls a ``Trainer`` from a worker thread: ``train_round`` runs ``local_steps``
+optimizer steps from the current adapter, gossip then replaces the travelling tensors through
+``load_adapter_state`` and training continues from the mixed adapter with the same optimizer.
+Everything a peer does is a function of (run seed, peer id, number of peers, step count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from p2pfl import shapes
+from p2pfl.data import PeerData, Split, load_peer_data, rng_for
+from p2pfl.model import AdaptedClip, Foundation, HeadCache, LoraSpec, load_foundation, zero_shot_accuracy
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Everything that decides a peer's model, data and local optimisation (shared by all peers)."""
+
+    model: str = "shapes-clip"
+    pretrained: str | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("in_proj", "c_fc", "c_proj")
+    train_a: bool = False  # False = FFA-LoRA (exact averaging); True = ship A and B (approximate)
+    text_lora: bool = False
+    dataset: str = "shapes"  # "shapes" | "digits" | "folder:PATH"
+    task: str = "shape"  # shapes: shape | colour | size | position | background
+    domain: str = "rotation+noise"
+    partition: str = "iid"  # "iid" | "dirichlet:0.1" | "classes:2" | "groups:task=shape,colour"
+    local_steps: int = 10
+    batch_size: int = 32
+    lr: float = 3e-3
+    optimizer: str = "adamw"  # "adamw" | "sgd"
+    weight_decay: float = 0.0
+    eval_every: int = 1
+    seed: int = 0
+    samples_per_peer: int = 256
+    test_fraction: float = 0.25
+    global_test_size: int = 500
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainerConfig:
+        """From plain data (YAML/JSON/CLI); unknown keys are an error naming the key."""
+        names = {f.name for f in fields(cls)}
+        bad = [k for k in d if k not in names]
+        if bad:
+            raise ValueError(f"trainer config: unknown key {bad[0]!r}")
+        d = dict(d)
+        if "lora_targets" in d:
+            t = d["lora_targets"]
+            d["lora_targets"] = tuple(t.split(",") if isinstance(t, str) else t)
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    def lora_spec(self) -> LoraSpec:
+        # A's seed is the run seed: the same frozen A on every peer is what makes FFA averaging exact.
+        return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), self.text_lora, self.train_a, self.seed)
+
+
+class Trainer:
+    """One peer's adapter, data and optimizer."""
+
+    def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int) -> None:
+        if cfg.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
+        if cfg.local_steps < 0 or cfg.batch_size < 1:
+            raise ValueError(f"trainer config: local_steps {cfg.local_steps} / batch_size {cfg.batch_size} invalid")
+        self.cfg, self.peer_id, self.n_peers = cfg, peer_id, n_peers
+        self.foundation: Foundation = load_foundation(cfg.model, cfg.pretrained)
+        self.model = AdaptedClip(self.foundation, cfg.lora_spec())
+        self.data: PeerData = load_peer_data(
+            cfg.dataset, cfg.task, cfg.domain, cfg.partition, peer_id, n_peers, cfg.seed,
+            cfg.samples_per_peer, cfg.test_fraction, cfg.global_test_size, self.foundation.image_size,
+        )
+        self.heads = HeadCache()
+        params = self.model.trainable()
+        if cfg.optimizer == "adamw":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        self.step = 0  # optimizer steps taken; also positions the batch stream
+
+    # -- exchange
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The travelling tensors (B only under FFA): float32 contiguous CPU copies."""
+        return self.model.adapter_state()
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Install mixed tensors; same names and shapes, else ValueError naming the key."""
+        self.model.load_adapter_state(state)
+
+    # -- local work
+
+    def _batch(self, step: int) -> np.ndarray:
+        """Indices of batch ``step``: epochs of seeded permutations, so a restart resumes exactly."""
+        n, bs = len(self.data.train), self.cfg.batch_size
+        per_epoch = max(1, n // bs) if n >= bs else 1
+        epoch, pos = divmod(step, per_epoch)
+        perm = rng_for(self.cfg.seed, "batches", self.peer_id, epoch).permutation(n)
+        return perm[pos * bs : pos * bs + bs] if n >= bs else perm
+
+    def _head(self, split: Split) -> torch.Tensor:
+        return self.heads.get(self.model, split.class_names, split.templates or self.foundation.templates)
+
+    def train_round(self) -> dict[str, float]:
+        """``local_steps`` optimizer steps; mean training loss and accuracy over them."""
+        train = self.data.train
+        if len(train) == 0 or self.cfg.local_steps == 0:
+            return {"train_loss": float("nan"), "train_accuracy": float("nan"), "steps": 0.0}
+        self.model.clip.train()
+        losses, correct, seen = [], 0, 0
+        for _ in range(self.cfg.local_steps):
+            idx = torch.from_numpy(self._batch(self.step))
+            images, labels = train.images[idx], train.labels[idx]
+            logits = self.model.logits(images, self._head(train))
+            loss = F.cross_entropy(logits, labels)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            losses.append(loss.item())
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        self.model.clip.eval()
+        return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / seen, "steps": float(len(losses))}
+
+    @torch.no_grad()
+    def _accuracy(self, split: Split) -> tuple[float, float]:
+        if len(split) == 0:
+            return float("nan"), float("nan")
+        protos = self._head(split)
+        correct, loss = 0, 0.0
+        for i in range(0, len(split), 256):
+            logits = self.model.logits(split.images[i : i + 256], protos)
+            labels = split.labels[i : i + 256]
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(1) == labels).sum())
+        return correct / len(split), loss / len(split)
+
+    def evaluate(self, global_eval: bool = False) -> dict[str, float]:
+        """Local held-out accuracy (and loss); with ``global_eval`` also on the global test set."""
+        self.model.clip.eval()
+        acc, loss = self._accuracy(self.data.test)
+        out = {"accuracy": acc, "test_loss": loss}
+        if global_eval:
+            out["global_accuracy"], out["global_loss"] = self._accuracy(self.data.global_test)
+        return out
+
+    # -- checkpoints: flat tensors + JSON-able metadata, no pickle
+
+    def optimizer_state(self) -> dict:
+        """``{"tensors": {name: Tensor}, "meta": plain data}``; names are adapter keys, not indices."""
+        sd = self.opt.state_dict()
+        names = self.model.travelling
+        tensors: dict[str, torch.Tensor] = {}
+        meta_state: dict[str, dict] = {}
+        for i, st in sd["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{names[i]}/{k}"] = v.detach().cpu().clone().contiguous()
+                else:
+                    meta_state.setdefault(names[i], {})[k] = v
+        groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+        meta = {"step": self.step, "optimizer": self.cfg.optimizer, "param_groups": groups, "state": meta_state}
+        return {"tensors": tensors, "meta": meta}
+
+    def load_optimizer_state(self, d: dict) -> None:
+        """Inverse of ``optimizer_state``; ValueError naming the first bad key."""
+        meta, tensors = d.get("meta", {}), d.get("tensors", {})
+        if meta.get("optimizer") != self.cfg.optimizer:
+            raise ValueError(f"optimizer state: optimizer {meta.get('optimizer')!r} != {self.cfg.optimizer!r}")
+        names = self.model.travelling
+        index = {n: i for i, n in enumerate(names)}
+        state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            name, _, entry = key.rpartition("/")
+            if name not in index:
+                raise ValueError(f"optimizer state: unknown tensor {key!r}")
+            state.setdefault(index[name], {})[entry] = v.clone()
+        for name, extra in meta.get("state", {}).items():
+            if name not in index:
+                raise ValueError(f"optimizer state: unknown parameter {name!r}")
+            state.setdefault(index[name], {}).update(extra)
+        current = self.opt.state_dict()
+        groups = [{**g, "params": cg["params"]} for g, cg in zip(meta["param_groups"], current["param_groups"], strict=True)]
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+        self.step = int(meta["step"])
+
+
+def shapes_zero_shot_report(fm: Foundation, n: int = 1000, seed: int = 20240) -> dict[str, float]:
+    """Zero-shot accuracy per attribute on held-out clean scenes, and on unseen shape x colour pairs."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, float] = {}
+    pair_names = [f"{c} {s}" for s in shapes.SHAPES for c in shapes.COLOURS]
+    for split in ("seen", "unseen"):
+        scenes = shapes.sample_scenes(rng, n, split)
+        images = torch.from_numpy(shapes.render(scenes, seed=seed))
+        labels = torch.from_numpy(scenes.attrs)
+        attrs = shapes.ATTRIBUTES if split == "seen" else ("shape", "colour")
+        for k, attr in enumerate(attrs):
+            acc = zero_shot_accuracy(fm, images, labels[:, k], shapes.VALUES[attr], shapes.TEMPLATES[attr])
+            out[attr if split == "seen" else f"unseen_{attr}"] = acc
+        pair = labels[:, 0] * len(shapes.COLOURS) + labels[:, 1]
+        out[f"{split}_pair"] = zero_shot_accuracy(fm, images, pair, pair_names, shapes.TEMPLATES["shape"])
+    return out
+
