@@ -161,6 +161,8 @@ class ChocoEngine:
         if rep is None:
             raise GossipError(f"sender: peer {msg.sender} is not a neighbour of {self.me}")
         if msg.kind == Kind.BYE:
+            if rep.inc is not None and msg.inc < rep.inc:
+                raise GossipError(f"peer {msg.sender}: goodbye from stale incarnation {msg.inc} (replayed)")
             return []
         actions = self._check_incarnation(rep, msg)
         if msg.kind == Kind.DELTA:

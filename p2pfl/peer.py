@@ -152,7 +152,7 @@ class Peer:
             if self.curve is not None and authed != msg.sender:
                 self._reject("identity", f"CURVE key of peer {authed} sent a message claiming to be peer {msg.sender}")
                 continue
-            if ident != str(msg.sender).encode():
+            if self.curve is None and ident != str(msg.sender).encode():
                 self._reject("identity", f"routing id {ident[:32]!r} claims to be peer {msg.sender}")
                 continue
             if msg.sender not in self.engine.replicas:

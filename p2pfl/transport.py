@@ -110,7 +110,11 @@ class Transport:
         r.setsockopt(zmq.LINGER, 0)
         r.setsockopt(zmq.RCVHWM, self.hwm * 4)
         r.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
-        r.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted neighbour takes its identity back
+        if self.curve is None:
+            # Plaintext: routing ids are the self-declared peer ids, and a restarted neighbour takes
+            # its id back. With CURVE the ZAP key is the identity; fixed routing ids plus hand-over
+            # would let any key holder claim a neighbour's id and evict its connection.
+            r.setsockopt(zmq.ROUTER_HANDOVER, 1)
         r.bind(self._bind_endpoint())
         self.router = r
         for j, spec in self.neighbors.items():
@@ -120,8 +124,9 @@ class Transport:
             d.setsockopt(zmq.SNDHWM, self.hwm)
             d.setsockopt(zmq.RECONNECT_IVL, 100)
             d.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
-            if self.curve is not None:
+            if self.curve is None:
+                d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
+            else:
                 d.curve_secretkey = self.curve.secret
                 d.curve_publickey = self.curve.public
                 d.curve_serverkey = self.curve.peers[j]

@@ -379,12 +379,6 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (p2pfl/transport.py + peer.py): DEALERs use the peer id as ZMQ routing identity and the ROUTER "
-    "sets ROUTER_HANDOVER, so any client that completes the handshake with routing id b'2' takes over "
-    "peer 2's pipe at the receiver: the real peer 2 is silently cut off (marked down). Under CURVE, the "
-    "authenticated key should identify the sender (no fixed DEALER identities, no handover, no routing-id "
-    "check); remove this marker once fixed."))
 def test_insider_cannot_evict_a_neighbour_by_claiming_its_routing_id(tmp_path, cluster_dir):
     import zmq
 
