@@ -5,9 +5,9 @@ bytes to bit-identical tensors and CHOCO replicas never drift. Every lossy codec
 *contraction*, ``||x - Q(x)||^2 <= (1 - delta) ||x||^2`` with ``delta > 0`` (in expectation for
 random-k), which is what CHOCO-Gossip needs to reach exact consensus anyway.
 
-Specs: ``none``, ``fp16``, ``bf16``, ``int8[:BLOCK]``, ``sign``, ``topk:FRACTION``,
+Specs: ``none``, ``fp16``, ``bf16``, ``int8[:BLOCK]``, ``sign[:BLOCK]``, ``topk:FRACTION``,
 ``randk:FRACTION`` and ``SPARSIFIER+QUANTIZER`` (e.g. ``topk:0.05+int8``), where the quantizer
-(``fp16``, ``bf16``, ``int8[:B]``, ``sign``) compresses the values the sparsifier kept.
+(``fp16``, ``bf16``, ``int8[:B]``, ``sign[:B]``) compresses the values the sparsifier kept.
 A plan is ``DEFAULT`` or ``DEFAULT,PATTERN=SPEC,...`` with fnmatch patterns, first match wins.
 
 Part naming: a dense codec's main part is ``data``; under a sparsifier it is ``values`` and the
@@ -288,36 +288,62 @@ class Int8Codec(_Quantizer):
 
 
 class SignCodec(_Quantizer):
-    """Scaled sign: one bit per value (np.packbits, zeros count as +) and scale = mean|x| in meta.
+    """Scaled sign: one bit per value (np.packbits, zeros count as +) times scale = mean|x|.
 
-    Decodes to ``scale * sign(x)``, the best single-scale sign approximation in L2; it contracts
-    with delta = ||x||_1^2 / (d ||x||_2^2) exactly (>= 1/d, ~2/pi for Gaussian data)."""
+    ``sign`` has one scale per tensor (meta 'scale'); ``sign:B`` one per block of B values (a
+    float32 part 'scales', +32/B bits/value). Decodes to ``scale * sign(x)``, the best L2 fit
+    with that scale, so it contracts with delta = ||x||_1^2 / (d ||x||_2^2) exactly (per block
+    for ``sign:B``): ~2/pi on Gaussian data but down to 1/d on heavy-tailed data. Under CHOCO the
+    residual x - xhat turns heavy-tailed (a few large coordinates move by only mean|x| per round
+    and get stranded), so one scale per tensor converges very slowly; ``sign:64`` keeps pace
+    with exact gossip at 1.5 bits/value (see bench/compression.py)."""
 
-    def __init__(self, key: str = "data") -> None:
-        super().__init__("sign", 0.5, key)
+    def __init__(self, block: int | None = None, key: str = "data") -> None:
+        super().__init__("sign" if block is None else f"sign:{block}", 0.3 if block is None else 1.0, key)
+        self.block = block
 
     def rekey(self, key: str) -> SignCodec:
-        return SignCodec(key)
+        return SignCodec(self.block, key)
 
     @property
     def part_names(self) -> frozenset[str]:
-        return frozenset({self.key})
+        return frozenset({self.key} if self.block is None else {self.key, "scales"})
 
     @property
     def meta_names(self) -> frozenset[str]:
-        return frozenset({"scale"})
+        return frozenset({"scale"} if self.block is None else ())
 
     def _encode(self, flat, seed):
-        scale = float(flat.abs().mean()) if flat.numel() else 0.0
         bits = torch.from_numpy(np.packbits(flat.numpy() >= 0))
-        return {self.key: bits}, {"scale": scale}
+        n = flat.numel()
+        if self.block is None:
+            return {self.key: bits}, {"scale": float(flat.abs().mean()) if n else 0.0}
+        b = self.block
+        nb = -(-n // b)
+        padded = flat.abs()
+        if n % b:
+            padded = torch.cat([padded, padded.new_zeros(nb * b - n)])
+        counts = torch.full((nb,), float(b))
+        if n % b:
+            counts[-1] = n % b  # the short last block averages over its real values only
+        scales = padded.view(nb, b).sum(dim=1) / counts
+        return {self.key: bits, "scales": scales}, {}
 
     def _decode(self, parts, meta, n):
         bits = _part(parts, self.key, torch.uint8, -(-n // 8), self.spec)
-        scale = _meta_scale(meta, "scale", self.spec)
         pm = torch.from_numpy(np.unpackbits(bits.detach().numpy(), count=n))
-        # bit*2s - s is exact in float32, so every peer gets identical +-s.
-        return pm.to(torch.float32).mul_(2.0 * scale).sub_(scale)
+        if self.block is None:
+            scale = _meta_scale(meta, "scale", self.spec)
+            # bit*2s - s is exact in float32, so every peer gets identical +-s.
+            return pm.to(torch.float32).mul_(2.0 * scale).sub_(scale)
+        b = self.block
+        nb = -(-n // b)
+        scales = _part(parts, "scales", torch.float32, nb, self.spec)
+        if nb and not (bool(torch.isfinite(scales).all()) and float(scales.min()) >= 0):
+            raise CodecError(f"{self.spec}: part 'scales' has a negative or non-finite scale")
+        out = torch.zeros(nb * b)
+        out[:n] = pm
+        return out.mul_(2.0).sub_(1.0).view(nb, b).mul_(scales.unsqueeze(1)).reshape(-1)[:n].contiguous()
 
 
 class _Sparsifier(Codec):
@@ -334,8 +360,9 @@ class _Sparsifier(Codec):
         super().__init__(spec, self._gamma(f) * values.default_gamma)
 
     @staticmethod
+    @abstractmethod
     def _gamma(f: float) -> float:
-        return min(1.0, 2.0 * f)
+        """CHOCO step size for this fraction (the quantizer's own gamma multiplies it)."""
 
     def k_for(self, n: int) -> int:
         """Exact rational arithmetic, so 0.1 * 30 is 3 on every peer, not 4."""
@@ -366,6 +393,11 @@ class TopKCodec(_Sparsifier):
     """The k largest |x| as values plus int32 indices (torch.topk; ties broken by torch)."""
 
     name = "topk"
+
+    @staticmethod
+    def _gamma(f: float) -> float:
+        # Measured on ring-16 (bench/compression.py): stable up to ~4f, fastest near it; 3f keeps a margin.
+        return round(min(1.0, 3.0 * f), 9)
 
     @property
     def part_names(self) -> frozenset[str]:
@@ -432,6 +464,11 @@ class RandKCodec(_Sparsifier):
 
     name = "randk"
 
+    @staticmethod
+    def _gamma(f: float) -> float:
+        # Measured on ring-16: diverges beyond ~1.5-2f; f is about the fastest stable choice.
+        return min(1.0, f)
+
     @property
     def meta_names(self) -> frozenset[str]:
         return super().meta_names | {"seed"}
@@ -482,12 +519,12 @@ def _parse_one(token: str) -> Codec:
             raise CodecError(f"{name}: fraction {arg} is outside (0, 1]")
         # Canonical value: the double's shortest decimal, exactly, so k agrees on every peer.
         return _SPARSIFIERS[name](Fraction(repr(f)), NoneCodec())
-    if name == "int8":
+    if name == "int8" or (name == "sign" and sep):
         if not sep:
             return Int8Codec()
         if not arg.isdigit() or not 1 <= int(arg) <= 2**24:
-            raise CodecError(f"int8: block size must be an integer in [1, 2^24], got {arg!r}")
-        return Int8Codec(int(arg))
+            raise CodecError(f"{name}: block size must be an integer in [1, 2^24], got {arg!r}")
+        return Int8Codec(int(arg)) if name == "int8" else SignCodec(int(arg))
     if sep:
         raise CodecError(f"{name}: takes no parameter, got {token!r}")
     return {

@@ -28,12 +28,15 @@ LOSSY = [
     "int8",
     "int8:64",
     "sign",
+    "sign:64",
+    "sign:5",
     "topk:0.05",
     "randk:0.1",
     "topk:0.05+int8",
     "topk:0.05+fp16",
     "topk:0.1+bf16",
     "topk:0.1+sign",
+    "topk:0.1+sign:16",
     "randk:0.1+fp16",
     "randk:0.2+int8",
     "randk:0.2+sign",
@@ -74,8 +77,10 @@ def contraction_delta(spec: str, x: torch.Tensor) -> float:
     d = x.numel()
 
     def quant_delta(q: str, v: torch.Tensor) -> float:
-        if q == "sign":
-            return float(v.abs().sum() ** 2 / (v.numel() * (v**2).sum())) if bool((v != 0).any()) else 1.0
+        if q.startswith("sign"):  # the worst block's ||v||_1^2 / (len ||v||_2^2)
+            block = int(q.split(":")[1]) if ":" in q else max(1, v.numel())
+            blocks = [b for b in v.split(block) if bool((b != 0).any())]
+            return min((float(b.abs().sum() ** 2 / (b.numel() * (b**2).sum())) for b in blocks), default=1.0)
         if q == "fp16":
             return 1 - 2.0**-22  # relative error <= 2^-11 for normal fp16 numbers
         if q == "bf16":
@@ -134,6 +139,14 @@ def test_dense_codec_error_bounds(n):
     s = enc.meta["scale"]
     assert s == pytest.approx(float(x.abs().mean()))
     assert torch.equal(y, torch.where(x >= 0, s, -s).to(torch.float32))
+    for block in (64, 7, 1):
+        enc, y = roundtrip(f"sign:{block}", x)
+        means = torch.stack([b.abs().mean() for b in x.split(block)])
+        assert torch.allclose(enc.parts["scales"], means, rtol=1e-6)
+        expect = torch.where(x >= 0, 1.0, -1.0) * means.repeat_interleave(block)[:n]
+        assert torch.allclose(y, expect, rtol=1e-6)
+    _, y = roundtrip("sign:1", x)
+    assert torch.equal(y, x)  # one scale per value is lossless
 
 
 def test_fp16_saturates_instead_of_overflowing_and_sign_counts_zero_as_plus():
@@ -324,6 +337,8 @@ def test_splitmix64_matches_the_scalar_reference(seed):
         ("int8:256", "int8"),
         ("int8:64", "int8:64"),
         ("sign", "sign"),
+        ("sign:64", "sign:64"),
+        ("topk:0.1+sign:16", "topk:0.1+sign:16"),
         ("topk:0.05", "topk:0.05"),
         ("topk:.05", "topk:0.05"),
         ("topk:1", "topk:1.0"),
@@ -362,6 +377,9 @@ def test_spec_parses_to_canonical_form(spec, canonical):
         ("int8:x", "'x'"),
         ("int8:1.5", "'1.5'"),
         ("fp16:3", "'fp16:3'"),
+        ("sign:0", "block size"),
+        ("sign:", "block size"),
+        ("sign:-4", "'-4'"),
         ("none+int8", "'none'"),
         ("sign+int8", "after 'sign'"),
         ("int8+fp16", "after 'int8'"),
@@ -444,6 +462,7 @@ def test_bad_plans_are_rejected(spec, names):
         ("int8", lambda n, k: n + 4 * -(-n // 256)),
         ("int8:64", lambda n, k: n + 4 * -(-n // 64)),
         ("sign", lambda n, k: -(-n // 8)),
+        ("sign:64", lambda n, k: -(-n // 8) + 4 * -(-n // 64)),
         ("topk:0.05", lambda n, k: 8 * k),
         ("topk:0.05+int8", lambda n, k: 5 * k + 4 * -(-k // 256)),
         ("topk:0.05+fp16", lambda n, k: 6 * k),
@@ -463,6 +482,7 @@ def test_compression_ratio(spec, nbytes):
     ratio = encoded_nbytes(get_codec(spec).encode(randn(1 << 20))) / (4 << 20)
     expected = {
         "sign": 1 / 32,
+        "sign:64": 1.5 / 32,
         "int8": 0.2539,
         "topk:0.05+int8": 0.05 * (5 + 4 / 256) / 4,
         "randk:0.2+sign": 0.2 / 32,
