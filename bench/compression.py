@@ -1,0 +1,153 @@
+"""Bytes on the wire to reach consensus with CHOCO-Gossip, per codec, relative to exact fp32 gossip.
+
+Sans-IO ring of 16 real `ChocoEngine`s, each codec at its `default_gamma`. Every DELTA is
+wire-encoded (msgpack header + raw part frames, `p2pfl.wire`) and decoded once, as a receiver
+would; bytes = frame bytes x recipients. A run stops when the exact consensus distance
+Xi = sqrt(1/n sum_i ||x_i - xbar||^2) falls to `target` x its start (default 1e-4), or gives up
+after `max_factor` x the rounds exact gossip needed (then `reached` is false and the ratio is a
+lower bound). Also times encode and decode of a 1M-float tensor per codec (best of `reps`), with
+one thread (`encode_ms`, `decode_ms`) and with torch's default thread count (`encode_ms_<N>t`).
+Prints one JSON line.
+
+usage: python bench/compression.py [--dim 32768] [--target 1e-4] [--codecs none,fp16,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from p2pfl import topology as T
+from p2pfl.compress import encoded_nbytes, get_codec
+from p2pfl.consensus import exact_distance
+from p2pfl.gossip import ChocoEngine
+from p2pfl.wire import decode, encode, frames_nbytes
+
+CODECS = [
+    "fp16",
+    "bf16",
+    "int8",
+    "sign",
+    "sign:64",
+    "sign:128",
+    "topk:0.1",
+    "topk:0.05+int8",
+    "topk:0.1+sign:64",
+    "randk:0.2+int8",
+    "randk:0.2+sign:64",
+]
+
+
+def starts(n: int, dim: int, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """A shared base plus independent per-peer parts, like adapters fine-tuned from one init."""
+    g = torch.Generator().manual_seed(seed)
+    common = 0.25 * torch.randn(dim, generator=g)
+    return {p: {"w": common + torch.randn(dim, generator=g)} for p in range(n)}
+
+
+def run(spec: str, topo: T.Topology, x0: dict, target: float, max_rounds: int) -> dict:
+    engines = {}
+    for p in topo.ids:
+        w = topo.mh_weights(p)
+        w.pop(p)
+        engines[p] = ChocoEngine(p, w, x0[p], plan=spec, seed=1, inc=1)
+    for p, e in engines.items():  # introductions first, so nobody answers round 0 with a STATE
+        hello = decode([bytes(f) for f in encode(e.hello())])
+        for j in topo.neighbors(p):
+            assert not engines[j].receive(hello)
+    d0 = exact_distance(x0.values())
+    dist, nbytes, rnd, t0 = d0, 0, 0, time.perf_counter()
+    while dist > target * d0 and rnd < max_rounds and math.isfinite(dist):
+        for p, e in engines.items():
+            frames = [bytes(f) for f in encode(e.make_delta(rnd))]
+            msg = decode(frames)
+            for j in topo.neighbors(p):
+                nbytes += frames_nbytes(frames)
+                if engines[j].receive(msg):
+                    raise RuntimeError(f"{spec}: unexpected resync traffic in round {rnd}")
+        for p, e in engines.items():
+            e.mix(topo.neighbors(p))
+        rnd += 1
+        dist = exact_distance(e.x for e in engines.values())
+    return {
+        "gamma": engines[0].gamma,
+        "rounds": rnd,
+        "reached": dist <= target * d0,
+        "final_reduction": dist / d0,
+        "bytes": nbytes,
+        "sim_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def timing(spec: str, numel: int, reps: int) -> dict:
+    codec = get_codec(spec)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(1))
+    enc = codec.encode(x, seed=7)
+
+    def best(f) -> float:
+        f()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return round(min(ts) * 1e3, 3)
+
+    return {
+        "encode_ms": best(lambda: codec.encode(x, seed=7)),
+        "decode_ms": best(lambda: codec.decode(enc, (numel,))),
+        "payload_ratio": round(encoded_nbytes(enc) / (4 * numel), 5),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peers", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=32768)
+    ap.add_argument("--target", type=float, default=1e-4)
+    ap.add_argument("--max-factor", type=float, default=8.0)
+    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--timing-numel", type=int, default=1 << 20)
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
+
+    threads = torch.get_num_threads()
+    specs = ["none", *args.codecs.split(",")]
+    times_mt = {spec: timing(spec, args.timing_numel, args.reps) for spec in specs}
+    torch.set_num_threads(1)  # also: 16 engines in one process, where intra-op threads only contend
+    times = {spec: timing(spec, args.timing_numel, args.reps) for spec in specs}
+    for spec in specs:
+        times[spec].update({f"{k}_{threads}t": v for k, v in times_mt[spec].items() if k.endswith("_ms")})
+
+    topo = T.generate("ring", args.peers)
+    x0 = starts(args.peers, args.dim)
+    exact = run("none", topo, x0, args.target, 10 * topo.rounds_to(args.target))
+    out: dict[str, dict] = {}
+    for spec in args.codecs.split(","):
+        r = run(spec, topo, x0, args.target, int(args.max_factor * exact["rounds"]))
+        out[spec] = {**r, "bytes_ratio": round(r["bytes"] / exact["bytes"], 5), **times[spec]}
+    reached = {s: r["bytes_ratio"] for s, r in out.items() if r["reached"]}
+    best = min(reached, key=reached.get) if reached else None
+    print(
+        json.dumps(
+            {
+                "bench": "compression",
+                "topology": f"ring-{args.peers}",
+                "dim": args.dim,
+                "target_reduction": args.target,
+                "exact": {**exact, "theory_rounds": topo.rounds_to(args.target), **times["none"]},
+                "codecs": out,
+                "best": {"codec": best, "bytes_ratio": reached.get(best)},
+                "within_5pct": sorted(s for s, v in reached.items() if v <= 0.05),
+                "timing_numel": args.timing_numel,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
