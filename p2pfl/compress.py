@@ -396,8 +396,9 @@ class TopKCodec(_Sparsifier):
 
     @staticmethod
     def _gamma(f: float) -> float:
-        # Measured on ring-16 (bench/compression.py): stable up to ~4f, fastest near it; 3f keeps a margin.
-        return round(min(1.0, 3.0 * f), 9)
+        # Measured with 16 peers: ring tolerates ~4f, but complete/exponential/torus diverge at 3f
+        # and are fastest near 1.5-2f; ~2f for small f, reaching 1 (exact gossip) at f = 1.
+        return round(2.0 * f / (1.0 + f), 9)
 
     @property
     def part_names(self) -> frozenset[str]:
@@ -466,8 +467,9 @@ class RandKCodec(_Sparsifier):
 
     @staticmethod
     def _gamma(f: float) -> float:
-        # Measured on ring-16: diverges beyond ~1.5-2f; f is about the fastest stable choice.
-        return min(1.0, f)
+        # Measured with 16 peers: well-connected graphs diverge at ~1.25-1.5f and are fastest
+        # near f/2 (the ring tolerates more); ~f/2 for small f, reaching 1 at f = 1.
+        return round(f / (2.0 - f), 9)
 
     @property
     def meta_names(self) -> frozenset[str]:

@@ -42,13 +42,19 @@ def starts(seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
 class Ring:
     """The real engines, messages handed over in-process (replies included, recursively)."""
 
-    def __init__(self, spec: str, x0: dict[int, dict[str, torch.Tensor]]) -> None:
-        self.topo = T.generate("ring", N)
+    def __init__(
+        self,
+        spec: str,
+        x0: dict[int, dict[str, torch.Tensor]],
+        kind: str = "ring",
+        norm_factor: float = 100.0,
+    ) -> None:
+        self.topo = T.generate(kind, N)
         self.engines: dict[int, ChocoEngine] = {}
         for p in self.topo.ids:
             w = self.topo.mh_weights(p)
             w.pop(p)
-            self.engines[p] = ChocoEngine(p, w, x0[p], plan=spec, seed=3, inc=1)
+            self.engines[p] = ChocoEngine(p, w, x0[p], plan=spec, seed=3, inc=1, norm_factor=norm_factor)
         self.replies = 0
         for p, e in self.engines.items():  # introductions, so nobody needs a resync at round 0
             for j in self.topo.neighbors(p):
@@ -95,9 +101,14 @@ def naive(
 
 
 def run_choco(
-    spec: str, x0: dict[int, dict[str, torch.Tensor]], max_rounds: int, target: float
+    spec: str,
+    x0: dict[int, dict[str, torch.Tensor]],
+    max_rounds: int,
+    target: float,
+    kind: str = "ring",
+    norm_factor: float = 100.0,
 ) -> tuple[Ring, float]:
-    ring = Ring(spec, x0)
+    ring = Ring(spec, x0, kind, norm_factor)
     dist = exact_distance(x0.values())
     while ring.round + 1 < max_rounds and dist > target:
         for _ in range(10):
@@ -106,17 +117,17 @@ def run_choco(
     return ring, dist
 
 
-# (spec, rounds allowed): CHOCO must get below TARGET within them; exact gossip needs 250.
+# (spec, rounds allowed): CHOCO must get below TARGET within them; exact gossip needs 250 and
+# CHOCO about 250 / gamma. Fractions are large and compositions stand in for their parts to keep
+# the ring's runtime modest; bench/compression.py runs the small fractions.
 CASES = [
     ("fp16", 300),
     ("bf16", 300),
     ("int8", 300),
     ("sign:64", 300),
-    ("topk:0.2", 600),
-    ("topk:0.2+int8", 600),
-    ("topk:0.2+sign:64", 600),
-    ("randk:0.5", 700),
-    ("randk:0.5+fp16", 700),
+    ("topk:0.3", 700),
+    ("topk:0.3+int8", 700),
+    ("randk:0.6+fp16", 800),
 ]
 
 
@@ -135,9 +146,9 @@ def test_choco_reaches_exact_consensus_where_naive_compression_stalls(spec, max_
         for j in ring.topo.neighbors(p):
             assert torch.equal(ring.engines[j].replicas[p].xhat["w"], e.xhat["w"])
 
-    # Same start, codec and gamma, no replicas, twice the rounds: a plateau well above the target
-    # (doubling the rounds does not even halve it; CHOCO shrinks 1e6-fold in that many rounds).
-    half, end = naive(spec, x0, ring.engines[0].gamma, 2 * (ring.round + 1))
+    # Same start, codec and gamma, no replicas, as many rounds (at least 500): a plateau well above
+    # the target (its second half does not even halve it; CHOCO shrinks 1e6-fold in 250 rounds).
+    half, end = naive(spec, x0, ring.engines[0].gamma, max(ring.round + 1, 500))
     assert end > 30 * TARGET * d0, f"{spec}: naive compressed gossip reached {end / d0:.2e}"
     assert end > 0.5 * half, (
         f"{spec}: naive compressed gossip still converging ({half / d0:.2e} -> {end / d0:.2e})"
@@ -160,3 +171,21 @@ def test_global_sign_converges_but_slowly_where_naive_stalls():
     assert float((network_mean(ring.states()) - network_mean(x0.values())).norm()) < 1e-5 * float(
         network_mean(x0.values()).norm()
     )
+
+
+@pytest.mark.parametrize("kind", ["complete", "exponential"])
+def test_default_gammas_are_stable_on_well_connected_graphs(kind):
+    """Sparsifiers' default gammas come from the graphs that tolerate the least (3x their fraction
+    diverges here, while the ring takes 4x): neither may blow up, both get 1e-3 of the way in 400 rounds.
+    Stability does not depend on d, so a smaller d keeps this quick.
+
+    The engine's norm guard is off here: on dense graphs CHOCO+random-k legitimately sends the
+    odd update 50-500x the recent median (one peer samples coordinates it has not sent for a
+    while), which the default factor of 100 would reject as Byzantine."""
+    g = torch.Generator().manual_seed(1)
+    common = 0.25 * torch.randn(2048, generator=g)
+    x0 = {p: {"w": common + torch.randn(2048, generator=g)} for p in range(N)}
+    d0 = exact_distance(x0.values())
+    for spec in ("topk:0.1+int8", "randk:0.2+int8"):
+        ring, dist = run_choco(spec, x0, 400, 1e-3 * d0, kind, norm_factor=0.0)
+        assert dist <= 1e-3 * d0, f"{spec} on {kind}: {dist / d0:.2e} after {ring.round + 1} rounds"
