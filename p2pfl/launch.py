@@ -31,8 +31,8 @@ def _last_records(run_dir: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _mean(values: list[float]) -> float:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
+def _mean(values: list[Any]) -> float:
+    vals = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else float("nan")
 
 
@@ -50,6 +50,8 @@ def summarize(run_dir: Path, ids: list[int]) -> dict[str, Any]:
     }
     accs = [r.get("accuracy") for r in first.values() if r.get("accuracy") is not None]
     if accs:
+        summary["accuracy_before_training"] = _mean([r.get("accuracy_before") for r in first.values()])
+        summary["global_accuracy_before_training"] = _mean([r.get("global_accuracy_before") for r in first.values()])
         summary["accuracy_first_round"] = _mean(accs)
         summary["accuracy_final"] = _mean([r.get("accuracy") for r in last.values()])
         summary["global_accuracy_final"] = _mean([r.get("global_accuracy") for r in last.values() if "global_accuracy" in r])

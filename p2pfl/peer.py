@@ -331,6 +331,9 @@ class Peer:
         return 0
 
     async def _rounds(self) -> None:
+        before: dict[str, float] = {}
+        if self.trainer is not None and self.start_round == 0:  # the zero-shot starting point
+            before = {f"{k}_before": v for k, v in (await asyncio.to_thread(self.trainer.evaluate, True)).items()}
         drain = max(1, self.diameter if self.sketcher else 1)  # >= 1 so every training delta lands
         sent0, recv0 = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
         for rnd in range(self.start_round, self.cfg.rounds + drain):
@@ -383,6 +386,7 @@ class Peer:
                 "duplicates": self.engine.duplicates,
                 "dropped_messages": stats.dropped,
                 **train_metrics,
+                **(before if rnd == self.start_round else {}),
             }
             sent0, recv0 = stats.bytes_sent, stats.bytes_received
             self.records.push(rnd + 1, rec)
