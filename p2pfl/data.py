@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from p2pfl import shapes
 
+# Shift applied when a config leaves ``domain`` empty: shapes peers start away from pretraining.
+DEFAULT_DOMAIN = {"shapes": "contrast+clutter", "digits": "clean", "folder": "clean"}
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.", "a picture of a {}.")
 
@@ -235,6 +237,7 @@ def load_peer_data(
     """This peer's train/test share plus the global test set, from (seed, peer id, n peers) alone."""
     if not 0 <= peer_id < n_peers:
         raise DataError(f"peer_id: {peer_id} not in [0, {n_peers})")
+    domain = domain or DEFAULT_DOMAIN.get(dataset.split(":")[0], "clean")
     group, members, rank = 0, n_peers, peer_id
     scheme = partition_scheme
     if partition_scheme.startswith("groups:"):

@@ -283,19 +283,35 @@ def caption(values: list[int | None], prefix: int = 0, noun: int = 0, period: bo
     return fix_articles(" ".join(words)) + ("." if period else "")
 
 
-def sample_captions(rng: np.random.Generator, attrs: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """One random caption per scene and its mention matrix (n, 5), -1 where not mentioned."""
+def sample_captions(
+    rng: np.random.Generator, attrs: np.ndarray, hard_negatives: bool = False
+) -> tuple[list[str], np.ndarray]:
+    """One random caption per scene and its mention matrix (n, 5), -1 where not mentioned.
+
+    ``attrs`` of -1 (e.g. an achromatic shape's colour) are never mentioned. With
+    ``hard_negatives`` n more captions follow, each the same caption with one mentioned attribute
+    swapped: contrasting them forces the model to bind every attribute, not only the easiest one.
+    """
     n = len(attrs)
-    mention = rng.random((n, len(ATTRIBUTES))) < MENTION_P
-    none = ~mention.any(axis=1)
-    mention[none, rng.integers(0, 2, int(none.sum()))] = True  # always say something
+    mention = (rng.random((n, len(ATTRIBUTES))) < MENTION_P) & (attrs >= 0)
+    none = np.flatnonzero(~mention.any(axis=1))  # always say something: shape or (known) colour
+    pick = rng.integers(0, 2, len(none))
+    mention[none, np.where(attrs[none, 1] >= 0, pick, 0)] = True
     prefix = rng.integers(0, len(PREFIXES), n)
     noun = rng.integers(0, len(NOUNS) + 1, n)
     period = rng.random(n) < 0.5
     mentions = np.where(mention, attrs, -1)
+    if hard_negatives:
+        neg = mentions.copy()
+        for i in range(n):
+            k = rng.choice(np.flatnonzero(neg[i] >= 0))
+            card = len(VALUES[ATTRIBUTES[k]])
+            neg[i, k] = (neg[i, k] + rng.integers(1, card)) % card
+        mentions = np.concatenate([mentions, neg])
+        prefix, noun, period = np.tile(prefix, 2), np.tile(noun, 2), np.tile(period, 2)
     texts = [
-        caption([int(v) if v >= 0 else None for v in mentions[i]], int(prefix[i]), int(noun[i]), bool(period[i]))
-        for i in range(n)
+        caption([int(v) if v >= 0 else None for v in m], int(p), int(o), bool(d))
+        for m, p, o, d in zip(mentions, prefix, noun, period, strict=True)
     ]
     return texts, mentions
 

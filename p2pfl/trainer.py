@@ -32,7 +32,7 @@ class TrainerConfig:
     text_lora: bool = False
     dataset: str = "shapes"  # "shapes" | "digits" | "folder:PATH"
     task: str = "shape"  # shapes: shape | colour | size | position | background
-    domain: str = "rotation+noise"
+    domain: str = ""  # "" = the dataset's default shift (data.DEFAULT_DOMAIN); e.g. "rotation+noise"
     partition: str = "iid"  # "iid" | "dirichlet:0.1" | "classes:2" | "groups:task=shape,colour"
     local_steps: int = 10
     batch_size: int = 32
@@ -199,20 +199,22 @@ class Trainer:
         self.step = int(meta["step"])
 
 
-def shapes_zero_shot_report(fm: Foundation, n: int = 1000, seed: int = 20240) -> dict[str, float]:
-    """Zero-shot accuracy per attribute on held-out clean scenes, and on unseen shape x colour pairs."""
+def shapes_zero_shot_report(
+    fm: Foundation, n: int = 1000, seed: int = 20240, domain: str = "clean", attrs: tuple[str, ...] = shapes.ATTRIBUTES
+) -> dict[str, float]:
+    """Zero-shot accuracy per attribute on held-out scenes, and on unseen shape x colour pairs."""
     rng = np.random.default_rng(seed)
+    dom = shapes.parse_domain(domain)
     out: dict[str, float] = {}
     pair_names = [f"{c} {s}" for s in shapes.SHAPES for c in shapes.COLOURS]
     for split in ("seen", "unseen"):
-        scenes = shapes.sample_scenes(rng, n, split)
-        images = torch.from_numpy(shapes.render(scenes, seed=seed))
+        scenes = shapes.sample_scenes(rng, n, split, dom)
+        images = torch.from_numpy(shapes.render(scenes, dom, seed=seed))
         labels = torch.from_numpy(scenes.attrs)
-        attrs = shapes.ATTRIBUTES if split == "seen" else ("shape", "colour")
-        for k, attr in enumerate(attrs):
+        for attr in attrs if split == "seen" else ("shape", "colour"):
+            k = shapes.ATTRIBUTES.index(attr)
             acc = zero_shot_accuracy(fm, images, labels[:, k], shapes.VALUES[attr], shapes.TEMPLATES[attr])
             out[attr if split == "seen" else f"unseen_{attr}"] = acc
         pair = labels[:, 0] * len(shapes.COLOURS) + labels[:, 1]
         out[f"{split}_pair"] = zero_shot_accuracy(fm, images, pair, pair_names, shapes.TEMPLATES["shape"])
     return out
-

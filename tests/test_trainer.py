@@ -20,7 +20,7 @@ def pair() -> list[Trainer]:
 
 def test_local_training_improves_a_shifted_domain():
     cfg = TrainerConfig(
-        task="shape", domain="rotation+noise+clutter", samples_per_peer=320, global_test_size=240,
+        task="shape", domain="contrast+clutter", samples_per_peer=320, global_test_size=240,
         batch_size=32, local_steps=10, lr=3e-3, seed=1,
     )
     tr = Trainer(cfg, 0, 1)
@@ -29,7 +29,7 @@ def test_local_training_improves_a_shifted_domain():
         stats = tr.train_round()
     after = tr.evaluate(global_eval=True)
     assert stats["steps"] == 10 and stats["train_loss"] > 0
-    assert after["global_accuracy"] > before["global_accuracy"] + 0.08
+    assert after["global_accuracy"] > before["global_accuracy"] + 0.15  # measured about .25 -> .6
     assert after["global_loss"] < before["global_loss"]
 
 
