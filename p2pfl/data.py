@@ -264,7 +264,8 @@ def load_peer_data(
     if dataset == "digits":
         images, labels = digits_arrays(domain, seed, image_size)
         perm = rng_for(seed, "digits-global").permutation(len(labels))
-        g_idx, pool = np.sort(perm[:global_test_size]), np.sort(perm[global_test_size:])
+        n_global = min(global_test_size, len(labels) // 2)  # the rest is shared out among peers
+        g_idx, pool = np.sort(perm[:n_global]), np.sort(perm[n_global:])
         share = pool[partition(labels[pool], members, scheme, seed + 1000 * group)[rank]]
         tr, te = train_test_split(share, test_fraction, seed, peer_id)
         full = Split(images, torch.from_numpy(labels), DIGIT_NAMES, DIGIT_TEMPLATES)

@@ -35,7 +35,7 @@ LORA_TARGETS = ("in_proj", "c_fc", "c_proj")
 GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.")
 
 
-class ModelError(Exception):
+class ModelError(ValueError):
     """Bad model name, checkpoint or adapter state (names the offending key/value)."""
 
 
@@ -184,7 +184,7 @@ def _cached_tag_file(model: str, tag: str) -> tuple[str, dict]:
     if hub:
         from huggingface_hub import try_to_load_from_cache
 
-        repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        repo, filename = os.path.split(hub)  # "org/name/" means open_clip's default file names
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         for name in names:
             hit = try_to_load_from_cache(repo, name)
@@ -342,14 +342,14 @@ class AdaptedClip(nn.Module):
         missing = [k for k in expected if k not in state]
         extra = [k for k in state if k not in expected]
         if missing or extra:
-            raise ValueError(f"adapter state: {'missing' if missing else 'unexpected'} key {(missing or extra)[0]!r}")
+            raise ModelError(f"adapter state: {'missing' if missing else 'unexpected'} key {(missing or extra)[0]!r}")
         for k in expected:
             v = state[k]
             if not isinstance(v, torch.Tensor) or v.shape != self.lora[k].shape:
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"adapter state: key {k!r} has shape {got}, expected {tuple(self.lora[k].shape)}")
+                raise ModelError(f"adapter state: key {k!r} has shape {got}, expected {tuple(self.lora[k].shape)}")
             if not torch.isfinite(v).all():
-                raise ValueError(f"adapter state: key {k!r} has non-finite values")
+                raise ModelError(f"adapter state: key {k!r} has non-finite values")
         with torch.no_grad():
             for k in expected:
                 self.lora[k].copy_(state[k])

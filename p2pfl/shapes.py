@@ -255,7 +255,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "position": ("a shape {}.", "a photo of an object {}.", "a thing {}."),
     "background": ("a shape on a {} background.", "a photo of an object on a {} background."),
 }
-MENTION_P = np.array([0.9, 0.6, 0.4, 0.4, 0.3])  # shape is the hard attribute: name it most
+MENTION_P = np.array([0.9, 0.6, 0.4, 0.6, 0.3])  # shape and position are the hard ones: name them most
 
 
 def fix_articles(text: str) -> str:
@@ -284,7 +284,7 @@ def caption(values: list[int | None], prefix: int = 0, noun: int = 0, period: bo
 
 
 def sample_captions(
-    rng: np.random.Generator, attrs: np.ndarray, hard_negatives: bool = False
+    rng: np.random.Generator, attrs: np.ndarray, hard_negatives: bool = False, mention_p: np.ndarray = MENTION_P
 ) -> tuple[list[str], np.ndarray]:
     """One random caption per scene and its mention matrix (n, 5), -1 where not mentioned.
 
@@ -293,7 +293,7 @@ def sample_captions(
     swapped: contrasting them forces the model to bind every attribute, not only the easiest one.
     """
     n = len(attrs)
-    mention = (rng.random((n, len(ATTRIBUTES))) < MENTION_P) & (attrs >= 0)
+    mention = (rng.random((n, len(ATTRIBUTES))) < mention_p) & (attrs >= 0)
     none = np.flatnonzero(~mention.any(axis=1))  # always say something: shape or (known) colour
     pick = rng.integers(0, 2, len(none))
     mention[none, np.where(attrs[none, 1] >= 0, pick, 0)] = True

@@ -19,6 +19,10 @@ from p2pfl.data import PeerData, Split, load_peer_data, rng_for
 from p2pfl.model import AdaptedClip, Foundation, HeadCache, LoraSpec, load_foundation, zero_shot_accuracy
 
 
+class TrainerError(ValueError):
+    """Bad trainer config or optimizer state (names the offending key/value)."""
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """Everything that decides a peer's model, data and local optimisation (shared by all peers)."""
@@ -51,7 +55,7 @@ class TrainerConfig:
         names = {f.name for f in fields(cls)}
         bad = [k for k in d if k not in names]
         if bad:
-            raise ValueError(f"trainer config: unknown key {bad[0]!r}")
+            raise TrainerError(f"trainer config: unknown key {bad[0]!r}")
         d = dict(d)
         if "lora_targets" in d:
             t = d["lora_targets"]
@@ -73,9 +77,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int) -> None:
         if cfg.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
+            raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
         if cfg.local_steps < 0 or cfg.batch_size < 1:
-            raise ValueError(f"trainer config: local_steps {cfg.local_steps} / batch_size {cfg.batch_size} invalid")
+            raise TrainerError(f"trainer config: local_steps {cfg.local_steps} / batch_size {cfg.batch_size} invalid")
         self.cfg, self.peer_id, self.n_peers = cfg, peer_id, n_peers
         self.foundation: Foundation = load_foundation(cfg.model, cfg.pretrained)
         self.model = AdaptedClip(self.foundation, cfg.lora_spec())
@@ -106,10 +110,8 @@ class Trainer:
     def _batch(self, step: int) -> np.ndarray:
         """Indices of batch ``step``: epochs of seeded permutations, so a restart resumes exactly."""
         n, bs = len(self.data.train), self.cfg.batch_size
-        per_epoch = max(1, n // bs) if n >= bs else 1
-        epoch, pos = divmod(step, per_epoch)
-        perm = rng_for(self.cfg.seed, "batches", self.peer_id, epoch).permutation(n)
-        return perm[pos * bs : pos * bs + bs] if n >= bs else perm
+        epoch, pos = divmod(step, max(1, n // bs))
+        return rng_for(self.cfg.seed, "batches", self.peer_id, epoch).permutation(n)[pos * bs : (pos + 1) * bs]
 
     def _head(self, split: Split) -> torch.Tensor:
         return self.heads.get(self.model, split.class_names, split.templates or self.foundation.templates)
@@ -180,18 +182,18 @@ class Trainer:
         """Inverse of ``optimizer_state``; ValueError naming the first bad key."""
         meta, tensors = d.get("meta", {}), d.get("tensors", {})
         if meta.get("optimizer") != self.cfg.optimizer:
-            raise ValueError(f"optimizer state: optimizer {meta.get('optimizer')!r} != {self.cfg.optimizer!r}")
+            raise TrainerError(f"optimizer state: optimizer {meta.get('optimizer')!r} != {self.cfg.optimizer!r}")
         names = self.model.travelling
         index = {n: i for i, n in enumerate(names)}
         state: dict[int, dict] = {}
         for key, v in tensors.items():
             name, _, entry = key.rpartition("/")
             if name not in index:
-                raise ValueError(f"optimizer state: unknown tensor {key!r}")
+                raise TrainerError(f"optimizer state: unknown tensor {key!r}")
             state.setdefault(index[name], {})[entry] = v.clone()
         for name, extra in meta.get("state", {}).items():
             if name not in index:
-                raise ValueError(f"optimizer state: unknown parameter {name!r}")
+                raise TrainerError(f"optimizer state: unknown parameter {name!r}")
             state.setdefault(index[name], {}).update(extra)
         current = self.opt.state_dict()
         groups = [{**g, "params": cg["params"]} for g, cg in zip(meta["param_groups"], current["param_groups"], strict=True)]

@@ -111,6 +111,7 @@ def train(args: argparse.Namespace) -> None:
     log.info("params %d, vocab %d", n_params, spec["model_cfg"]["text_cfg"]["vocab_size"])
     opt = torch.optim.AdamW(param_groups(clip, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     rng = np.random.default_rng(args.seed)
+    mention_p = np.array([float(v) for v in args.mention.split(",")]) if args.mention else shapes.MENTION_P
     start, budget, history = time.time(), args.max_minutes * 60, []
     step = 0
     while step < args.steps:
@@ -125,7 +126,7 @@ def train(args: argparse.Namespace) -> None:
         scenes = shapes.sample_scenes(rng, args.batch, "seen")
         scenes, attrs = achromatic(scenes, rng, args.achromatic) if args.achromatic else (scenes, scenes.attrs)
         images = torch.from_numpy(shapes.render(scenes, seed=int(rng.integers(2**31))))
-        texts, mentions = shapes.sample_captions(rng, attrs, hard_negatives=args.hard_negatives)
+        texts, mentions = shapes.sample_captions(rng, attrs, bool(args.hard_negatives), mention_p)
         uniq, first = np.unique(np.array(texts), return_index=True)
         compat = torch.from_numpy(shapes.compatibility(attrs, mentions[first]))
         img = fm.encode_images(images)
@@ -192,7 +193,8 @@ so that p2pfl runs with no download: peers adapt it with LoRA to shifted domains
 - data: fresh procedural scenes every step (8 shapes x 8 colours x 3 sizes x 5 positions x 6
   greyscale backgrounds, colour jitter, tilt up to 0.3 rad); captions from templates mentioning a
   random subset of the attributes; a caption is a positive for every scene it truly describes
-- options used: achromatic shapes {args.achromatic:.0%}, attribute-swapped hard-negative captions {"on" if args.hard_negatives else "off"}
+- options used: achromatic shapes {args.achromatic:.0%}, attribute-swapped hard-negative captions {"on" if args.hard_negatives else "off"},
+  mention probabilities (shape, colour, size, position, background) {args.mention or ", ".join(map(str, shapes.MENTION_P))}
 - held out of pretraining (never rendered): {held}
 - {steps} steps of batch {args.batch}, AdamW lr {args.lr} (warmup {args.warmup}, cosine), weight decay {args.wd},
   seed {args.seed}, {args.threads} CPU threads (shared with other work), {minutes:.1f} minutes wall
@@ -210,7 +212,7 @@ from `shapes.TEMPLATES` averaged per class. `*_pair` is the 64-way "a {{colour}}
 {rows}
 
 ## Zero-shot accuracy under domain shift
-Shape and colour tasks on {domain_n} clean-pair scenes per domain (seed 20241), as peers see them
+Shape and colour tasks on {domain_n} seen-pair scenes per domain (seed 20241), as peers see them
 before any adaptation (`p2pfl/shapes.py:parse_domain`; combinations with `+` are harder still).
 
 | domain | shape | colour |
@@ -220,10 +222,10 @@ before any adaptation (`p2pfl/shapes.py:parse_domain`; combinations with `+` are
 ## Limits
 Knows only the shapes world. Words outside its caption grammar map to untrained token rows whose
 prompt embeddings are nearly identical, so other label spaces (e.g. the digits "zero".."nine")
-start at chance and need many adaptation steps. Position is not learned (chance level), and shape
-on unseen shape x colour pairs is weak (the colour of a novel pair pulls the shape guess), although
-the joint 64-way pair prompt still finds the right one about half of the time. Zero-shot
-accuracy drops under the domain shifts of `p2pfl/shapes.py` (noise, rotation, low contrast,
+start at chance and need many adaptation steps. Position ({report['position']:.2f}) is the weakest
+attribute, and shape on unseen shape x colour pairs ({report['unseen_shape']:.2f}) is far below seen pairs:
+the colour of a novel pair pulls the shape guess, although the joint 64-way prompt still finds
+the right pair {report['unseen_pair']:.2f} of the time (chance 0.016). Zero-shot accuracy drops under the domain shifts of `p2pfl/shapes.py` (noise, rotation, low contrast,
 clutter, blur): that gap is what peers close with LoRA.
 """
     (out / "MODEL_CARD.md").write_text(card)
@@ -256,7 +258,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-layers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--achromatic", type=float, default=0.0, help="fraction of grey shapes (no colour named)")
-    ap.add_argument("--hard-negatives", type=int, default=0, help="add one attribute-swapped caption per image")
+    ap.add_argument("--hard-negatives", type=int, default=1, help="add one attribute-swapped caption per image")
+    ap.add_argument("--mention", default="", help="caption mention probabilities per attribute (5 floats)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=2000)
     ap.add_argument("--eval-every", type=int, default=300)

@@ -206,12 +206,14 @@ def test_shipped_model_card_and_zero_shot_far_above_chance():
     assert (assets / "shapes_clip.safetensors").stat().st_size < 10e6
     assert "Zero-shot accuracy" in (assets / "MODEL_CARD.md").read_text()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    report = shapes_zero_shot_report(fm, n=400)  # card, 2000 per split: shape .94, colour 1.0, unseen pair .48
+    report = shapes_zero_shot_report(fm, n=400)  # card (2000 per split): shape .92, colour 1.0, position .59
     chance_shape, chance_colour, chance_pair = 1 / len(shapes.SHAPES), 1 / len(shapes.COLOURS), 1 / 64
     assert report["shape"] > chance_shape + 0.6
     assert report["colour"] > chance_colour + 0.75
     assert report["size"] > 1 / 3 + 0.4
+    assert report["position"] > 0.2 + 0.2
+    assert report["background"] > 1 / 6 + 0.5
     assert report["seen_pair"] > chance_pair + 0.6
     assert report["unseen_colour"] > chance_colour + 0.75  # unseen shape x colour compositions
-    assert report["unseen_pair"] > chance_pair + 0.25
-    assert report["unseen_shape"] > chance_shape * 1.4
+    assert report["unseen_pair"] > chance_pair + 0.25  # card: .40
+    assert report["unseen_shape"] > chance_shape + 0.1  # card: .36
