@@ -34,7 +34,7 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every K rounds (default 0: at exit only)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last good checkpoint in RUN_DIR/peer-<id>/")
     p.add_argument("--robust", help="robust mixing: off (default), clip[:TAU], trimmed:B, median")
-    p.add_argument("--norm-factor", type=float, help="reject deltas over this many times the recent median norm (default 100; 0 off)")
+    p.add_argument("--norm-factor", type=float, help="reject deltas over this many times the recent median norm (default 0: off)")
     p.add_argument("--byzantine", help="fault injection for experiments: this peer gossips a corrupted model (scale:F, noise:S)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
     p.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")

@@ -70,7 +70,7 @@ class ChocoEngine:
         seed: int = 0,
         inc: int = 0,
         robust: RobustSpec | str = "off",
-        norm_factor: float = 100.0,
+        norm_factor: float = 0.0,
     ) -> None:
         if me in weights:
             raise GossipError(f"weights: peer {me} must not list itself as a neighbour")

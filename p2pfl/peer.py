@@ -52,7 +52,7 @@ class PeerConfig:
     checkpoint_every: int = 0
     resume: bool = False
     robust: str = "off"  # off, clip[:TAU], trimmed:B, median
-    norm_factor: float = 100.0  # reject deltas this many times the recent median norm (0: off)
+    norm_factor: float = 0.0  # reject deltas this many times the recent median norm (0: off, the default)
     byzantine: str = "off"  # fault injection for experiments: scale:F or noise:S (this peer misbehaves)
     metrics_port: int = 0  # serve Prometheus metrics on 127.0.0.1:PORT (0: off)
     metrics_host: str = "127.0.0.1"

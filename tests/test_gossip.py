@@ -169,6 +169,7 @@ def test_norm_guard_rejects_implausible_deltas():
     net = SimNetwork(topo, states(topo, 512))
     for _ in range(6):
         net.step()
+    net.engines[0].guard.factor = 100.0  # opt-in (--norm-factor 100)
     e1 = net.engines[1]
     e1.x = {k: v * 1e6 for k, v in e1.x.items()}
     with pytest.raises(GossipError, match="recent median"):
