@@ -182,6 +182,15 @@ class _Quantizer(Codec):
     @abstractmethod
     def rekey(self, key: str) -> _Quantizer: ...
 
+    @property
+    def part_names(self) -> frozenset[str]:
+        """One part, the main one; quantizers with side data (scales) extend this."""
+        return frozenset({self.key})
+
+    @property
+    def meta_names(self) -> frozenset[str]:
+        return frozenset()
+
 
 class NoneCodec(_Quantizer):
     """Plain float32, bit-exact."""
@@ -193,14 +202,6 @@ class NoneCodec(_Quantizer):
 
     def rekey(self, key: str) -> NoneCodec:
         return NoneCodec(key)
-
-    @property
-    def part_names(self) -> frozenset[str]:
-        return frozenset({self.key})
-
-    @property
-    def meta_names(self) -> frozenset[str]:
-        return frozenset()
 
     def _encode(self, flat, seed):
         return {self.key: flat}, {}
@@ -220,14 +221,6 @@ class HalfCodec(_Quantizer):
 
     def rekey(self, key: str) -> HalfCodec:
         return HalfCodec(self.dtype, key)
-
-    @property
-    def part_names(self) -> frozenset[str]:
-        return frozenset({self.key})
-
-    @property
-    def meta_names(self) -> frozenset[str]:
-        return frozenset()
 
     def _encode(self, flat, seed):
         h = flat.to(self.dtype)
