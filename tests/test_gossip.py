@@ -8,7 +8,7 @@ from p2pfl.gossip import ChocoEngine, GossipError
 from p2pfl.robust import RobustSpec
 from p2pfl.sim import SimNetwork
 from p2pfl.state import synthetic_state
-from p2pfl.wire import Kind, Message, TensorPayload
+from p2pfl.wire import Kind, Message, TensorPayload, encode
 
 
 def states(topo, dim=4096, seed=0):
@@ -127,16 +127,16 @@ def test_rejects_unknown_peer_bad_layout_and_bad_values():
     bad = Message(Kind.DELTA, 1, 0, 0, good.inc, {"nope": TensorPayload("none", (3,), {"data": torch.zeros(3)})})
     with pytest.raises(GossipError, match="layout mismatch"):
         e.receive(bad)
-    name = next(iter(good.tensors))
-    shape = good.tensors[name].shape
-    wrong = dict(good.tensors)
-    wrong[name] = TensorPayload("none", (shape[0] + 1, shape[1]), {"data": torch.zeros(shape[0] + 1, shape[1])})
-    with pytest.raises(GossipError, match="shape"):
-        e.receive(Message(Kind.DELTA, 1, 0, 0, good.inc, wrong))
-    bogus = dict(good.tensors)
-    bogus[name] = TensorPayload("none", shape, {"data": torch.zeros(3)})
+    (name,) = good.tensors  # one codec for all: a single flat tensor
+    (n,) = good.tensors[name].shape
+    for wrong in (
+        {name: TensorPayload("none", (n + 1,), {"data": torch.zeros(n + 1)})},
+        {k: TensorPayload("none", (3, 3), {"data": torch.zeros(3, 3)}) for k in e.layout},  # per-tensor form
+    ):
+        with pytest.raises(GossipError, match="shape"):
+            e.receive(Message(Kind.DELTA, 1, 0, 0, good.inc, wrong))
     with pytest.raises(GossipError):
-        e.receive(Message(Kind.DELTA, 1, 0, 0, good.inc, bogus))
+        e.receive(Message(Kind.DELTA, 1, 0, 0, good.inc, {name: TensorPayload("none", (n,), {"data": torch.zeros(3)})}))
 
 
 def test_down_neighbour_weight_moves_to_self_and_stays_doubly_stochastic():
@@ -199,3 +199,25 @@ def test_robust_mixing_bounds_a_byzantine_neighbour(robust):
     # Robust mixing keeps honest peers within half their initial spread of their own mean
     # (coordinate-wise rules are biased by the outlier's side, hence not ~0).
     assert run(robust) < 0.5
+
+
+def test_flat_and_per_tensor_deltas_keep_replicas_identical():
+    """One codec for all tensors travels as one flat tensor (one descriptor); a per-tensor plan
+    as one payload per tensor. A receiver applies either form to the same replica bit for bit."""
+    x0, x1 = synthetic_state(0, 0, 4096), synthetic_state(0, 1, 4096)
+    for plan, flat in (("sign:64", True), ("sign:64,blocks.0[0-3].*=int8", False)):
+        a = ChocoEngine(0, {1: 0.5}, x0, plan=plan)
+        b = ChocoEngine(1, {0: 0.5}, x1, plan=plan)
+        assert a.flat is flat
+        for rnd in range(4):
+            ma, mb = a.make_delta(rnd), b.make_delta(rnd)
+            assert (set(ma.tensors) == {"_flat"}) is flat
+            b.receive(ma)
+            a.receive(mb)
+            a.mix([1])
+            b.mix([0])
+        for k in x0:
+            assert torch.equal(b.replicas[0].xhat[k], a.xhat[k]) and torch.equal(a.replicas[1].xhat[k], b.xhat[k])
+    per_tensor = ChocoEngine(0, {1: 0.5}, x0, plan="sign:64,nomatch=int8").make_delta(0)
+    flat_msg = ChocoEngine(0, {1: 0.5}, x0, plan="sign:64").make_delta(0)
+    assert len(encode(flat_msg)[0]) * 5 < len(encode(per_tensor)[0])  # 1 descriptor instead of 16
