@@ -1,10 +1,13 @@
 """Our transport + wire path vs a bare pyzmq asyncio DEALER->ROUTER loop, same payloads, same run.
 
-Both sides run in one uvloop process over loopback TCP. Ours: `wire.encode` of a float32 tensor
-message -> `Transport.send` (bounded queue, sender task, zero-copy frames) -> ROUTER ->
-`wire.decode` (full validation incl. the NaN/Inf scan). Bare: `send_multipart(copy=False)` of the
-raw payload and `recv_multipart(copy=False)`. Prints one JSON line: throughput ratio per size.
-usage: python bench/gossip_throughput.py [--seconds 2] [--sizes 65536,1048576,16777216]
+As in a deployment, sender and receiver are separate processes (one per peer), each with its own
+uvloop and ZeroMQ context, over loopback TCP. Ours: `wire.encode` of a float32 tensor message ->
+`Transport.send_wait` (bounded queue, zero-copy frames) -> ROUTER -> `Transport.recv` ->
+`wire.decode` exactly as the daemon calls it (full validation incl. the NaN/Inf check). Bare:
+`send_multipart(copy=False)` of the raw payload and `recv_multipart(copy=False)`, nothing else.
+Trials alternate bare/ours and the reported ratio is the median of the per-pair ratios, which
+cancels most of a shared machine's drift. Prints one JSON line.
+usage: python bench/gossip_throughput.py [--seconds 1.5] [--trials 3] [--sizes 65536,1048576,16777216]
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import socket
+import statistics
 import time
+from typing import Any
 
 import torch
 import uvloop
@@ -24,88 +30,114 @@ from p2pfl.topology import PeerSpec
 from p2pfl.transport import Transport
 from p2pfl.wire import Kind, Message, TensorPayload, decode, encode
 
+HOST = "127.0.0.1"
+
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((HOST, 0))
         return s.getsockname()[1]
 
 
-async def bare(nbytes: int, seconds: float) -> float:
+# ------------------------------------------------------------------ senders (child processes)
+
+
+async def _send_bare(port: int, nbytes: int) -> None:
     ctx = zmq.asyncio.Context()
-    port = free_port()
-    r = ctx.socket(zmq.ROUTER)
-    r.bind(f"tcp://127.0.0.1:{port}")
     d = ctx.socket(zmq.DEALER)
     d.setsockopt(zmq.SNDHWM, 64)
-    d.connect(f"tcp://127.0.0.1:{port}")
+    d.connect(f"tcp://{HOST}:{port}")
     payload = torch.randn(nbytes // 4).numpy().tobytes()
     header = b"h" * 64
-    done = 0
+    while True:
+        await d.send_multipart([header, payload], copy=False)
 
-    async def sender() -> None:
-        while True:
-            await d.send_multipart([header, payload], copy=False)
 
-    task = asyncio.create_task(sender())
-    await r.recv_multipart(copy=False)  # warm up
-    t0 = time.perf_counter()
+async def _send_ours(port: int, own_port: int, nbytes: int) -> None:
+    t = Transport(PeerSpec(0, HOST, own_port), {1: PeerSpec(1, HOST, port)}, max_frame=64 << 20)
+    await t.start()
+    x = torch.randn(nbytes // 4)
+    msg = Message(Kind.DELTA, 0, tensors={"w": TensorPayload("none", (x.numel(),), {"data": x})})
+    while True:
+        await t.send_wait(1, encode(msg))
+
+
+def _sender(kind: str, port: int, own_port: int, nbytes: int) -> None:
+    torch.set_num_threads(1)
+    coro = _send_bare(port, nbytes) if kind == "bare" else _send_ours(port, own_port, nbytes)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+# ------------------------------------------------------------------ receivers (this process)
+
+
+async def _recv_bare(port: int, seconds: float, start: Any) -> float:
+    ctx = zmq.asyncio.Context()
+    r = ctx.socket(zmq.ROUTER)
+    r.bind(f"tcp://{HOST}:{port}")
+    start()
+    await r.recv_multipart(copy=False)  # warm up: the sender is connected and running
+    done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         frames = await r.recv_multipart(copy=False)
         done += len(frames[2].buffer)
     rate = done / (time.perf_counter() - t0)
-    task.cancel()
-    d.close(0)
     r.close(0)
     ctx.term()
     return rate
 
 
-async def ours(nbytes: int, seconds: float) -> float:
-    pa, pb = free_port(), free_port()
-    a = Transport(PeerSpec(0, "127.0.0.1", pa), {1: PeerSpec(1, "127.0.0.1", pb)}, max_frame=64 << 20)
-    b = Transport(PeerSpec(1, "127.0.0.1", pb), {0: PeerSpec(0, "127.0.0.1", pa)}, max_frame=64 << 20)
-    await a.start()
-    await b.start()
-    x = torch.randn(nbytes // 4)
-    msg = Message(Kind.DELTA, 0, tensors={"w": TensorPayload("none", (x.numel(),), {"data": x})})
-    done = 0
-
-    async def sender() -> None:
-        while True:
-            await a.send_wait(1, encode(msg))
-
-    task = asyncio.create_task(sender())
-    await b.recv()  # warm up
-    t0 = time.perf_counter()
+async def _recv_ours(port: int, sender_port: int, seconds: float, start: Any) -> float:
+    t = Transport(PeerSpec(1, HOST, port), {0: PeerSpec(0, HOST, sender_port)}, max_frame=64 << 20)
+    await t.start()
+    start()
+    await t.recv()
+    done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        _, _, frames = await b.recv()
-        m = decode(frames)
+        _, _, frames = await t.recv()
+        m = decode(frames, 64 << 20)
         done += m.tensors["w"].parts["data"].numel() * 4
     rate = done / (time.perf_counter() - t0)
-    task.cancel()
-    await a.close()
-    await b.close()
+    await t.close()
     return rate
 
 
-async def main(sizes: list[int], seconds: float) -> dict:
-    out: dict = {"bench": "gossip_throughput", "seconds": seconds, "sizes": {}}
+def trial(kind: str, nbytes: int, seconds: float) -> float:
+    """Bytes per second received over `seconds`, with a fresh sender process."""
+    port, sender_port = free_port(), free_port()
+    proc = mp.get_context("spawn").Process(target=_sender, args=(kind, port, sender_port, nbytes), daemon=True)
+    recv = _recv_bare(port, seconds, proc.start) if kind == "bare" else _recv_ours(port, sender_port, seconds, proc.start)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(recv)
+    finally:
+        proc.kill()
+        proc.join()
+
+
+def main(sizes: list[int], seconds: float, trials: int) -> dict:
+    out: dict = {"bench": "gossip_throughput", "seconds": seconds, "trials": trials, "sizes": {}}
     for n in sizes:
-        b1 = await bare(n, seconds)
-        o1 = await ours(n, seconds)
-        b2 = await bare(n, seconds)  # bracket ours to even out machine noise
-        rb = (b1 + b2) / 2
-        out["sizes"][str(n)] = {"ours_MBps": round(o1 / 1e6, 1), "bare_MBps": round(rb / 1e6, 1), "ratio": round(o1 / rb, 3)}
+        bare, ours = [], []
+        for _ in range(trials):
+            bare.append(trial("bare", n, seconds))
+            ours.append(trial("ours", n, seconds))
+        ratios = [o / b for o, b in zip(ours, bare, strict=True)]
+        out["sizes"][str(n)] = {
+            "ours_MBps": round(statistics.median(ours) / 1e6, 1),
+            "bare_MBps": round(statistics.median(bare) / 1e6, 1),
+            "ratio": round(statistics.median(ratios), 3),
+            "ratios": [round(r, 3) for r in ratios],
+        }
     return out
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=1.5)
+    ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--sizes", default="65536,1048576,16777216")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        print(json.dumps(runner.run(main(sizes, args.seconds))))
+    print(json.dumps(main([int(s) for s in args.sizes.split(",")], args.seconds, args.trials)))
