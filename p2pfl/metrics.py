@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,4 +90,30 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if k != len(lines) - 1:
                 raise
+    return out
+
+
+def fairness_figures(accuracies: Sequence[float | None], unseen: Sequence[float | None] = ()) -> dict[str, float | int]:
+    """Spread of per-peer accuracy: how unequally a run serves its peers (Hao et al., CVPR 2021).
+
+    ``std`` is the population standard deviation across peers; ``worst10`` the mean accuracy of the
+    worst 10% of peers (at least one peer); ``worst_gap`` = mean - worst peer. ``unseen_mean``
+    averages each peer's accuracy on classes it never saw locally, over peers that have such
+    classes. Missing or non-finite values are skipped.
+    """
+    acc = sorted(v for v in accuracies if v is not None and math.isfinite(v))
+    out: dict[str, float | int] = {"peers": len(acc)}
+    if acc:
+        mean = math.fsum(acc) / len(acc)
+        k = max(1, math.ceil(0.1 * len(acc)))
+        out.update(
+            mean=mean,
+            std=math.sqrt(math.fsum((v - mean) ** 2 for v in acc) / len(acc)),
+            worst=acc[0],
+            worst10=math.fsum(acc[:k]) / k,
+            worst_gap=mean - acc[0],
+        )
+    seen_not = [v for v in unseen if v is not None and math.isfinite(v)]
+    if seen_not:
+        out.update(unseen_mean=math.fsum(seen_not) / len(seen_not), unseen_peers=len(seen_not))
     return out

@@ -14,13 +14,14 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.tokenizer import SimpleTokenizer
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -29,9 +30,16 @@ from p2pfl.shapes import fix_articles
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHAPES_CLIP = "shapes-clip"
+SHAPES_CLIP_RN = "shapes-clip-rn"  # same recipe, ModifiedResNet image tower (BatchNorm): for image-space synthesis
+EMBEDDED = {SHAPES_CLIP: "shapes_clip.json", SHAPES_CLIP_RN: "shapes_clip_rn.json"}
 # Not "out_proj": nn.MultiheadAttention reads out_proj.weight without calling out_proj, so peft's
 # wrapper there is silently inert, and LoRA on the whole attention module applies out_proj twice.
-LORA_TARGETS = ("in_proj", "c_fc", "c_proj")
+VIT_LORA_TARGETS = ("in_proj", "c_fc", "c_proj")
+# A ModifiedResNet image tower: peft Conv2d LoRA on its bottleneck convs. Not its attention pool:
+# AttentionPool2d hands q/k/v/c_proj.weight straight to F.multi_head_attention_forward, so peft's
+# wrappers there are inert (checked in tests/test_augment.py), as with out_proj above.
+RESNET_LORA_TARGETS = ("conv",)
+LORA_TARGETS = VIT_LORA_TARGETS + RESNET_LORA_TARGETS
 GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.")
 
 
@@ -199,15 +207,15 @@ def load_foundation(model: str = SHAPES_CLIP, pretrained: str | None = None) -> 
     ``pretrained``: a local ``.safetensors``/``.pt`` checkpoint, or an open_clip tag whose weights
     are already in the local cache. Nothing is ever downloaded.
     """
-    if model == SHAPES_CLIP or model.endswith(".json"):
-        path = ASSETS / "shapes_clip.json" if model == SHAPES_CLIP else Path(model)
+    if model in EMBEDDED or model.endswith(".json"):
+        path = ASSETS / EMBEDDED[model] if model in EMBEDDED else Path(model)
         spec = read_model_json(path)
         weights = Path(pretrained) if pretrained else path.parent / spec["weights"]
         if not weights.is_file():
             raise ModelError(f"pretrained: checkpoint {str(weights)!r} not found")
         return foundation_from_spec(spec, weights)
     if model not in open_clip.list_models():
-        raise ModelError(f"model: {model!r} is not 'shapes-clip', a model json, or an open_clip model")
+        raise ModelError(f"model: {model!r} is not one of {sorted(EMBEDDED)}, a model json, or an open_clip model")
     pre: dict = {}
     if pretrained is None:
         clip = open_clip.create_model(model, pretrained=None)
@@ -255,14 +263,30 @@ class LoraSpec:
         return self.alpha / self.rank
 
 
+def has_resnet_tower(clip: nn.Module) -> bool:
+    """True for open_clip's ModifiedResNet image tower (BatchNorm with running statistics)."""
+    return isinstance(getattr(clip, "visual", None), ModifiedResNet)
+
+
+def resolve_targets(clip: nn.Module, spec: LoraSpec) -> LoraSpec:
+    """On a ResNet image tower add "conv" (the ViT names exist there only in the text tower)."""
+    if has_resnet_tower(clip) and "conv" not in spec.targets:
+        return replace(spec, targets=(*spec.targets, "conv"))
+    if not has_resnet_tower(clip) and "conv" in spec.targets:
+        raise ModelError("lora targets: 'conv' needs a ModifiedResNet image tower (e.g. shapes-clip-rn); this one is a ViT")
+    return spec
+
+
 def _target_names(clip: nn.Module, spec: LoraSpec) -> tuple[list[str], list[str]]:
-    """Module names (nn.Linear) and parameter names (fused attention weights) to adapt."""
+    """Module names (nn.Linear, nn.Conv2d) and parameter names (fused attention weights) to adapt."""
     bad = [t for t in spec.targets if t not in LORA_TARGETS]
     if bad or not spec.targets:
         raise ModelError(f"lora targets: {bad or spec.targets!r} not a non-empty subset of {LORA_TARGETS}")
     towers = ["visual.transformer."] + (["transformer."] if spec.text else [])
     modules, params = [], []
     for name, mod in clip.named_modules():
+        if "conv" in spec.targets and _is_bottleneck_conv(name, mod):
+            modules.append(name)
         if not any(name.startswith(t) for t in towers):
             continue
         last = name.rsplit(".", 1)[-1]
@@ -273,6 +297,13 @@ def _target_names(clip: nn.Module, spec: LoraSpec) -> tuple[list[str], list[str]
     if not modules and not params:
         raise ModelError(f"lora targets: nothing matched {spec.targets!r} in this model")
     return modules, params
+
+
+def _is_bottleneck_conv(name: str, mod: nn.Module) -> bool:
+    """``visual.layerK.i.convJ`` of a ModifiedResNet (not the stem, not the downsample 1x1s)."""
+    parts = name.split(".")
+    return (isinstance(mod, nn.Conv2d) and len(parts) == 4 and parts[0] == "visual"
+            and parts[1].startswith("layer") and parts[3] in ("conv1", "conv2", "conv3"))
 
 
 def _short(peft_name: str) -> str:
@@ -292,6 +323,7 @@ class AdaptedClip(nn.Module):
 
     def __init__(self, foundation: Foundation, spec: LoraSpec) -> None:
         super().__init__()
+        spec = resolve_targets(foundation.clip, spec)
         self.foundation, self.spec = foundation, spec
         modules, params = _target_names(foundation.clip, spec)
         cfg = LoraConfig(
@@ -310,7 +342,7 @@ class AdaptedClip(nn.Module):
         with torch.no_grad():
             for key, p in sorted(self.lora.items()):
                 if key.endswith("lora_A"):  # same A on every peer: kaiming-uniform bound from a shared seed
-                    p.copy_(_seeded_uniform(spec.seed, key, p.shape, 1.0 / math.sqrt(p.shape[1])))
+                    p.copy_(_seeded_uniform(spec.seed, key, p.shape, 1.0 / math.sqrt(p[0].numel())))
                 else:
                     p.zero_()
                 p.requires_grad_(spec.train_a or key.endswith("lora_B"))
@@ -360,8 +392,23 @@ class AdaptedClip(nn.Module):
         for k in sorted(self.lora):
             if k.endswith("lora_A"):
                 base = k.removesuffix(".lora_A")
-                out[base] = self.lora[base + ".lora_B"].detach() @ self.lora[k].detach() * self.spec.scale
+                a, b = self.lora[k].detach(), self.lora[base + ".lora_B"].detach()
+                delta = b.flatten(1) @ a.flatten(1) * self.spec.scale  # conv: (out, r, 1, 1) x (r, in, kh, kw)
+                out[base] = delta.view(b.shape[0], *a.shape[1:]) if a.ndim == 4 else delta
         return out
+
+
+def freeze_norm_statistics(module: nn.Module) -> nn.Module:
+    """Put every BatchNorm in eval mode: its running statistics belong to the frozen foundation.
+
+    In train mode BN would normalise with batch statistics and overwrite the stored ones, so peers'
+    frozen backbones would drift apart (breaking exact adapter averaging) and the statistics that
+    DeepInversion-style synthesis matches would be lost.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return module
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl import topology as topo_mod
-from p2pfl.metrics import read_jsonl
+from p2pfl.metrics import fairness_figures, read_jsonl
 
 Record = Mapping[str, Any]
 COUNTERS = ("rejected_messages", "duplicates", "dropped_messages")  # cumulative per peer
@@ -203,6 +203,12 @@ def summarize(records_by_peer: Mapping[int, Sequence[Record]], lambda_: float | 
     globals_ = [v for by_round in idx.values() if (v := _latest(by_round, "global_accuracy")) is not None]
     if globals_:
         s["global_accuracy_final_mean"] = _mean(globals_)
+    # Fairness across peers (Hao et al., CVPR 2021): spread of the final per-peer accuracy on the
+    # shared global test set where evaluated (comparable across peers), else on local test sets.
+    basis, per_peer = ("global_accuracy", globals_) if globals_ else ("accuracy", finals)
+    if per_peer:
+        unseen = [v for by_round in idx.values() if (v := _latest(by_round, "unseen_accuracy")) is not None]
+        s["accuracy_fairness"] = {"basis": basis, **fairness_figures(per_peer, unseen)}
 
     clusters = {p: [(r, c) for r, rec in by_round.items() if isinstance(c := rec.get("cluster"), int) and not isinstance(c, bool)] for p, by_round in idx.items()}
     clusters = {p: seq for p, seq in clusters.items() if seq}
@@ -411,6 +417,13 @@ def summary_rows(s: Mapping[str, Any], topo_name: str, n_peers: int | None) -> l
                      f"{_fmt(s['accuracy_final_mean'])} / {_fmt(s['accuracy_final_min'])} / {_fmt(s['accuracy_final_max'])}"))
     if "global_accuracy_final_mean" in s:
         rows.append(("final global accuracy (mean)", _fmt(s["global_accuracy_final_mean"])))
+    if "accuracy_fairness" in s:
+        f = s["accuracy_fairness"]
+        rows.append((f"fairness: final {f['basis'].replace('_', ' ')} std across peers / worst 10% / worst-peer gap",
+                     f"{_fmt(f['std'])} / {_fmt(f['worst10'])} / {_fmt(f['worst_gap'])}"))
+        if "unseen_mean" in f:
+            rows.append(("fairness: accuracy on classes unseen at the peer (mean over peers)",
+                         f"{_fmt(f['unseen_mean'])} ({f['unseen_peers']} peers)"))
     rows += [(f"{k.replace('_', ' ')} (sum over peers)", _fmt(s[k])) for k in COUNTERS]
     if "clusters_final" in s:
         sizes = ", ".join(f"{c}: {m}" for c, m in s["clusters_final"].items())

@@ -14,9 +14,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from p2pfl import shapes
+from p2pfl import augment, shapes
 from p2pfl.data import PeerData, Split, load_peer_data, rng_for
-from p2pfl.model import AdaptedClip, Foundation, HeadCache, LoraSpec, load_foundation, zero_shot_accuracy
+from p2pfl.model import (
+    AdaptedClip,
+    Foundation,
+    HeadCache,
+    LoraSpec,
+    freeze_norm_statistics,
+    load_foundation,
+    zero_shot_accuracy,
+)
 
 
 class TrainerError(ValueError):
@@ -48,6 +56,13 @@ class TrainerConfig:
     samples_per_peer: int = 256
     test_fraction: float = 0.25
     global_test_size: int = 500
+    # zero-shot data augmentation for under-represented classes (p2pfl/augment.py)
+    augment: str = "off"  # "off" | "zero-shot"
+    augment_threshold: float = 0.5  # a class is under-represented below this fraction of the uniform share
+    augment_per_class: int = 4  # synthetic samples per under-represented class, re-synthesised every round
+    augment_weight: float = 0.5  # loss weight of a synthetic sample relative to a real one
+    augment_batch: int = 16  # synthetic samples mixed into each batch
+    augment_steps: int = 30  # optimisation steps of each round's synthesis
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerConfig:
@@ -80,6 +95,13 @@ class Trainer:
             raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
         if cfg.local_steps < 0 or cfg.batch_size < 1:
             raise TrainerError(f"trainer config: local_steps {cfg.local_steps} / batch_size {cfg.batch_size} invalid")
+        if cfg.augment not in augment.AUGMENT_MODES:
+            raise TrainerError(f"trainer config: augment {cfg.augment!r} is not one of {augment.AUGMENT_MODES}")
+        if not 0 <= cfg.augment_threshold <= 1 or cfg.augment_weight < 0 or cfg.augment_batch < 1:
+            raise TrainerError(
+                f"trainer config: augment_threshold {cfg.augment_threshold} (in [0, 1]) / augment_weight "
+                f"{cfg.augment_weight} (>= 0) / augment_batch {cfg.augment_batch} (>= 1) invalid"
+            )
         self.cfg, self.peer_id, self.n_peers = cfg, peer_id, n_peers
         self.foundation: Foundation = load_foundation(cfg.model, cfg.pretrained)
         self.model = AdaptedClip(self.foundation, cfg.lora_spec())
@@ -94,6 +116,18 @@ class Trainer:
         else:
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
         self.step = 0  # optimizer steps taken; also positions the batch stream
+        n_classes = len(self.data.train.class_names)
+        seen = torch.bincount(self.data.train.labels, minlength=n_classes) > 0 if len(self.data.train) else torch.zeros(n_classes, dtype=torch.bool)
+        self.unseen_classes = [c for c in range(n_classes) if not seen[c]]  # never in this peer's training data
+        self.augment_classes: list[int] = []
+        self.synthesis = augment.SynthesisConfig()
+        if cfg.augment == "zero-shot":
+            try:
+                self.synthesis = augment.SynthesisConfig(per_class=cfg.augment_per_class, steps=cfg.augment_steps)
+                self.augment_classes = augment.under_represented(self.data.train.labels, n_classes, cfg.augment_threshold)
+            except augment.AugmentError as e:
+                raise TrainerError(f"trainer config: {e}") from None
+        self.synthetic: augment.SyntheticSet | None = None  # this round's cache
 
     # -- exchange
 
@@ -121,13 +155,19 @@ class Trainer:
         train = self.data.train
         if len(train) == 0 or self.cfg.local_steps == 0:
             return {"train_loss": float("nan"), "train_accuracy": float("nan"), "steps": 0.0}
-        self.model.clip.train()
+        out: dict[str, float] = {}
+        if self.augment_classes:
+            self.synthetic = self._synthesize()
+            out.update(synthetic_samples=float(len(self.synthetic)), synth_seconds_per_sample=self.synthetic.seconds_per_sample)
+        freeze_norm_statistics(self.model.clip.train())
         losses, correct, seen = [], 0, 0
         for _ in range(self.cfg.local_steps):
             idx = torch.from_numpy(self._batch(self.step))
             images, labels = train.images[idx], train.labels[idx]
             logits = self.model.logits(images, self._head(train))
             loss = F.cross_entropy(logits, labels)
+            if self.synthetic is not None and len(self.synthetic):
+                loss = self._mixed_loss(loss, len(labels), train)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -136,7 +176,32 @@ class Trainer:
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
         self.model.clip.eval()
-        return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / seen, "steps": float(len(losses))}
+        return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / seen, "steps": float(len(losses)), **out}
+
+    # -- zero-shot data augmentation (p2pfl/augment.py)
+
+    def _augment_seed(self) -> int:
+        return int(rng_for(self.cfg.seed, "augment", self.peer_id, self.step).integers(2**62))
+
+    def _synthesize(self) -> augment.SyntheticSet:
+        """This round's synthetic samples from the current (mixed) model, cached for its local steps."""
+        self.model.clip.eval()
+        train = self.data.train
+        return augment.synthesize(
+            self.foundation, self._head(train).detach(), self.augment_classes, self.synthesis,
+            self._augment_seed(), train.images, train.labels,
+        )
+
+    def _mixed_loss(self, real_loss: torch.Tensor, n_real: int, train: Split) -> torch.Tensor:
+        """Per-sample weighted mean: real samples weigh 1, synthetic ones ``augment_weight``."""
+        syn = self.synthetic
+        assert syn is not None
+        n = len(syn)
+        pos = rng_for(self.cfg.seed, "augment-batches", self.peer_id, self.step).permutation(n)[: self.cfg.augment_batch]
+        idx = torch.from_numpy(pos)
+        syn_loss = F.cross_entropy(augment.synthetic_logits(self.foundation, syn, idx, self._head(train)), syn.labels[idx])
+        w = self.cfg.augment_weight * len(idx)
+        return (real_loss * n_real + syn_loss * w) / (n_real + w)
 
     @torch.no_grad()
     def _accuracy(self, split: Split) -> tuple[float, float]:
@@ -158,7 +223,19 @@ class Trainer:
         out = {"accuracy": acc, "test_loss": loss}
         if global_eval:
             out["global_accuracy"], out["global_loss"] = self._accuracy(self.data.global_test)
+            out["unseen_accuracy"] = self._unseen_accuracy()
         return out
+
+    def _unseen_accuracy(self) -> float:
+        """Global-test accuracy on the classes this peer never saw locally (NaN if it saw them all)."""
+        g = self.data.global_test
+        if not self.unseen_classes or len(g) == 0:
+            return float("nan")
+        mask = torch.isin(g.labels, torch.tensor(self.unseen_classes))
+        if not mask.any():
+            return float("nan")
+        idx = torch.nonzero(mask).squeeze(1)
+        return self._accuracy(Split(g.images[idx], g.labels[idx], g.class_names, g.templates))[0]
 
     # -- checkpoints: flat tensors + JSON-able metadata, no pickle
 

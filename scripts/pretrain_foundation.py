@@ -5,7 +5,13 @@ describes ("a red shape" fits all red scenes), so repeated captions in a batch a
 negatives. Held-out shape x colour pairs never appear. Writes ``shapes_clip.json`` (config),
 ``shapes_clip.safetensors`` (weights) and ``MODEL_CARD.md`` to ``--out``.
 
+``--arch rn`` trains the BatchNorm variant ``shapes-clip-rn`` instead: the same text tower and
+recipe with open_clip's ``ModifiedResNet`` image tower (BatchNorm layers whose running statistics
+DeepInversion-style synthesis matches, see ``p2pfl/augment.py``); it writes ``shapes_clip_rn.*``,
+``MODEL_CARD_RN.md`` and ``pretrain_log_rn.json`` and leaves the ViT files alone.
+
     .venv/bin/python scripts/pretrain_foundation.py --steps 1500 --max-minutes 16
+    .venv/bin/python scripts/pretrain_foundation.py --arch rn --rn-width 16 --rn-layers 1,1,1,1 --max-minutes 14 --threads 1
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from p2pfl import shapes
-from p2pfl.model import SHAPES_CLIP, Foundation, compact_token_spec, foundation_from_spec
+from p2pfl.model import SHAPES_CLIP, SHAPES_CLIP_RN, Foundation, compact_token_spec, foundation_from_spec
 from p2pfl.trainer import shapes_zero_shot_report
 
 log = logging.getLogger("pretrain")
@@ -39,11 +45,12 @@ def model_spec(args: argparse.Namespace) -> dict:
     """The JSON that fully describes the architecture, tokenizer and preprocessing."""
     tok = compact_token_spec(shapes.vocabulary() + EXTRA_WORDS, keep_below=1024, hash_buckets=512)
     vocab = len([i for i in tok["bpe_ids"] if i < 49406]) + tok["hash_buckets"] + 2
+    rn = args.arch == "rn"
     return {
-        "name": SHAPES_CLIP,
+        "name": SHAPES_CLIP_RN if rn else SHAPES_CLIP,
         "model_cfg": {
             "embed_dim": args.embed_dim,
-            "vision_cfg": {
+            "vision_cfg": rn_vision_cfg(args) if rn else {
                 "image_size": shapes.IMAGE_SIZE,
                 "patch_size": args.patch,
                 "width": args.width,
@@ -64,8 +71,25 @@ def model_spec(args: argparse.Namespace) -> dict:
         "tokenizer": tok,
         "preprocess": {"image_size": shapes.IMAGE_SIZE, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
         "templates": list(shapes.TEMPLATES["shape"]),
-        "weights": "shapes_clip.safetensors",
+        "weights": f"{stem(args)}.safetensors",
     }
+
+
+def stem(args: argparse.Namespace) -> str:
+    """File stem of the outputs: the ViT default and the ResNet variant never overwrite each other."""
+    return "shapes_clip_rn" if args.arch == "rn" else "shapes_clip"
+
+
+def rn_vision_cfg(args: argparse.Namespace) -> dict:
+    """open_clip ``ModifiedResNet`` (a list of layers selects it): 32x32 input is 1x1 after layer4.
+
+    Stem width ``rn_width``, stage widths 1x..8x with bottleneck expansion 4, so the attention
+    pool works on ``32 * rn_width`` channels with heads of width 64.
+    """
+    layers = [int(v) for v in args.rn_layers.split(",")]
+    if len(layers) != 4 or min(layers) < 1:
+        raise SystemExit(f"--rn-layers: {args.rn_layers!r} must be four positive integers")
+    return {"image_size": shapes.IMAGE_SIZE, "layers": layers, "width": args.rn_width, "head_width": 64}
 
 
 def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
@@ -166,23 +190,30 @@ def write_outputs(args, spec, clip, report, domains, steps, minutes, n_params, h
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
-    save_file(state, str(out / spec["weights"]), metadata={"format": "pt", "name": SHAPES_CLIP})
-    (out / "shapes_clip.json").write_text(json.dumps(spec, indent=1) + "\n")
+    save_file(state, str(out / spec["weights"]), metadata={"format": "pt", "name": spec["name"]})
+    (out / f"{stem(args)}.json").write_text(json.dumps(spec, indent=1) + "\n")
     cfg = spec["model_cfg"]
     held = ", ".join(f"{shapes.COLOURS[c]} {shapes.SHAPES[s]}" for s, c in sorted(shapes.HELD_OUT_PAIRS))
     rows = "\n".join(f"| {k} | {v:.3f} | {1 / chance(k):.3f} |" for k, v in report.items())
     size_mb = (out / spec["weights"]).stat().st_size / 1e6
     domain_rows = "\n".join(f"| {d} | {r['shape']:.3f} | {r['colour']:.3f} |" for d, r in domains.items())
     domain_n = 500
-    card = f"""# shapes-clip: the embedded foundation model
+    weakest = min(shapes.ATTRIBUTES, key=lambda k: report[k])
+    vc = cfg["vision_cfg"]
+    if args.arch == "rn":
+        vision = (f"ModifiedResNet (BatchNorm), {vc['image_size']}x{vc['image_size']} input, stem width {vc['width']},\n"
+                  f"  bottleneck layers {vc['layers']}, attention pool over {vc['width'] * 32} channels, head width 64")
+    else:
+        vision = (f"ViT, {vc['image_size']}x{vc['image_size']} input, patch {vc['patch_size']},\n"
+                  f"  width {vc['width']}, {vc['layers']} layers, head width 64")
+    card = f"""# {spec['name']}: {"the BatchNorm (ResNet) variant of " if args.arch == "rn" else ""}the embedded foundation model
 
 A tiny open_clip `CLIP` pretrained by this project (`scripts/pretrain_foundation.py`) with
 contrastive image-caption training on the procedural shapes world (`p2pfl/shapes.py`). It exists
 so that p2pfl runs with no download: peers adapt it with LoRA to shifted domains and other tasks.
 
-## Architecture (`shapes_clip.json`)
-- vision: ViT, {cfg['vision_cfg']['image_size']}x{cfg['vision_cfg']['image_size']} input, patch {cfg['vision_cfg']['patch_size']},
-  width {cfg['vision_cfg']['width']}, {cfg['vision_cfg']['layers']} layers, head width 64
+## Architecture (`{stem(args)}.json`)
+- vision: {vision}
 - text: width {cfg['text_cfg']['width']}, {cfg['text_cfg']['layers']} layers, context {cfg['text_cfg']['context_length']},
   compact vocabulary of {cfg['text_cfg']['vocab_size']} rows over open_clip's own BPE tokenizer
   (listed BPE ids keep their own row, others share one of {spec['tokenizer']['hash_buckets']} hashed rows)
@@ -200,7 +231,7 @@ so that p2pfl runs with no download: peers adapt it with LoRA to shifted domains
   seed {args.seed}, {args.threads} CPU threads (shared with other work), {minutes:.1f} minutes wall
 - the cosine schedule follows max(step/steps, elapsed/budget) so a run fits its wall budget on a
   busy machine; `--steps {steps} --max-minutes 0` reruns it step-based and deterministic (not
-  bit-identical to this run). Per-step losses: `pretrain_log.json`
+  bit-identical to this run). Per-step losses: `{log_name(args)}`
 
 ## Zero-shot accuracy
 Held-out evaluation scenes (clean domain, seed 20240, {args.eval_n} per split), prompt templates
@@ -222,16 +253,35 @@ before any adaptation (`p2pfl/shapes.py:parse_domain`; combinations with `+` are
 ## Limits
 Knows only the shapes world. Words outside its caption grammar map to untrained token rows whose
 prompt embeddings are nearly identical, so other label spaces (e.g. the digits "zero".."nine")
-start at chance and need many adaptation steps. Position ({report['position']:.2f}) is the weakest
+start at chance and need many adaptation steps. {weakest.capitalize()} ({report[weakest]:.2f}) is the weakest
 attribute, and shape on unseen shape x colour pairs ({report['unseen_shape']:.2f}) is far below seen pairs:
 the colour of a novel pair pulls the shape guess, although the joint 64-way prompt still finds
 the right pair {report['unseen_pair']:.2f} of the time (chance 0.016). Zero-shot accuracy drops under the domain shifts of `p2pfl/shapes.py` (noise, rotation, low contrast,
 clutter, blur): that gap is what peers close with LoRA.
-"""
-    (out / "MODEL_CARD.md").write_text(card)
+{VARIANT_NOTE if args.arch == "vit" else RN_NOTE}"""
+    (out / ("MODEL_CARD_RN.md" if args.arch == "rn" else "MODEL_CARD.md")).write_text(card)
     log_json = {"steps": steps, "minutes": round(minutes, 2), "args": vars(args), "report": report,
                 "domains": domains, "history": history}
-    (out / "pretrain_log.json").write_text(json.dumps(log_json, indent=1) + "\n")
+    (out / log_name(args)).write_text(json.dumps(log_json, indent=1) + "\n")
+
+
+VARIANT_NOTE = """
+## Variant: shapes-clip-rn
+`shapes-clip-rn` (`shapes_clip_rn.json`, card `MODEL_CARD_RN.md`) is the same recipe with an open_clip
+ModifiedResNet image tower whose BatchNorm running statistics image-space zero-shot augmentation
+matches (`p2pfl/augment.py`); select it with `--set model=shapes-clip-rn`.
+"""
+RN_NOTE = """
+## Use
+`--set model=shapes-clip-rn`. LoRA goes on the bottleneck convolutions (peft Conv2d LoRA), BatchNorm
+statistics stay frozen during adaptation, and `--set augment=zero-shot` synthesises images by
+DeepInversion against them (`p2pfl/augment.py`). Reproduce with
+`scripts/pretrain_foundation.py --arch rn --rn-width 16 --rn-layers 1,1,1,1 --steps 4000 --max-minutes 14 --threads 1 --eval-every 0`.
+"""
+
+
+def log_name(args: argparse.Namespace) -> str:
+    return "pretrain_log_rn.json" if args.arch == "rn" else "pretrain_log.json"
 
 
 def chance(task: str) -> int:
@@ -251,6 +301,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--wd", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--arch", choices=("vit", "rn"), default="vit",
+                    help="image tower: vit (shapes-clip, LayerNorm) or rn (shapes-clip-rn, ModifiedResNet with BatchNorm)")
+    ap.add_argument("--rn-width", type=int, default=16, help="rn: stem width (attention pool sees 32x this)")
+    ap.add_argument("--rn-layers", default="1,1,1,1", help="rn: bottleneck blocks per stage (4 integers)")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--embed-dim", type=int, default=128)
