@@ -17,7 +17,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +25,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from p2pfl.gossip import ChocoEngine, Replica
+
+if TYPE_CHECKING:
+    from p2pfl.ppfm import Levels
 
 log = logging.getLogger("p2pfl.checkpoint")
 NAME = re.compile(r"^checkpoint-(\d{8})\.safetensors$")
@@ -101,23 +104,27 @@ def load_latest(directory: Path) -> Checkpoint | None:
 
 # ------------------------------------------------------------------ engine state <-> tensors
 
-def engine_state(engine: ChocoEngine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {f"x/{k}": v for k, v in engine.x.items()}
-    tensors.update({f"xhat/{k}": v for k, v in engine.xhat.items()})
+def engine_state(engine: ChocoEngine, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors named `<prefix>x/...`, `<prefix>xhat/...`, `<prefix>rep/<j>/...` and the plain rest.
+
+    The prefix keeps several engines (the base graph's and each PPFM level's) in one checkpoint."""
+    tensors = {f"{prefix}x/{k}": v for k, v in engine.x.items()}
+    tensors.update({f"{prefix}xhat/{k}": v for k, v in engine.xhat.items()})
     reps: dict[str, Any] = {}
     for j, rep in engine.replicas.items():
-        tensors.update({f"rep/{j}/{k}": v for k, v in rep.xhat.items()})
+        tensors.update({f"{prefix}rep/{j}/{k}": v for k, v in rep.xhat.items()})
         reps[str(j)] = {"inc": rep.inc, "next_seq": rep.next_seq, "round": rep.round, "synced": rep.synced}
     meta = {"round": engine.round, "out_seq": engine.out_seq, "replicas": reps}
     return tensors, meta
 
 
-def restore_engine(engine: ChocoEngine, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Put a checkpointed engine state back; the layout must match the engine's."""
-    def pick(prefix: str) -> dict[str, torch.Tensor]:
-        got = {k[len(prefix):]: v.to(torch.float32) for k, v in tensors.items() if k.startswith(prefix)}
+def restore_engine(engine: ChocoEngine, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "") -> None:
+    """Put a checkpointed engine state (saved with the same prefix) back; the layout must match."""
+    def pick(sub: str) -> dict[str, torch.Tensor]:
+        sub = prefix + sub
+        got = {k[len(sub):]: v.to(torch.float32) for k, v in tensors.items() if k.startswith(sub)}
         if {k: tuple(v.shape) for k, v in got.items()} != engine.layout:
-            raise CheckpointError(f"checkpoint: tensors under {prefix!r} do not match the model's adapter layout")
+            raise CheckpointError(f"checkpoint: tensors under {sub!r} do not match the model's adapter layout")
         return got
 
     engine.x = pick("x/")
@@ -153,3 +160,25 @@ def join_plain(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, list):
         return [join_plain(v, tensors) for v in obj]
     return obj
+
+
+# ------------------------------------------------------------------ PPFM levels <-> tensors
+
+def levels_state(levels: Levels) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Both meta-level engines and the cluster state of a `ppfm.Levels`."""
+    tensors, cmeta = engine_state(levels.cluster, "ppfm/cluster/")
+    gtensors, gmeta = engine_state(levels.glob, "ppfm/global/")
+    tensors.update(gtensors)
+    return tensors, {"cluster": cmeta, "global": gmeta, "state": levels.state.to_dict()}
+
+
+def restore_levels(levels: Levels, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from p2pfl.cluster import ClusterState
+
+    restore_engine(levels.cluster, tensors, meta["cluster"], "ppfm/cluster/")
+    restore_engine(levels.glob, tensors, meta["global"], "ppfm/global/")
+    state = ClusterState.from_dict(meta["state"])
+    if state.labels and set(state.labels) != set(levels.labels):
+        raise CheckpointError(f"checkpoint: cluster labels cover peers {sorted(state.labels)}, the topology has {sorted(levels.labels)}")
+    levels.state = state
+    levels.apply(state.labels or levels.labels)

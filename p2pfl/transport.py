@@ -118,24 +118,42 @@ class Transport:
         r.bind(self._bind_endpoint())
         self.router = r
         for j, spec in self.neighbors.items():
-            d = self.ctx.socket(zmq.DEALER)
-            d.setsockopt(zmq.LINGER, 0)
-            d.setsockopt(zmq.IMMEDIATE, 1)
-            d.setsockopt(zmq.SNDHWM, self.hwm)
-            d.setsockopt(zmq.RECONNECT_IVL, 100)
-            d.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            if self.curve is None:
-                d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
-            else:
-                d.curve_secretkey = self.curve.secret
-                d.curve_publickey = self.curve.public
-                d.curve_serverkey = self.curve.peers[j]
-            d.connect(spec.endpoint)
-            self.dealers[j] = d
-            self.direct[j] = zmq.Socket.shadow(d.underlying)
-            self.busy[j] = False
-            self.queues[j] = asyncio.Queue(self.queue_size)
-            self.tasks.append(asyncio.create_task(self._sender(j), name=f"send-{j}"))
+            self.connect(j, spec)
+
+    def connect(self, j: int, spec: PeerSpec) -> None:
+        """Open a DEALER (and its send queue) to peer j. Called for every neighbour at start, and
+        later for peers that are not base-graph neighbours but share a PPFM overlay edge."""
+        if j in self.dealers:
+            return
+        d = self.ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.setsockopt(zmq.IMMEDIATE, 1)
+        d.setsockopt(zmq.SNDHWM, self.hwm)
+        d.setsockopt(zmq.RECONNECT_IVL, 100)
+        d.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.curve is None:
+            d.setsockopt(zmq.IDENTITY, str(self.me.id).encode())
+        else:
+            d.curve_secretkey = self.curve.secret
+            d.curve_publickey = self.curve.public
+            d.curve_serverkey = self.curve.peers[j]
+        d.connect(spec.endpoint)
+        self.dealers[j] = d
+        self.direct[j] = zmq.Socket.shadow(d.underlying)
+        self.busy[j] = False
+        self.queues[j] = asyncio.Queue(self.queue_size)
+        self.tasks.append(asyncio.create_task(self._sender(j), name=f"send-{j}"))
+
+    def disconnect(self, j: int) -> None:
+        """Close the DEALER to a peer opened with `connect` (what is still queued is dropped)."""
+        if j not in self.dealers:
+            return
+        for t in [t for t in self.tasks if t.get_name() == f"send-{j}"]:
+            t.cancel()
+            self.tasks.remove(t)
+        self.stats.dropped += self.queues.pop(j).qsize()
+        del self.busy[j], self.direct[j]
+        self.dealers.pop(j).close(0)
 
     def _try_direct(self, peer: int, frames: Sequence[Any]) -> bool:
         """Fast path: with nothing queued, a non-blocking send right away (no task switch)."""

@@ -2,7 +2,9 @@
 
 Header (msgpack map): ``v`` protocol version, ``kind``, ``sender``, ``inc`` (sender incarnation),
 ``round``, ``seq``, ``tensors`` (list of descriptors: name, codec, shape, parts [[key, dtype, shape]],
-meta) and ``info`` (small msgpack-able extras). Tensor data never goes through msgpack and nothing
+meta), ``info`` (small msgpack-able extras) and, only when it is not ``base``, ``channel``: the
+gossip level a message belongs to (``base`` graph, PPFM ``cluster`` or ``global`` level), so each
+level's CHOCO engine gets its own sequence numbers. Tensor data never goes through msgpack and nothing
 is unpickled: frames are viewed in place with ``torch.frombuffer`` after every size, dtype and value
 check below has passed. Anything off raises ``WireError`` with the offending field named.
 """
@@ -23,6 +25,8 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_HEADER = 4 * 1024 * 1024
 MAX_TENSORS = 4096
+BASE, CLUSTER, GLOBAL = "base", "cluster", "global"
+CHANNELS = (BASE, CLUSTER, GLOBAL)
 
 
 class WireError(ValueError):
@@ -75,6 +79,7 @@ class Message:
     inc: int = 0
     tensors: dict[str, TensorPayload] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    channel: str = BASE
 
 
 def _as_frame(t: torch.Tensor) -> memoryview:
@@ -108,6 +113,8 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         "tensors": descs,
         "info": msg.info,
     }
+    if msg.channel != BASE:  # absent means base: base-channel bytes are unchanged
+        header["channel"] = msg.channel
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
@@ -157,6 +164,9 @@ def decode(frames: Sequence[Any], max_frame: int = DEFAULT_MAX_FRAME, check_fini
         kind = Kind(header.get("kind"))
     except ValueError:
         raise WireError(f"header.kind: unknown message kind {header.get('kind')!r}") from None
+    channel = header.get("channel", BASE)
+    if channel not in CHANNELS:
+        raise WireError(f"header.channel: unknown channel {channel!r} (known: {', '.join(CHANNELS)})")
     info = header.get("info", {})
     if not isinstance(info, dict):
         raise WireError("header.info: expected a map")
@@ -170,6 +180,7 @@ def decode(frames: Sequence[Any], max_frame: int = DEFAULT_MAX_FRAME, check_fini
         round=_int(header, "round"),
         seq=_int(header, "seq"),
         info=info,
+        channel=channel,
     )
     expected = sum(len(d["parts"]) if isinstance(d, dict) and isinstance(d.get("parts"), list) else 0 for d in descs)
     if expected != len(raw) - 1:
