@@ -5,8 +5,11 @@ Same foundation model, adapter, data partition and optimizer steps per sample bu
   in process: p2pfl.sim) on a ring;
 - local-only: the same trainers without any mixing;
 - centralized: one trainer on the union of the peers' training data, n * local_steps per round.
-Accuracy is each trainer's accuracy on the shared global test set. Prints one JSON line.
-usage: python bench/learning.py [--peers 8] [--rounds 30] [--set key=value ...]
+Accuracy is each trainer's accuracy on the shared global test set. With ``--compress SPEC`` the
+decentralized run gossips compressed deltas and is repeated uncompressed, to report the byte
+reduction and the accuracy cost. Prints one JSON line.
+usage: python bench/learning.py [--peers 8] [--rounds 30] [--compress SPEC] [--gossip-steps G]
+                                [--only dec,loc,cen,cenlb] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from p2pfl.sim import SimNetwork
 from p2pfl.trainer import Trainer, TrainerConfig
 
 
-def run_peers(cfg: TrainerConfig, n: int, rounds: int, mix: bool, kind: str, compress: str) -> dict:
+def run_peers(cfg: TrainerConfig, n: int, rounds: int, mix: bool, kind: str, compress: str, gossip_steps: int = 1) -> dict:
     trainers = [Trainer(cfg, p, n) for p in range(n)]
     topo = T.generate(kind, n)
     net = SimNetwork(topo, {p: t.adapter_state() for p, t in enumerate(trainers)}, plan=compress) if mix else None
@@ -34,7 +37,8 @@ def run_peers(cfg: TrainerConfig, n: int, rounds: int, mix: bool, kind: str, com
             if net is not None:
                 net.engines[p].set_x(t.adapter_state())
         if net is not None:
-            net.step()
+            for _ in range(gossip_steps):
+                net.step()
             for p, t in enumerate(trainers):
                 t.load_adapter_state(net.engines[p].x)
     accs = [t.evaluate(global_eval=True) for t in trainers]
@@ -46,8 +50,12 @@ def run_peers(cfg: TrainerConfig, n: int, rounds: int, mix: bool, kind: str, com
     return out
 
 
-def run_central(cfg: TrainerConfig, n: int, rounds: int) -> dict:
-    pooled = replace(cfg, partition="iid", samples_per_peer=cfg.samples_per_peer * n, local_steps=cfg.local_steps * n)
+def run_central(cfg: TrainerConfig, n: int, rounds: int, large_batch: bool) -> dict:
+    pooled = replace(cfg, partition="iid", samples_per_peer=cfg.samples_per_peer * n)
+    if large_batch:
+        pooled = replace(pooled, batch_size=cfg.batch_size * n)
+    else:
+        pooled = replace(pooled, local_steps=cfg.local_steps * n)
     t = Trainer(pooled, 0, 1)
     for _ in range(rounds):
         t.train_round()
@@ -60,6 +68,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--compress", default="none")
+    ap.add_argument("--gossip-steps", type=int, default=1)
+    ap.add_argument("--only", default="dec,loc,cen,cenlb")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -72,18 +82,32 @@ def main() -> None:
             overrides[k] = v
     cfg = TrainerConfig.from_dict(overrides)
     t0 = time.time()
-    zero = Trainer(cfg, 0, args.peers).evaluate(global_eval=True)["global_accuracy"]
-    dec = run_peers(cfg, args.peers, args.rounds, True, args.topology, args.compress)
-    loc = run_peers(cfg, args.peers, args.rounds, False, args.topology, args.compress)
-    cen = run_central(cfg, args.peers, args.rounds)
-    print(json.dumps({
-        "bench": "learning", "peers": args.peers, "rounds": args.rounds, "topology": args.topology,
-        "trainer": cfg.to_dict(), "zero_shot_global_accuracy": zero,
-        "decentralized": dec, "local_only": loc, "centralized": cen,
-        "gap_to_centralized_points": 100 * (cen["global_accuracy"] - dec["global_accuracy_mean"]),
-        "gain_over_local_points": 100 * (dec["global_accuracy_mean"] - loc["global_accuracy_mean"]),
-        "seconds": round(time.time() - t0, 1),
-    }))
+    parts = set(args.only.split(","))
+    out: dict = {"bench": "learning", "peers": args.peers, "rounds": args.rounds, "topology": args.topology,
+                 "compress": args.compress, "gossip_steps": args.gossip_steps, "trainer": cfg.to_dict(),
+                 "zero_shot_global_accuracy": Trainer(cfg, 0, args.peers).evaluate(global_eval=True)["global_accuracy"]}
+    if "dec" in parts:
+        out["decentralized"] = run_peers(cfg, args.peers, args.rounds, True, args.topology, args.compress, args.gossip_steps)
+    if "dec" in parts and args.compress != "none":  # the same run uncompressed: bytes and accuracy to compare with
+        ref = run_peers(cfg, args.peers, args.rounds, True, args.topology, "none", args.gossip_steps)
+        out["decentralized_fp32"] = ref
+        out["bytes_reduction"] = ref["bytes_on_wire"] / out["decentralized"]["bytes_on_wire"]
+        out["compressed_accuracy_drop_points"] = 100 * (ref["global_accuracy_mean"] - out["decentralized"]["global_accuracy_mean"])
+    if "loc" in parts:
+        out["local_only"] = run_peers(cfg, args.peers, args.rounds, False, args.topology, args.compress)
+    if "cen" in parts:
+        out["centralized"] = run_central(cfg, args.peers, args.rounds, large_batch=False)
+    if "cenlb" in parts:
+        out["centralized_large_batch"] = run_central(cfg, args.peers, args.rounds, large_batch=True)
+    if "decentralized" in out:
+        dec = out["decentralized"]["global_accuracy_mean"]
+        for key in ("centralized", "centralized_large_batch"):
+            if key in out:
+                out[f"gap_to_{key}_points"] = 100 * (out[key]["global_accuracy"] - dec)
+        if "local_only" in out:
+            out["gain_over_local_points"] = 100 * (dec - out["local_only"]["global_accuracy_mean"])
+    out["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,12 @@ class SimNetwork:
         self.bytes_sent = 0
         self.messages = 0
         self.dropped = 0
+        # Peers meet before the first round, as the daemon's startup hellos do; otherwise each
+        # first delta would be a first contact after our own first delta, answered by a full STATE.
+        for p in topo.ids:
+            hello = self.engines[p].hello()
+            for j in topo.neighbors(p):
+                self.deliver(p, j, hello)
 
     def deliver(self, src: int, dst: int, msg: Message, drop: DropRule | None = None) -> None:
         """Wire-encode, (maybe) drop, decode and hand to dst; replies are delivered recursively."""

@@ -221,3 +221,20 @@ def test_flat_and_per_tensor_deltas_keep_replicas_identical():
     per_tensor = ChocoEngine(0, {1: 0.5}, x0, plan="sign:64,nomatch=int8").make_delta(0)
     flat_msg = ChocoEngine(0, {1: 0.5}, x0, plan="sign:64").make_delta(0)
     assert len(encode(flat_msg)[0]) * 5 < len(encode(per_tensor)[0])  # 1 descriptor instead of 16
+
+
+def test_loss_free_sim_sends_only_deltas_after_the_hellos():
+    """No resync traffic without loss: full STATE messages would swamp a compressed run's bytes."""
+    topo = T.generate("ring", 6)
+    net = SimNetwork(topo, states(topo, 1024), plan="sign:64")
+    kinds: list[Kind] = []
+    deliver = net.deliver
+
+    def spy(src, dst, msg, drop=None):
+        kinds.append(msg.kind)
+        deliver(src, dst, msg, drop)
+
+    net.deliver = spy
+    for _ in range(3):
+        net.step()
+    assert kinds == [Kind.DELTA] * (3 * 2 * 6)
