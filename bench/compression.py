@@ -7,9 +7,13 @@ Xi = sqrt(1/n sum_i ||x_i - xbar||^2) falls to `target` x its start (default 1e-
 after `max_factor` x the rounds exact gossip needed (then `reached` is false and the ratio is a
 lower bound). Also times encode and decode of a 1M-float tensor per codec (best of `reps`), with
 one thread (`encode_ms`, `decode_ms`) and with torch's default thread count (`encode_ms_<N>t`).
-Prints one JSON line.
+With ``--train CODECS`` it also trains: ring-8 decentralized learning on the shapes task
+(bench/learning.py's setting, ``--train-rounds`` rounds, trainer ``--set KEY=VALUE``) once
+uncompressed and once per codec, and reports each codec's byte reduction on the wire and its
+final accuracy relative to the uncompressed run. Prints one JSON line.
 
 usage: python bench/compression.py [--dim 32768] [--target 1e-4] [--codecs none,fp16,...]
+                                   [--train sign:2048,int8 --train-rounds 20 --set local_steps=5]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import time
 
 import torch
+from learning import run_peers, trainer_config  # bench/ is on sys.path when run as a script
 
 from p2pfl import topology as T
 from p2pfl.compress import encoded_nbytes, get_codec
@@ -104,6 +109,28 @@ def timing(spec: str, numel: int, reps: int) -> dict:
     }
 
 
+def train(specs: list[str], rounds: int, sets: list[str], peers: int = 8) -> dict:
+    """Accuracy vs bytes of real decentralized training per codec, relative to uncompressed."""
+    cfg = trainer_config(sets)
+    ref = run_peers(cfg, peers, rounds, True, "ring", "none")
+    runs = {}
+    for spec in specs:
+        r = run_peers(cfg, peers, rounds, True, "ring", spec)
+        runs[spec] = {
+            **r,
+            "bytes_reduction": round(ref["bytes_on_wire"] / r["bytes_on_wire"], 2),
+            "accuracy_drop_points": round(100 * (ref["global_accuracy_mean"] - r["global_accuracy_mean"]), 2),
+        }
+    return {
+        "setting": f"ring-{peers}, {rounds} rounds, {cfg.partition}, local_steps {cfg.local_steps}",
+        "uncompressed": ref,
+        "codecs": runs,
+        "at_least_30x_within_1_point": sorted(
+            s for s, r in runs.items() if r["bytes_reduction"] >= 30 and r["accuracy_drop_points"] <= 1
+        ),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, default=16)
@@ -113,6 +140,9 @@ def main() -> None:
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--timing-numel", type=int, default=1 << 20)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--train", default="", help="codecs to train with (comma-separated); empty: no training")
+    ap.add_argument("--train-rounds", type=int, default=20)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer setting for --train")
     args = ap.parse_args()
 
     threads = torch.get_num_threads()
@@ -132,6 +162,7 @@ def main() -> None:
         out[spec] = {**r, "bytes_ratio": round(r["bytes"] / exact["bytes"], 5), **times[spec]}
     reached = {s: r["bytes_ratio"] for s, r in out.items() if r["reached"]}
     best = min(reached, key=reached.get) if reached else None
+    training = train(args.train.split(","), args.train_rounds, args.set) if args.train else {}
     print(
         json.dumps(
             {
@@ -144,6 +175,7 @@ def main() -> None:
                 "best": {"codec": best, "bytes_ratio": reached.get(best)},
                 "within_5pct": sorted(s for s, v in reached.items() if v <= 0.05),
                 "timing_numel": args.timing_numel,
+                "training": training,
             }
         )
     )

@@ -62,6 +62,18 @@ def run_central(cfg: TrainerConfig, n: int, rounds: int, large_batch: bool) -> d
     return {"global_accuracy": t.evaluate(global_eval=True)["global_accuracy"]}
 
 
+def trainer_config(items: list[str]) -> TrainerConfig:
+    """The bench's trainer settings (Dirichlet 0.5 label skew) with KEY=VALUE overrides (JSON values)."""
+    overrides: dict = {"partition": "dirichlet:0.5"}
+    for item in items:
+        k, _, v = item.partition("=")
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
+    return TrainerConfig.from_dict(overrides)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", type=int, default=8)
@@ -73,14 +85,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    overrides = {"partition": "dirichlet:0.5"}
-    for item in args.set:
-        k, _, v = item.partition("=")
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
-    cfg = TrainerConfig.from_dict(overrides)
+    cfg = trainer_config(args.set)
     t0 = time.time()
     parts = set(args.only.split(","))
     out: dict = {"bench": "learning", "peers": args.peers, "rounds": args.rounds, "topology": args.topology,
