@@ -165,10 +165,11 @@ def join_plain(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # ------------------------------------------------------------------ PPFM levels <-> tensors
 
 def levels_state(levels: Levels) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Both meta-level engines and the cluster state of a `ppfm.Levels`."""
+    """Both meta-level engines, the cluster state and the accumulated fingerprint of a `ppfm.Levels`."""
     tensors, cmeta = engine_state(levels.cluster, "ppfm/cluster/")
     gtensors, gmeta = engine_state(levels.glob, "ppfm/global/")
     tensors.update(gtensors)
+    tensors["ppfm/fingerprint"] = levels.fingerprint
     return tensors, {"cluster": cmeta, "global": gmeta, "state": levels.state.to_dict()}
 
 
@@ -181,4 +182,8 @@ def restore_levels(levels: Levels, tensors: dict[str, torch.Tensor], meta: dict[
     if state.labels and set(state.labels) != set(levels.labels):
         raise CheckpointError(f"checkpoint: cluster labels cover peers {sorted(state.labels)}, the topology has {sorted(levels.labels)}")
     levels.state = state
+    fp = tensors["ppfm/fingerprint"]
+    if fp.shape != levels.fingerprint.shape:
+        raise CheckpointError(f"checkpoint: fingerprint of {fp.numel()} rows, this run sketches {levels.fingerprint.numel()}")
+    levels.fingerprint = fp.double().clone()
     levels.apply(state.labels or levels.labels)

@@ -24,11 +24,13 @@ from p2pfl import topology as topo_mod
 from p2pfl.consensus import SketchBook, Sketcher, flatten
 from p2pfl.gossip import ChocoEngine, GossipError
 from p2pfl.metrics import JsonlWriter, PromExporter, RecordQueue, read_jsonl
+from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
 from p2pfl.state import save_state, synthetic_state
 from p2pfl.transport import CurveKeys, Transport
-from p2pfl.wire import Kind, Message, TensorPayload, WireError, decode, encode
+from p2pfl.wire import BASE, CLUSTER, GLOBAL, Kind, Message, TensorPayload, WireError, decode, encode
 
 SKETCH_TENSOR = "_sketches"
+FINGERPRINT_TENSOR = "_fingerprints"  # PPFM update fingerprints, flooded like the sketches
 
 
 @dataclass
@@ -59,6 +61,13 @@ class PeerConfig:
     secret_key: Path | None = None  # CurveZMQ secret key file; default <topology dir>/keys/peer-<id>.key_secret
     round_period: float = 0.0  # a round lasts at least this long (paced gossip)
     max_lag: int = 10  # neighbours more rounds behind than this are neither waited for nor mixed
+    clusters: str = "off"  # PPFM meta-levels: off, auto, or a fixed number of clusters
+    recluster_every: int = 5  # R: rounds between cluster evaluations
+    global_every: int = 5  # K: rounds between global-level gossip among representatives
+    global_lambda: float = 0.2  # pull of each cluster model toward the global model
+    cluster_beta: float = 1.0  # Reptile step of the cluster model toward its members' task models
+    cluster_margin: float = 0.1  # hysteresis: silhouette gain a new clustering needs
+    fingerprint_dim: int = 256  # rows of the fingerprint sketch
     trainer: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,6 +109,18 @@ class Peer:
         self.sketcher = Sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
         self.diameter = self.topo.diameter()
         self.book = SketchBook(self.me, self.topo.ids, horizon=self.diameter + 2)
+        # PPFM: with clustering on, the base engine only paces rounds and floods sketches and
+        # fingerprints (empty deltas); the model travels on the cluster and global channels.
+        k = parse_clusters(cfg.clusters)
+        self.levels: Levels | None = None
+        if k is not None:
+            pcfg = PpfmConfig(k=k, recluster_every=cfg.recluster_every, global_every=cfg.global_every, lam=cfg.global_lambda,
+                              beta=cfg.cluster_beta, margin=cfg.cluster_margin, fingerprint_dim=cfg.fingerprint_dim, lag=self.diameter + 1)
+            self.levels = Levels(self.me, self.topo, x0, pcfg, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc)
+        self.fbook = SketchBook(self.me, self.topo.ids, horizon=self.diameter + 2)
+        self.overlay_seen: dict[int, float] = {}  # overlay peers that are not base neighbours
+        self.overlay_down: set[int] = set()
+        self.labels_at: dict[int, dict[int, int]] = {}  # sketch round -> clustering its record reports
         self.records = RecordQueue(give_up_after=self.diameter + 2)
         self.curve = curve_keys(self.topo, self.me, cfg)
         if self.curve is None:
@@ -129,6 +150,9 @@ class Peer:
     # ------------------------------------------------------------------ network
 
     def _send(self, peer: int, msg: Message) -> None:
+        if peer not in self.transport.dealers:  # a PPFM overlay peer that is not a base neighbour
+            self.transport.connect(peer, self.topo.peers[peer])
+            self.overlay_seen.setdefault(peer, time.monotonic())
         self.transport.send(peer, encode(msg))
 
     def _broadcast_control(self, msg: Message, to: list[int] | None = None) -> None:
@@ -155,6 +179,9 @@ class Peer:
             if self.curve is None and ident != str(msg.sender).encode():
                 self._reject("identity", f"routing id {ident[:32]!r} claims to be peer {msg.sender}")
                 continue
+            if msg.channel != BASE:
+                self._receive_level(msg)
+                continue
             if msg.sender not in self.engine.replicas:
                 self._reject("unknown-peer", f"peer {msg.sender} is not a neighbour")
                 continue
@@ -170,31 +197,60 @@ class Peer:
                 self._send(dest, reply)
             self._progress.set()
 
-    def _take_sketches(self, msg: Message) -> None:
-        tp = msg.tensors.pop(SKETCH_TENSOR, None)
-        if tp is None:
+    def _receive_level(self, msg: Message) -> None:
+        """A PPFM cluster- or global-channel message: to that level's engine."""
+        if self.levels is None:
+            self._reject("channel", f"{msg.channel}-channel message from peer {msg.sender}, but clustering is off here")
             return
-        keys = msg.info.get("sketches")
-        data = tp.parts.get("data")
-        k = self.sketcher.k if self.sketcher else -1
-        if (
-            not isinstance(keys, list)
-            or data is None
-            or data.dtype != torch.float64
-            or tuple(data.shape) != (len(keys), k)
-            or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, int) for v in e) for e in keys)
-        ):
-            raise GossipError(f"sketches from peer {msg.sender}: malformed block (keys/shape/dtype)")
-        for (origin, rnd), row in zip(keys, data, strict=True):
-            self.book.add(origin, rnd, row.clone(), via=msg.sender)
+        try:
+            actions = self.levels.receive(msg)
+        except GossipError as e:
+            self._reject("protocol", str(e))
+            return
+        if msg.kind == Kind.BYE:
+            self.overlay_down.add(msg.sender)
+        else:
+            self.overlay_seen[msg.sender] = time.monotonic()
+            self.overlay_down.discard(msg.sender)
+        for dest, reply in actions:
+            self._send(dest, reply)
+        self._progress.set()
+
+    def _blocks(self) -> list[tuple[str, str, SketchBook, int]]:
+        """(tensor name, info key, book, row length) of what base-channel messages flood."""
+        out = [(SKETCH_TENSOR, "sketches", self.book, self.sketcher.k if self.sketcher else -1)]
+        if self.levels is not None:
+            out.append((FINGERPRINT_TENSOR, "fingerprints", self.fbook, self.levels.cfg.fingerprint_dim))
+        return out
+
+    def _take_sketches(self, msg: Message) -> None:
+        for name, key, book, k in self._blocks():
+            tp = msg.tensors.pop(name, None)
+            if tp is None:
+                continue
+            keys = msg.info.get(key)
+            data = tp.parts.get("data")
+            if (
+                not isinstance(keys, list)
+                or data is None
+                or data.dtype != torch.float64
+                or tuple(data.shape) != (len(keys), k)
+                or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, int) for v in e) for e in keys)
+            ):
+                raise GossipError(f"{key} from peer {msg.sender}: malformed block (keys/shape/dtype; rows of {k} float64 expected)")
+            for (origin, rnd), row in zip(keys, data, strict=True):
+                book.add(origin, rnd, row.clone(), via=msg.sender)
+        if FINGERPRINT_TENSOR in msg.tensors:
+            raise GossipError(f"fingerprints from peer {msg.sender}: clustering is off here")
 
     def _with_sketches(self, msg: Message, peer: int) -> Message:
-        out = self.book.outgoing(peer, max(self.round, 0))
-        if not out:
-            return msg
-        data = torch.stack([s for _, _, s in out])
-        tensors = {**msg.tensors, SKETCH_TENSOR: TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})}
-        info = {**msg.info, "sketches": [[o, r] for o, r, _ in out]}
+        tensors, info = dict(msg.tensors), dict(msg.info)
+        for name, key, book, _ in self._blocks():
+            out = book.outgoing(peer, max(self.round, 0))
+            if out:
+                data = torch.stack([s for _, _, s in out])
+                tensors[name] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
+                info[key] = [[o, r] for o, r, _ in out]
         return Message(msg.kind, msg.sender, msg.round, msg.seq, msg.inc, tensors, info)
 
     def _mark_seen(self, peer: int, alive: bool = True) -> None:
@@ -215,6 +271,10 @@ class Peer:
         self.log.warning("peer %d: neighbour %d is down (%s); its weight moves to self", self.me, peer, why)
         self._progress.set()
 
+    def _extra_overlay(self) -> list[int]:
+        """PPFM overlay peers that are not base-graph neighbours (no base heartbeats from them)."""
+        return sorted(self.levels.overlay_peers() - set(self.neighbors)) if self.levels is not None else []
+
     async def _heartbeat_loop(self) -> None:
         while True:
             self._broadcast_control(self.engine.heartbeat())
@@ -222,6 +282,13 @@ class Peer:
             for j in list(self.live):
                 if now - self.last_seen.get(j, -math.inf) > self.cfg.peer_timeout:
                     self._mark_down(j, f"silent for {self.cfg.peer_timeout:.1f}s")
+            for j in self._extra_overlay():
+                assert self.levels is not None
+                self._send(j, self.levels.control(CLUSTER if j in self.levels.cluster_neighbors else GLOBAL, "heartbeat"))
+                if j not in self.overlay_down and now - self.overlay_seen.get(j, now) > self.cfg.peer_timeout:
+                    self.overlay_down.add(j)
+                    self.log.warning("peer %d: overlay peer %d is down (silent for %.1fs)", self.me, j, self.cfg.peer_timeout)
+                    self._progress.set()
             await asyncio.sleep(self.cfg.heartbeat)
 
     # -------------------------------------------------------------------- rounds
@@ -235,10 +302,10 @@ class Peer:
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self._deadline()
-        while not self.engine.ready(rnd, self._participants(rnd)):
+        while self._waiting_for(rnd):
             left = deadline - loop.time()
             if left <= 0:
-                late = self.engine.waiting_for(rnd, self._participants(rnd))
+                late = self._waiting_for(rnd)
                 self.log.warning("peer %d: round %d deadline passed; mixing without %s", self.me, rnd, late)
                 return loop.time() - start, late
             self._progress.clear()
@@ -247,6 +314,52 @@ class Peer:
         waited = loop.time() - start
         self.wait_ewma = waited if self.wait_ewma is None else 0.8 * self.wait_ewma + 0.2 * waited
         return waited, []
+
+    def _waiting_for(self, rnd: int) -> list[int]:
+        late = self.engine.waiting_for(rnd, self._participants(rnd))
+        if self.levels is not None and rnd < self.cfg.rounds:
+            late += self.levels.waiting_for(rnd, self._overlay_live(rnd))
+        return sorted(set(late))
+
+    def _overlay_live(self, rnd: int) -> set[int]:
+        """Overlay peers to wait for and mix with: live base neighbours, and the others unless down."""
+        assert self.levels is not None
+        return self._participants(rnd) | {j for j in self._extra_overlay() if j not in self.overlay_down}
+
+    async def _recluster(self, rnd: int) -> None:
+        """Cluster the fingerprints of round rnd - lag, once every peer's has arrived.
+
+        Flooding needs at most `diameter` rounds and the lag is one more, so the set is normally
+        complete; if it is not (lost messages), this evaluation is skipped with a warning rather
+        than clustered on a partial set that other peers would not share."""
+        assert self.levels is not None
+        src = self.levels.fingerprint_round(rnd)
+        if src is None:
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.cfg.min_wait
+        while not self.fbook.complete(src) and loop.time() < end:
+            await self._tick(0.1)
+        if not self.fbook.complete(src):
+            have = sorted(p for p in self.topo.ids if (p, src) in self.fbook.entries)
+            self.log.warning("peer %d: round %d: fingerprints of round %d only from %s; clustering skipped", self.me, rnd, src, have)
+            return
+        old_extra = set(self._extra_overlay())
+        try:
+            changed = self.levels.recluster(rnd, {p: self.fbook.entries[(p, src)] for p in self.topo.ids})
+        except ValueError as e:
+            self.log.error("peer %d: round %d: clustering failed: %s", self.me, rnd, e)
+            return
+        if changed:
+            lv = self.levels
+            self.log.info("peer %d: round %d: clusters %s; mine %d (size %d, representative %d), overlay neighbours %s",
+                          self.me, rnd, lv.labels, lv.labels[self.me], len(lv.members), lv.rep, sorted(lv.overlay_peers()))
+            for j in old_extra - set(self._extra_overlay()):
+                self.transport.disconnect(j)
+                self.overlay_seen.pop(j, None)
+            now = time.monotonic()
+            for j in self._extra_overlay():
+                self.overlay_seen.setdefault(j, now)
 
     async def _startup(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,19 +408,28 @@ class Peer:
         """Live neighbours that are not lagging by more than --max-lag rounds."""
         return {j for j in self.live if self.neighbor_round.get(j, 0) >= rnd - self.cfg.max_lag}
 
+    def _model(self) -> dict[str, torch.Tensor]:
+        """This peer's model: its cluster model with PPFM on, else the base engine's."""
+        return self.levels.model() if self.levels is not None else self.engine.x
+
     def _sketch(self, rnd: int) -> None:
         if self.sketcher is not None:
-            self.book.add(self.me, rnd, self.sketcher(self.engine.x))
+            self.book.add(self.me, rnd, self.sketcher(self._model()))
 
     def _emit_records(self, force: bool = False) -> None:
         for srnd, rec in self.records.pop_ready(self.round, self.book.complete, force):
             est, got = self.book.estimate(srnd) if self.sketcher else (float("nan"), 0)
             rec["consensus_distance"] = est
             rec["consensus_peers"] = got
+            labels = self.labels_at.pop(srnd, None)
+            if labels is not None and self.sketcher is not None:
+                have = {p: self.book.entries[(p, srnd)] for p in self.topo.ids if (p, srnd) in self.book.entries}
+                rec["cluster_consensus_distance"], rec["global_consensus_distance"] = level_distances(have, labels, self.me)
             self.writer.write(rec)
             if self.prom is not None:
                 self.prom.update(rec)
         self.book.prune(self.round - self.diameter - 4)
+        self.fbook.prune(self.round - self.diameter - 4)
 
     async def run(self) -> int:
         self.log.info("peer %d: %d neighbours %s, %d rounds, compress=%s, run dir %s", self.me, len(self.neighbors), self.neighbors, self.cfg.rounds, self.cfg.compress, self.run_dir)
@@ -318,6 +440,9 @@ class Peer:
             await self._rounds()
         finally:
             self._broadcast_control(self.engine.bye(), sorted(self.live))
+            for j in self._extra_overlay():
+                assert self.levels is not None
+                self._send(j, self.levels.control(CLUSTER if j in self.levels.cluster_neighbors else GLOBAL, "bye"))
             await self.transport.drain(1.0)
             for t in tasks:
                 t.cancel()
@@ -346,13 +471,18 @@ class Peer:
             self._next_round_at = time.monotonic() + self.cfg.round_period
             training = rnd < self.cfg.rounds
             train_metrics: dict[str, float] = {}
+            if training and self.levels is not None:
+                await self._recluster(rnd)
             self._sketch(rnd)  # the model after rnd mixing steps
             if training and self.trainer is not None:
                 train_metrics = await asyncio.to_thread(self.trainer.train_round)
                 self.engine.set_x(self.trainer.adapter_state())
             if training and self.attack is not None:
                 self.engine.x = self.attack(self.engine.x, rnd)
-            delta = self.engine.make_delta(rnd, empty=not training)
+            ppfm = training and self.levels is not None
+            if ppfm:
+                self._ppfm_send(rnd)
+            delta = self.engine.make_delta(rnd, empty=not training or ppfm)
             self.round = rnd
             for j in sorted(self.live):
                 self._send(j, self._with_sketches(delta, j))
@@ -363,9 +493,17 @@ class Peer:
             lagging = sorted(self.live - self._participants(rnd))
             if lagging:
                 self.log.warning("peer %d: round %d leaves out lagging neighbours %s", self.me, rnd, lagging)
-            self.engine.mix(self._participants(rnd))
+            mixing = self.engine
+            if self.levels is not None:
+                self.levels.mix(rnd, self._overlay_live(rnd))
+                mixing = self.levels.cluster
+                train_metrics.update(self._ppfm_metrics(rnd))
+            else:
+                self.engine.mix(self._participants(rnd))
             if self.trainer is not None:
-                self.trainer.load_adapter_state(self.engine.x)
+                if self.levels is not None and self.levels.global_step(rnd):
+                    train_metrics.update(await self._evaluate_global(rnd))
+                self.trainer.load_adapter_state(self._model())
                 train_metrics.update(await self._evaluate(rnd))
             stats = self.transport.stats
             rec: dict[str, Any] = {
@@ -375,15 +513,15 @@ class Peer:
                 "round_s": time.time() - t0,
                 "wait_s": waited,
                 "late_neighbors": late,
-                "neighbor_distance": self.engine.neighbor_distance(self.live),
+                "neighbor_distance": mixing.neighbor_distance(self.live if mixing is self.engine else self._overlay_live(rnd)),
                 "bytes_sent": stats.bytes_sent - sent0,
                 "bytes_received": stats.bytes_received - recv0,
-                "payload_bytes": self.engine.last_stats.payload_bytes,
-                "compression_ratio": self.engine.last_stats.dense_bytes / max(1, self.engine.last_stats.payload_bytes),
-                "compression_error": self.engine.last_stats.compression_error,
+                "payload_bytes": mixing.last_stats.payload_bytes,
+                "compression_ratio": mixing.last_stats.dense_bytes / max(1, mixing.last_stats.payload_bytes),
+                "compression_error": mixing.last_stats.compression_error,
                 "live_neighbors": len(self.live),
                 "rejected_messages": self.rejected,
-                "duplicates": self.engine.duplicates,
+                "duplicates": self.engine.duplicates + (self.levels.cluster.duplicates + self.levels.glob.duplicates if self.levels else 0),
                 "dropped_messages": stats.dropped,
                 **train_metrics,
                 **(before if rnd == self.start_round else {}),
@@ -396,6 +534,37 @@ class Peer:
                 self._checkpoint()
         self._emit_records(force=True)
 
+    def _ppfm_send(self, rnd: int) -> None:
+        """The task step is done: cluster delta to the cluster overlay, fingerprint into the flood,
+        and on global rounds the representative's global delta to the other representatives."""
+        assert self.levels is not None
+        phi = self.trainer.adapter_state() if self.trainer is not None else self.levels.model()
+        cmsg, fingerprint = self.levels.task_done(rnd, phi)
+        self.fbook.add(self.me, rnd, fingerprint)
+        live = self._overlay_live(rnd)
+        for j in self.levels.cluster_neighbors:
+            if j in live:
+                self._send(j, cmsg)
+        gmsg = self.levels.global_delta(rnd)
+        for j in self.levels.global_neighbors if gmsg is not None else []:
+            if j in live:
+                self._send(j, gmsg)
+
+    def _ppfm_metrics(self, rnd: int) -> dict[str, Any]:
+        assert self.levels is not None
+        lv = self.levels
+        self.labels_at[rnd + 1] = dict(lv.labels)
+        return {"cluster": lv.labels[self.me], "cluster_size": len(lv.members), "representative": lv.rep,
+                "overlay_neighbors": sorted(lv.overlay_peers()), "clusters": len(set(lv.labels.values())),
+                "cluster_labels": [lv.labels[p] for p in self.topo.ids]}
+
+    async def _evaluate_global(self, rnd: int) -> dict[str, float]:
+        """A representative's global meta model on this peer's test data, each global round."""
+        assert self.levels is not None
+        self.trainer.load_adapter_state(self.levels.glob.x)
+        got = await asyncio.to_thread(self.trainer.evaluate, True)
+        return {"global_model_accuracy": got["accuracy"], "global_model_global_accuracy": got["global_accuracy"]}
+
     async def _evaluate(self, rnd: int) -> dict[str, float]:
         every = max(1, int(self.trainer.cfg.eval_every))
         last = rnd == self.cfg.rounds - 1
@@ -404,11 +573,14 @@ class Peer:
         return await asyncio.to_thread(self.trainer.evaluate, last or rnd % (every * 5) == 0)
 
     def _save(self) -> None:
-        save_state(self.peer_dir / "adapter.safetensors", self.engine.x, {"round": str(self.round), "peer": str(self.me)})
+        save_state(self.peer_dir / "adapter.safetensors", self._model(), {"round": str(self.round), "peer": str(self.me)})
 
     def _checkpoint(self) -> None:
         tensors, meta = ckpt.engine_state(self.engine)
         meta["peer"] = self.me
+        if self.levels is not None:
+            ltensors, meta["ppfm"] = ckpt.levels_state(self.levels)
+            tensors.update(ltensors)
         meta["torch_rng"] = ckpt.split_plain(torch.get_rng_state(), "rng/torch", tensors)
         if self.trainer is not None and hasattr(self.trainer, "optimizer_state"):
             meta["optimizer"] = ckpt.split_plain(self.trainer.optimizer_state(), "opt", tensors)
@@ -420,9 +592,11 @@ class Peer:
             self.log.warning("peer %d: --resume but no usable checkpoint in %s; starting fresh", self.me, self.peer_dir)
             return
         ckpt.restore_engine(self.engine, found.tensors, found.meta)
+        if self.levels is not None and "ppfm" in found.meta:
+            ckpt.restore_levels(self.levels, found.tensors, found.meta["ppfm"])
         torch.set_rng_state(ckpt.join_plain(found.meta["torch_rng"], found.tensors))
         if self.trainer is not None:
-            self.trainer.load_adapter_state(self.engine.x)
+            self.trainer.load_adapter_state(self._model())
             if "optimizer" in found.meta:
                 self.trainer.load_optimizer_state(ckpt.join_plain(found.meta["optimizer"], found.tensors))
         last_logged = -1

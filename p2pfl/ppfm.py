@@ -18,15 +18,19 @@ a new overlay neighbour's replica is simply out of date, which the engine's sequ
 detect and an exact STATE resync repairs, so no engine is ever rebuilt and an in-flight message of
 the old overlay is harmless.
 
-Fingerprints are shared-seed SRHT sketches S phi_i of the task models; the daemon floods them like
-consensus sketches and every peer clusters the same round's set (`ClusterState`), so all agree
-without a coordinator. Clustering sees them centred, S phi_i - mean_j S phi_j = S(d_i - mean_j d_j)
-with d_i = phi_i - x_0 the update accumulated since the shared start x_0: the direction in which
-this peer's data moved its model, relative to where everyone's moved theirs. Not the last few
-rounds' updates: once a cluster has converged those are mostly minibatch noise, every peer looks
-alike and clusters merge back (seen in a synthetic planted run: split at round 9, merged at 24);
-the accumulated update keeps the clusters' different destinations in view, while a homogeneous
-population, whose models all head to the same place, still shows no structure.
+Fingerprints are shared-seed SRHT sketches f_i = S d_i of the peer's accumulated task updates,
+d_i = sum over rounds of phi_i - theta_c^i (sketches are linear, so the peer just adds each round's
+S(phi_i - theta_c^i)); the daemon floods them like consensus sketches and every peer clusters the
+same round's set (`ClusterState`), so all agree without a coordinator. Clustering sees them
+centred (f_i - mean_j f_j): the direction in which this peer's data moved its model, relative to
+where everyone's moved theirs. Two choices here were measured wrong first:
+* the last few rounds' updates only: once a cluster has converged they are mostly minibatch noise,
+  every peer looks alike and the clusters merge back (synthetic planted run: split at round 9,
+  merged at 24); the accumulated sum keeps the early, distinct directions in view;
+* the task models themselves (phi_i - x_0, which includes the gossip averaging): their
+  differences are dominated by consensus error, which is smooth along the graph, so peers were
+  clustered by ring position ([0,1,0,1,1,0] instead of [0,0,0,1,1,1] on an interleaved ring-6).
+A homogeneous population, whose updates all point the same way up to noise, shows no structure.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class Levels:
         self.state = C.ClusterState(k=cfg.k, every=cfg.recluster_every, margin=cfg.margin)
         self.sketcher = Sketcher(flatten(x0).numel(), cfg.fingerprint_dim, seed ^ FINGERPRINT_SEED)
         self._theta: State = self.cluster.x  # the cluster model this round's task step started from
+        self.fingerprint = torch.zeros(cfg.fingerprint_dim, dtype=torch.float64)  # S d_i, accumulated
         self.labels: dict[int, int] = dict.fromkeys(topo.ids, 0)  # one cluster until the first split
         self.apply(self.labels)
 
@@ -149,17 +154,18 @@ class Levels:
     def task_done(self, rnd: int, phi: State) -> tuple[Message, torch.Tensor]:
         """After local steps phi from `model()`: the cluster-level delta and this round's fingerprint."""
         self._theta = self.cluster.x
+        self.fingerprint = self.fingerprint + self.sketcher({k: phi[k].to(torch.float32) - v for k, v in self._theta.items()})
         self.cluster.set_x(C.cluster_update(self._theta, phi, self.cfg.beta))
-        return _on(self.cluster.make_delta(rnd), CLUSTER), self.sketcher(phi)
+        return _on(self.cluster.make_delta(rnd), CLUSTER), self.fingerprint.clone()
 
-    def _global_step(self, rnd: int) -> bool:
+    def global_step(self, rnd: int) -> bool:
         """A representative with other representatives to talk to, on a global round."""
         return bool(self.global_neighbors) and self.global_round(rnd)
 
     def global_delta(self, rnd: int) -> Message | None:
         """On global rounds, the representative's cluster model theta_c (before this round's task
         step) goes to the other representatives."""
-        if not self._global_step(rnd):
+        if not self.global_step(rnd):
             return None
         self.glob.set_x(self._theta)
         return _on(self.glob.make_delta(rnd), GLOBAL)
@@ -169,14 +175,14 @@ class Levels:
 
     def waiting_for(self, rnd: int, live: set[int]) -> list[int]:
         late = self.cluster.waiting_for(rnd, [j for j in self.cluster_neighbors if j in live])
-        if self._global_step(rnd):
+        if self.global_step(rnd):
             late += self.glob.waiting_for(rnd, [j for j in self.global_neighbors if j in live])
         return sorted(set(late))
 
     def mix(self, rnd: int, live: set[int]) -> None:
         """Cluster gossip step; on global rounds the representative's global step and pull."""
         self.cluster.mix([j for j in self.cluster_neighbors if j in live])
-        if self._global_step(rnd):
+        if self.global_step(rnd):
             self.glob.mix([j for j in self.global_neighbors if j in live])
             lam = min(1.0, self.cfg.lam * len(self.members))
             self.cluster.x = C.global_pull(self.cluster.x, self.glob.x, lam)

@@ -196,3 +196,4 @@ def test_levels_checkpoint_round_trip():
         assert torch.equal(fresh.cluster.replicas[j].xhat["w"], rep.xhat["w"])
         assert fresh.cluster.replicas[j].next_seq == rep.next_seq
     assert fresh.state.to_dict() == lv.state.to_dict()
+    assert torch.equal(fresh.fingerprint, lv.fingerprint)

@@ -1,0 +1,89 @@
+"""PPFM over real processes and loopback TCP: peers find the planted groups and personalise.
+
+Six peers on a ring that alternates the two planted task groups (shape: peers 0-2, background:
+peers 3-5), so no group has a base-graph edge inside it and every cluster-level delta travels on
+an overlay link the daemon opens itself. Flat gossip (one model for everyone) is the same trainer
+and rounds with exact CHOCO on the same ring, run in-process (what the daemon does with
+--clusters off).
+"""
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from p2pfl.metrics import read_jsonl
+from p2pfl.sim import SimNetwork
+from p2pfl.topology import PeerSpec, Topology
+from p2pfl.trainer import Trainer, TrainerConfig
+
+from .conftest import free_base_port, start_peer, wait_all
+
+SETTINGS = {"local_steps": 5, "samples_per_peer": 128, "global_test_size": 300, "eval_every": 5}
+ROUNDS = 20
+N = 6
+MARGIN = 0.03  # PPFM's mean personalised accuracy must beat flat gossip by at least 3 points
+
+
+def ring(order: list[int], path) -> Topology:
+    base = free_base_port(len(order))
+    g = nx.Graph()
+    g.add_edges_from(zip(order, order[1:] + order[:1], strict=True))
+    topo = Topology(peers={p: PeerSpec(p, "127.0.0.1", base + p) for p in order}, graph=g, name="ppfm-ring")
+    topo.dump(path)
+    return topo
+
+
+def launch(topo: Topology, path, run_dir, settings: dict, *extra: str) -> dict[int, list[dict]]:
+    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v!r}".replace("'", '"'))]
+    args = ["--rounds", str(ROUNDS), "--clusters", "auto", "--min-wait", "30", "--peer-timeout", "60", *sets, *extra]
+    procs = {p: start_peer(path, p, run_dir, *args) for p in topo.ids}
+    assert wait_all(procs, timeout=600) == {p: 0 for p in topo.ids}
+    return {p: read_jsonl(run_dir / "metrics" / f"peer-{p}.jsonl") for p in topo.ids}
+
+
+@pytest.mark.slow
+def test_planted_task_groups_are_found_and_beat_flat_gossip(tmp_path, cluster_dir):
+    path = tmp_path / "ring.yaml"
+    topo = ring([0, 3, 1, 4, 2, 5], path)
+    settings = {**SETTINGS, "partition": "groups:task=shape,background"}
+    recs = launch(topo, path, cluster_dir, settings)
+    truth = [p * 2 // N for p in topo.ids]
+    for p, rs in recs.items():
+        assert [r["round"] for r in rs] == list(range(ROUNDS))
+        last = rs[-1]
+        assert last["cluster_labels"] == truth, (p, last["cluster_labels"])  # every peer: the planted split
+        assert last["cluster_size"] == 3 and last["representative"] == 3 * truth[p]
+        assert set(last["overlay_neighbors"]) - set(topo.neighbors(p))  # links the base ring lacks
+        assert last["rejected_messages"] == 0
+        assert last["cluster_consensus_distance"] < last["global_consensus_distance"]
+    split = [next(r["round"] for r in rs if r["clusters"] == 2) for rs in recs.values()]
+    assert len(set(split)) == 1  # all peers adopted the split in the same round
+    reps = [p for p in topo.ids if recs[p][-1]["representative"] == p]
+    assert all(any("global_model_accuracy" in r for r in recs[p]) for p in reps)
+    ppfm = [recs[p][-1]["global_accuracy"] for p in topo.ids]
+
+    torch.set_num_threads(1)
+    cfg = TrainerConfig.from_dict({**settings, "seed": 0})
+    trainers = {p: Trainer(cfg, p, N) for p in topo.ids}
+    net = SimNetwork(topo, {p: t.adapter_state() for p, t in trainers.items()})
+    for _ in range(ROUNDS):
+        for p, t in trainers.items():
+            t.train_round()
+            net.engines[p].set_x(t.adapter_state())
+        net.step()
+        for p, t in trainers.items():
+            t.load_adapter_state(net.engines[p].x)
+    flat = [trainers[p].evaluate(global_eval=True)["global_accuracy"] for p in topo.ids]
+    assert np.mean(ppfm) > np.mean(flat) + MARGIN, (ppfm, flat)
+
+
+@pytest.mark.slow
+def test_one_homogeneous_group_is_not_split(tmp_path, cluster_dir):
+    path = tmp_path / "ring.yaml"
+    topo = ring(list(range(N)), path)
+    recs = launch(topo, path, cluster_dir, {**SETTINGS, "partition": "iid", "local_steps": 3})
+    for p, rs in recs.items():
+        assert [r["round"] for r in rs] == list(range(ROUNDS))
+        assert all(r["cluster_labels"] == [0] * N for r in rs), p
+        assert rs[-1]["rejected_messages"] == 0
