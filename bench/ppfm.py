@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pfl import topology as T
 from p2pfl.ppfm import PpfmConfig, parse_clusters
-from p2pfl.ppfm_sim import PpfmNetwork
-from p2pfl.sim import SimNetwork
+from p2pfl.ppfm_sim import PpfmNetwork, flat_gossip
 from p2pfl.trainer import Trainer, TrainerConfig
 
 
@@ -47,14 +46,7 @@ def summary(acc: dict[int, float]) -> dict[str, float]:
 
 
 def run_flat(topo: T.Topology, trainers: dict[int, Trainer], rounds: int) -> tuple[dict[int, float], int]:
-    net = SimNetwork(topo, {p: t.adapter_state() for p, t in trainers.items()})
-    for _ in range(rounds):
-        for p, t in trainers.items():
-            t.train_round()
-            net.engines[p].set_x(t.adapter_state())
-        net.step()
-        for p, t in trainers.items():
-            t.load_adapter_state(net.engines[p].x)
+    net = flat_gossip(topo, trainers, rounds)
     return {p: accuracy(t, net.engines[p].x) for p, t in trainers.items()}, net.bytes_sent
 
 

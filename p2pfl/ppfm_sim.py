@@ -10,16 +10,26 @@ and decoded again, so byte counts are the wire's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from p2pfl.consensus import SketchBook
 from p2pfl.gossip import State
 from p2pfl.ppfm import Levels, PpfmConfig
+from p2pfl.sim import SimNetwork
 from p2pfl.topology import Topology
 from p2pfl.wire import BASE, Kind, Message, TensorPayload, decode, encode, frames_nbytes
 
 Train = Callable[[int, State], State]  # (peer, start model) -> task model after local steps
+
+
+class Learner(Protocol):
+    """What the baseline needs of a `trainer.Trainer`."""
+
+    def train_round(self) -> dict[str, float]: ...
+    def adapter_state(self) -> State: ...
+    def load_adapter_state(self, state: State) -> None: ...
 FINGERPRINTS = "_fingerprints"
 
 
@@ -84,3 +94,17 @@ class PpfmNetwork:
 
     def models(self) -> dict[int, State]:
         return {p: lv.model() for p, lv in self.levels.items()}
+
+
+def flat_gossip(topo: Topology, learners: dict[int, Learner], rounds: int) -> SimNetwork:
+    """The baseline PPFM is compared with: local steps, then one exact CHOCO step on the base graph
+    per round (what the daemon does with --clusters off). Learners end holding their mixed models."""
+    net = SimNetwork(topo, {p: t.adapter_state() for p, t in learners.items()})
+    for _ in range(rounds):
+        for p, t in learners.items():
+            t.train_round()
+            net.engines[p].set_x(t.adapter_state())
+        net.step()
+        for p, t in learners.items():
+            t.load_adapter_state(net.engines[p].x)
+    return net

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from p2pfl.metrics import read_jsonl
-from p2pfl.sim import SimNetwork
+from p2pfl.ppfm_sim import flat_gossip
 from p2pfl.topology import PeerSpec, Topology
 from p2pfl.trainer import Trainer, TrainerConfig
 
@@ -66,14 +66,7 @@ def test_planted_task_groups_are_found_and_beat_flat_gossip(tmp_path, cluster_di
     torch.set_num_threads(1)
     cfg = TrainerConfig.from_dict({**settings, "seed": 0})
     trainers = {p: Trainer(cfg, p, N) for p in topo.ids}
-    net = SimNetwork(topo, {p: t.adapter_state() for p, t in trainers.items()})
-    for _ in range(ROUNDS):
-        for p, t in trainers.items():
-            t.train_round()
-            net.engines[p].set_x(t.adapter_state())
-        net.step()
-        for p, t in trainers.items():
-            t.load_adapter_state(net.engines[p].x)
+    flat_gossip(topo, trainers, ROUNDS)
     flat = [trainers[p].evaluate(global_eval=True)["global_accuracy"] for p in topo.ids]
     assert np.mean(ppfm) > np.mean(flat) + MARGIN, (ppfm, flat)
 
