@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clusters", default="auto")
     ap.add_argument("--recluster-every", type=int, default=5)
     ap.add_argument("--global-every", type=int, default=5)
-    ap.add_argument("--lam", type=float, default=0.2)
+    ap.add_argument("--lam", type=float, default=0.05)
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option over the topology's")
     args = ap.parse_args(argv)

@@ -45,7 +45,7 @@ def _peer_parser() -> argparse.ArgumentParser:
     g.add_argument("--clusters", help="off (default), auto (number chosen by silhouette) or a fixed number of clusters")
     g.add_argument("--recluster-every", type=int, help="R: re-evaluate the clusters every R rounds, with hysteresis (default 5)")
     g.add_argument("--global-every", type=int, help="K: representatives gossip the global model every K rounds (default 5)")
-    g.add_argument("--global-lambda", type=float, help="lambda: pull of each cluster model toward the global model (default 0.2)")
+    g.add_argument("--global-lambda", type=float, help="lambda: pull of each cluster model toward the global model (default 0.05)")
     g.add_argument("--cluster-beta", type=float, help="beta: Reptile step of the cluster model toward the task models (default 1)")
     g.add_argument("--cluster-margin", type=float, help="silhouette gain a new clustering needs to replace the current one (default 0.1)")
     g.add_argument("--fingerprint-dim", type=int, help="rows of the update fingerprint sketch (default 256)")

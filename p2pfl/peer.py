@@ -64,7 +64,7 @@ class PeerConfig:
     clusters: str = "off"  # PPFM meta-levels: off, auto, or a fixed number of clusters
     recluster_every: int = 5  # R: rounds between cluster evaluations
     global_every: int = 5  # K: rounds between global-level gossip among representatives
-    global_lambda: float = 0.2  # pull of each cluster model toward the global model
+    global_lambda: float = 0.05  # pull of each cluster model toward the global model
     cluster_beta: float = 1.0  # Reptile step of the cluster model toward its members' task models
     cluster_margin: float = 0.1  # hysteresis: silhouette gain a new clustering needs
     fingerprint_dim: int = 256  # rows of the fingerprint sketch

@@ -71,7 +71,7 @@ class PpfmConfig:
     k: C.K = "auto"
     recluster_every: int = 5  # R: rounds between cluster evaluations (on the global round grid)
     global_every: int = 5  # K: rounds between global-level gossip steps
-    lam: float = 0.2  # pull of each cluster model toward the global model
+    lam: float = 0.05  # pull of each cluster model toward the global model
     beta: float = 1.0  # Reptile step of the cluster model toward its members' task models
     margin: float = 0.1  # hysteresis: silhouette gain a new clustering needs
     fingerprint_dim: int = 256
