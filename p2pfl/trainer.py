@@ -60,9 +60,10 @@ class TrainerConfig:
     augment: str = "off"  # "off" | "zero-shot"
     augment_threshold: float = 0.5  # a class is under-represented below this fraction of the uniform share
     augment_per_class: int = 4  # synthetic samples per under-represented class, re-synthesised every round
-    augment_weight: float = 0.5  # loss weight of a synthetic sample relative to a real one
+    augment_weight: float = 1.0  # loss weight of a synthetic sample relative to a real one
     augment_batch: int = 16  # synthetic samples mixed into each batch
     augment_steps: int = 30  # optimisation steps of each round's synthesis
+    augment_confidence: float = 0.6  # a synthetic sample stops once its class has this probability
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerConfig:
@@ -123,7 +124,9 @@ class Trainer:
         self.synthesis = augment.SynthesisConfig()
         if cfg.augment == "zero-shot":
             try:
-                self.synthesis = augment.SynthesisConfig(per_class=cfg.augment_per_class, steps=cfg.augment_steps)
+                self.synthesis = augment.SynthesisConfig(
+                    per_class=cfg.augment_per_class, steps=cfg.augment_steps, confidence=cfg.augment_confidence
+                )
                 self.augment_classes = augment.under_represented(self.data.train.labels, n_classes, cfg.augment_threshold)
             except augment.AugmentError as e:
                 raise TrainerError(f"trainer config: {e}") from None
