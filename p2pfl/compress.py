@@ -106,6 +106,9 @@ class Codec(ABC):
     spec: str
     default_gamma: float
     lossless: bool = False
+    # Works on single values or fixed-size blocks, so coding a concatenation of tensors is as good
+    # as coding each alone; False where whole-tensor statistics (one scale, top-k) drive the result.
+    local: bool = True
 
     def __init__(self, spec: str, default_gamma: float) -> None:
         self.spec = spec
@@ -301,6 +304,7 @@ class SignCodec(_Quantizer):
     def __init__(self, block: int | None = None, key: str = "data") -> None:
         super().__init__("sign" if block is None else f"sign:{block}", 0.3 if block is None else 1.0, key)
         self.block = block
+        self.local = block is not None
 
     def rekey(self, key: str) -> SignCodec:
         return SignCodec(self.block, key)
@@ -351,6 +355,7 @@ class _Sparsifier(Codec):
     compress the kept values. Contracts with delta = k/d (top-k: always; random-k: in expectation)."""
 
     name: str
+    local = False
 
     def __init__(self, fraction: Fraction, values: _Quantizer) -> None:
         self.fraction = fraction

@@ -85,10 +85,11 @@ class ChocoEngine:
         self.layout = {k: tuple(v.shape) for k, v in self.x.items()}
         self.order = sorted(self.layout)  # flat deltas concatenate the tensors in this order
         self.numel = sum(math.prod(s) for s in self.layout.values())
-        # One codec for every tensor: send the whole delta as one flat tensor. A 12-tensor adapter's
-        # per-tensor descriptors cost ~1.3 KB of header, 20% of a sign:64 delta; flat, top-k also
-        # picks the largest entries globally. A per-tensor plan keeps one payload per tensor.
-        self.flat = not self.plan.overrides
+        # One block-local codec for every tensor: send the whole delta as one flat tensor. A
+        # 12-tensor adapter's per-tensor descriptors cost ~1.3 KB of header, 20% of a sign:64
+        # delta. Per-tensor plans, and codecs driven by whole-tensor statistics (one-scale sign,
+        # top-k, random-k) whose behaviour flattening would change, keep one payload per tensor.
+        self.flat = not self.plan.overrides and self.plan.default.local
         self.xhat: State = zeros_like_state(self.x)
         self.out_seq = 0
         self.round = -1
