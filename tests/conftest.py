@@ -17,10 +17,19 @@ from p2pfl import topology as T
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_base_port(n: int) -> int:
-    """A base port with n consecutive free TCP ports on 127.0.0.1."""
+    """A base port with n consecutive free TCP ports on 127.0.0.1, below the ephemeral range: the
+    kernel hands ephemeral ports to outgoing connections (every peer's DEALERs), which could
+    otherwise take a port between this check and a later peer's bind."""
     for _ in range(200):
-        base = random.randint(20000, 60000 - n)
+        base = random.randint(10000, _ephemeral_low() - n - 1)
         socks = []
         try:
             for k in range(n):
