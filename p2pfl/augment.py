@@ -45,7 +45,8 @@ In both methods a sample stops moving once the model gives its class probability
 synthesised from the very model that then trains on them carry no gradient when driven to
 certainty: measured on bench/fairness.py (ViT, 10 rounds of 10 local steps), ``confidence=1``
 moved no peer's accuracy by more than 1.6 points even at loss weight 4, and at 5 rounds of 30
-steps (weight 1) it cut the std across peers by 0.8 points where ``confidence=0.6`` cuts it by 1.8.
+steps (weight 1, seed 0) it cut the std across peers by 0.8 points where ``confidence=0.6`` cut it
+by 1.8; on two other seeds 0.6 widened it instead (README, "Fairness: zero-shot augmentation").
 Samples left near the decision boundary (cf. boundary-supporting samples, Heo et al., AAAI 2019)
 keep each missing class's region from shrinking while local steps pull the adapter towards the
 peer's own labels.
