@@ -8,6 +8,7 @@ Everything a peer does is a function of (run seed, peer id, number of peers, ste
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -49,6 +50,7 @@ class TrainerConfig:
     local_steps: int = 10
     batch_size: int = 32
     lr: float = 3e-3
+    lr_schedule: str = "constant"  # "constant" | "cosine:R" (decay to 0 over R rounds of local_steps)
     optimizer: str = "adamw"  # "adamw" | "sgd"
     weight_decay: float = 0.0
     eval_every: int = 1
@@ -88,6 +90,16 @@ class TrainerConfig:
         return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), self.text_lora, self.train_a, self.seed)
 
 
+def parse_lr_schedule(spec: str) -> int:
+    """Rounds of a ``cosine:R`` schedule; 0 for ``constant``."""
+    if spec == "constant":
+        return 0
+    kind, _, rounds = spec.partition(":")
+    if kind != "cosine" or not rounds.isdigit() or int(rounds) < 1:
+        raise TrainerError(f"trainer config: lr_schedule {spec!r} is not 'constant' or 'cosine:ROUNDS'")
+    return int(rounds)
+
+
 class Trainer:
     """One peer's adapter, data and optimizer."""
 
@@ -117,6 +129,7 @@ class Trainer:
         else:
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
         self.step = 0  # optimizer steps taken; also positions the batch stream
+        self.decay_steps = parse_lr_schedule(cfg.lr_schedule) * cfg.local_steps
         n_classes = len(self.data.train.class_names)
         seen = torch.bincount(self.data.train.labels, minlength=n_classes) > 0 if len(self.data.train) else torch.zeros(n_classes, dtype=torch.bool)
         self.unseen_classes = [c for c in range(n_classes) if not seen[c]]  # never in this peer's training data
@@ -153,6 +166,15 @@ class Trainer:
     def _head(self, split: Split) -> torch.Tensor:
         return self.heads.get(self.model, split.class_names, split.templates or self.foundation.templates)
 
+    def lr_at(self, step: int) -> float:
+        """Cosine decay (Loshchilov & Hutter, 2017) to 0 at the end of the schedule, then 0.
+
+        Constant-step decentralized SGD stalls at a distance from the optimum that grows with the
+        step size and with how different the peers' data are; decaying the step removes it."""
+        if not self.decay_steps:
+            return self.cfg.lr
+        return self.cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.decay_steps) / self.decay_steps))
+
     def train_round(self) -> dict[str, float]:
         """``local_steps`` optimizer steps; mean training loss and accuracy over them."""
         train = self.data.train
@@ -173,6 +195,8 @@ class Trainer:
                 loss = self._mixed_loss(loss, len(labels), train)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr_at(self.step)
             self.opt.step()
             self.step += 1
             losses.append(loss.item())

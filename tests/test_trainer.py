@@ -115,3 +115,16 @@ def test_config_from_dict_round_trip_and_errors():
         TrainerConfig.from_dict({"lora_rnak": 4})
     with pytest.raises(ValueError, match="adam"):
         Trainer(TrainerConfig(optimizer="adam"), 0, 1)
+
+
+def test_cosine_lr_schedule_decays_to_zero_and_bad_specs_are_named():
+    t = Trainer(TrainerConfig.from_dict({**FAST, "lr": 0.1, "lr_schedule": "cosine:3"}), 0, 2)
+    lrs = [t.lr_at(s) for s in range(0, 3 * FAST["local_steps"] + 2)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[6] == pytest.approx(0.05)  # halfway: half the rate
+    assert all(a > b for a, b in zip(lrs[:12], lrs[1:13])) and lrs[12] == lrs[13] == pytest.approx(0.0)
+    t.train_round()
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(t.lr_at(FAST["local_steps"] - 1))
+    assert Trainer(TrainerConfig.from_dict(FAST), 0, 2).lr_at(10**6) == TrainerConfig().lr
+    for bad in ("cosine", "cosine:0", "linear:5"):
+        with pytest.raises(ValueError, match="lr_schedule"):
+            Trainer(TrainerConfig.from_dict({**FAST, "lr_schedule": bad}), 0, 2)
