@@ -37,9 +37,16 @@ def run_arm(cfg: TrainerConfig, n: int, rounds: int, kind: str) -> dict:
     trainers = [Trainer(cfg, p, n) for p in range(n)]
     net = SimNetwork(T.generate(kind, n), {p: t.adapter_state() for p, t in enumerate(trainers)})
     synth_s, synth_n = 0.0, 0
+    informed, assigned = 0, 0  # classes given to a teacher whose peer saw them locally
     for _ in range(rounds):
         for p, t in enumerate(trainers):
+            if cfg.augment != "off":  # neighbours' replicas as synthesis teachers, as peer.py passes them
+                nbrs = sorted(net.engines[p].replicas)
+                t.set_teachers([net.engines[p].replicas[j].xhat for j in nbrs])
             m = t.train_round()
+            for c, k in t.teacher_of.items():
+                assigned += 1
+                informed += c not in trainers[nbrs[k]].unseen_classes
             if "synthetic_samples" in m:
                 synth_n += int(m["synthetic_samples"])
                 synth_s += m["synth_seconds_per_sample"] * m["synthetic_samples"]
@@ -57,6 +64,7 @@ def run_arm(cfg: TrainerConfig, n: int, rounds: int, kind: str) -> dict:
         "unseen_classes_per_peer": [len(t.unseen_classes) for t in trainers],
         "synthetic_samples_total": synth_n,
         "synth_seconds_per_sample": synth_s / synth_n if synth_n else None,
+        "teacher_saw_class": informed / assigned if assigned else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -68,17 +76,21 @@ def main() -> None:
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--model", default="shapes-clip", help="shapes-clip (ViT: feature space) or shapes-clip-rn (BN: image space)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--arms", default="without,with", help="which arms to run: without,with (both), without, or with")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sets = dict(item.partition("=")[::2] for item in args.set)  # values parsed as p2pfl-peer's --set does
     overrides = {"partition": "dirichlet:0.05", "local_steps": 30, "model": args.model, **{k: _parse_value(v) for k, v in sets.items()}}
     cfg = TrainerConfig.from_dict({**overrides, "augment": "off"})
+    arms = set(args.arms.split(","))
+    if not arms or arms - {"without", "with"}:
+        raise SystemExit(f"--arms: {args.arms!r} is not a subset of without,with")
     t0 = time.time()
     zero = [Trainer(cfg, p, args.peers) for p in range(args.peers)]
     zero_eval = [t.evaluate(global_eval=True) for t in zero]
     del zero
-    base = run_arm(cfg, args.peers, args.rounds, args.topology)
-    aug = run_arm(replace(cfg, augment="zero-shot"), args.peers, args.rounds, args.topology)
+    base = run_arm(cfg, args.peers, args.rounds, args.topology) if "without" in arms else {}
+    aug = run_arm(replace(cfg, augment="zero-shot"), args.peers, args.rounds, args.topology) if "with" in arms else {}
     print(json.dumps({
         "bench": "fairness", "peers": args.peers, "rounds": args.rounds, "topology": args.topology,
         "trainer": cfg.to_dict(),

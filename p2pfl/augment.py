@@ -69,6 +69,7 @@ from torch import nn
 from p2pfl.model import Foundation, has_resnet_tower
 
 AUGMENT_MODES = ("off", "zero-shot")
+TEACHER_MODES = ("self", "neighbours")
 
 
 class AugmentError(ValueError):
@@ -119,6 +120,8 @@ class SyntheticSet:
     labels: torch.Tensor
     seconds: float
     losses: dict[str, float]  # first/last values of the synthesis loss terms (for reports and tests)
+    # class probabilities the synthesising model gives the final samples: soft labels to distil
+    probs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -126,6 +129,30 @@ class SyntheticSet:
     @property
     def seconds_per_sample(self) -> float:
         return self.seconds / max(1, len(self))
+
+
+def concat_sets(sets: Sequence[SyntheticSet]) -> SyntheticSet:
+    """One set from several of the same kind (e.g. one per teacher); losses are the first set's."""
+    sets = [s for s in sets if len(s)]
+    if not sets:
+        raise AugmentError("augment: nothing to concatenate")
+    if len({s.kind for s in sets}) > 1:
+        raise AugmentError(f"augment: cannot concatenate kinds {sorted({s.kind for s in sets})}")
+    probs = torch.cat([s.probs for s in sets]) if all(s.probs is not None for s in sets) else None
+    return SyntheticSet(
+        sets[0].kind, torch.cat([s.inputs for s in sets]), torch.cat([s.labels for s in sets]),
+        sum(s.seconds for s in sets), sets[0].losses, probs,
+    )
+
+
+def assign_teachers(scores: torch.Tensor, classes: Sequence[int]) -> dict[int, list[int]]:
+    """Each class to the teacher that claims it most: ``scores[t, c]`` is teacher ``t``'s mean
+    probability of class ``c`` over the peer's own images (a model trained on ``c`` leaks mass to
+    it on any input, one that never saw ``c`` squeezes it out). Ties go to the lower index."""
+    out: dict[int, list[int]] = {}
+    for c in classes:
+        out.setdefault(int(scores[:, c].argmax()), []).append(int(c))
+    return out
 
 
 def check_mode(mode: str) -> str:
@@ -217,6 +244,7 @@ def deep_inversion(
             if step in (0, cfg.steps):
                 losses.update({f"ce_{tag}": ce.item(), f"bn_{tag}": bn.item()})
             if step == cfg.steps:
+                probs = logits.detach().softmax(-1)
                 break  # the last pass only measures the final images
             (x.grad,) = torch.autograd.grad(loss, [x])
             moving, before = _still_moving(logits, labels, cfg.confidence), x.detach().clone()
@@ -226,7 +254,7 @@ def deep_inversion(
     finally:
         hooks.close()
     images = (x.detach() * std + mean).clamp(0, 1)
-    return SyntheticSet("image", images, labels.clone(), time.perf_counter() - t0, losses)
+    return SyntheticSet("image", images, labels.clone(), time.perf_counter() - t0, losses, probs)
 
 
 # ---------------------------------------------------------------- feature space (LayerNorm towers)
@@ -307,13 +335,14 @@ def feature_synthesis(
             tag = "first" if step == 0 else "last"
             losses.update({f"ce_{tag}": ce.item(), f"anchor_{tag}": anchor.item(), f"stat_{tag}": stat.item()})
         if step == cfg.steps:
+            probs = logits.detach().softmax(-1)
             break
         (e.grad,) = torch.autograd.grad(loss, [e])
         moving, before = _still_moving(logits, labels, cfg.confidence), e.detach().clone()
         opt.step()
         with torch.no_grad():
             e.copy_(torch.where(moving > 0, e, before))
-    return SyntheticSet("feature", e.detach(), labels.clone(), time.perf_counter() - t0, losses)
+    return SyntheticSet("feature", e.detach(), labels.clone(), time.perf_counter() - t0, losses, probs)
 
 
 # ---------------------------------------------------------------- one round's synthetic set
@@ -344,4 +373,4 @@ def synthesize(
     t0 = time.perf_counter()
     prior = feature_prior(fm, own_images, own_labels, class_emb)
     syn = feature_synthesis(fm, class_emb, labels, prior, cfg, seed)
-    return SyntheticSet(syn.kind, syn.inputs, syn.labels, time.perf_counter() - t0, syn.losses)
+    return SyntheticSet(syn.kind, syn.inputs, syn.labels, time.perf_counter() - t0, syn.losses, syn.probs)

@@ -475,6 +475,8 @@ class Peer:
                 await self._recluster(rnd)
             self._sketch(rnd)  # the model after rnd mixing steps
             if training and self.trainer is not None:
+                if self.levels is None and self.trainer.cfg.augment != "off":  # synthesis teachers: neighbours' replicas
+                    self.trainer.set_teachers([self.engine.replicas[j].xhat for j in sorted(self.live) if self.engine.replicas[j].synced])
                 train_metrics = await asyncio.to_thread(self.trainer.train_round)
                 self.engine.set_x(self.trainer.adapter_state())
             if training and self.attack is not None:

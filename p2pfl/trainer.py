@@ -66,6 +66,8 @@ class TrainerConfig:
     augment_batch: int = 16  # synthetic samples mixed into each batch
     augment_steps: int = 30  # optimisation steps of each round's synthesis
     augment_confidence: float = 0.6  # a synthetic sample stops once its class has this probability
+    augment_teachers: str = "neighbours"  # synthesise with: "self" | "neighbours" (replicas set by set_teachers)
+    augment_distill: float = 0.0  # synthetic targets: (1 - d) * one-hot + d * the teacher's soft labels
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerConfig:
@@ -110,6 +112,10 @@ class Trainer:
             raise TrainerError(f"trainer config: local_steps {cfg.local_steps} / batch_size {cfg.batch_size} invalid")
         if cfg.augment not in augment.AUGMENT_MODES:
             raise TrainerError(f"trainer config: augment {cfg.augment!r} is not one of {augment.AUGMENT_MODES}")
+        if cfg.augment_teachers not in augment.TEACHER_MODES:
+            raise TrainerError(f"trainer config: augment_teachers {cfg.augment_teachers!r} is not one of {augment.TEACHER_MODES}")
+        if not 0 <= cfg.augment_distill <= 1:
+            raise TrainerError(f"trainer config: augment_distill {cfg.augment_distill} not in [0, 1]")
         if not 0 <= cfg.augment_threshold <= 1 or cfg.augment_weight < 0 or cfg.augment_batch < 1:
             raise TrainerError(
                 f"trainer config: augment_threshold {cfg.augment_threshold} (in [0, 1]) / augment_weight "
@@ -144,6 +150,8 @@ class Trainer:
             except augment.AugmentError as e:
                 raise TrainerError(f"trainer config: {e}") from None
         self.synthetic: augment.SyntheticSet | None = None  # this round's cache
+        self.teachers: list[dict[str, torch.Tensor]] = []  # neighbours' public adapters (set_teachers)
+        self.teacher_of: dict[int, int] = {}  # class -> index into teachers used in the last synthesis
 
     # -- exchange
 
@@ -154,6 +162,17 @@ class Trainer:
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         """Install mixed tensors; same names and shapes, else ValueError naming the key."""
         self.model.load_adapter_state(state)
+
+    def set_teachers(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """Neighbours' public adapters (their CHOCO replicas ``xhat_j``, already local: no extra
+        traffic) to synthesise this peer's under-represented classes with from the next round on.
+        Copied; names and shapes must be this adapter's, else TrainerError naming the key."""
+        own = self.adapter_state()
+        for st in states:
+            for k, v in own.items():
+                if k not in st or st[k].shape != v.shape:
+                    raise TrainerError(f"set_teachers: adapter tensor {k!r} missing or of another shape")
+        self.teachers = [{k: st[k].detach().to(torch.float32).clone() for k in own} for st in states]
 
     # -- local work
 
@@ -211,13 +230,34 @@ class Trainer:
         return int(rng_for(self.cfg.seed, "augment", self.peer_id, self.step).integers(2**62))
 
     def _synthesize(self) -> augment.SyntheticSet:
-        """This round's synthetic samples from the current (mixed) model, cached for its local steps."""
+        """This round's synthetic samples, cached for its local steps: from the current (mixed)
+        model, or with ``augment_teachers=neighbours`` and teachers set, each class from the
+        neighbour model that claims it most (data-free knowledge transfer from neighbours)."""
         self.model.clip.eval()
         train = self.data.train
-        return augment.synthesize(
-            self.foundation, self._head(train).detach(), self.augment_classes, self.synthesis,
-            self._augment_seed(), train.images, train.labels,
-        )
+        head = self._head(train).detach()
+        seed = self._augment_seed()
+        self.teacher_of = {}
+        if self.cfg.augment_teachers == "self" or not self.teachers:
+            return augment.synthesize(self.foundation, head, self.augment_classes, self.synthesis, seed, train.images, train.labels)
+        own = self.adapter_state()
+        try:
+            scores = []
+            with torch.no_grad():
+                for st in self.teachers:
+                    self.model.load_adapter_state(st)
+                    scores.append(torch.cat([
+                        self.model.logits(train.images[i : i + 256], head).softmax(-1) for i in range(0, len(train), 256)
+                    ]).mean(0))
+            groups = augment.assign_teachers(torch.stack(scores), self.augment_classes)
+            sets = []
+            for t, classes in sorted(groups.items()):
+                self.model.load_adapter_state(self.teachers[t])
+                self.teacher_of.update({c: t for c in classes})
+                sets.append(augment.synthesize(self.foundation, head, classes, self.synthesis, seed + t, train.images, train.labels))
+        finally:
+            self.model.load_adapter_state(own)
+        return augment.concat_sets(sets)
 
     def _mixed_loss(self, real_loss: torch.Tensor, n_real: int, train: Split) -> torch.Tensor:
         """Per-sample weighted mean: real samples weigh 1, synthetic ones ``augment_weight``."""
@@ -226,7 +266,12 @@ class Trainer:
         n = len(syn)
         pos = rng_for(self.cfg.seed, "augment-batches", self.peer_id, self.step).permutation(n)[: self.cfg.augment_batch]
         idx = torch.from_numpy(pos)
-        syn_loss = F.cross_entropy(augment.synthetic_logits(self.foundation, syn, idx, self._head(train)), syn.labels[idx])
+        logits = augment.synthetic_logits(self.foundation, syn, idx, self._head(train))
+        target = F.one_hot(syn.labels[idx], logits.shape[1]).float()
+        d = self.cfg.augment_distill
+        if d > 0 and syn.probs is not None:
+            target = (1 - d) * target + d * syn.probs[idx]
+        syn_loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
         w = self.cfg.augment_weight * len(idx)
         return (real_loss * n_real + syn_loss * w) / (n_real + w)
 

@@ -4,6 +4,8 @@ determinism, trainer wiring, and the fairness figures of metrics/report."""
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -239,3 +241,48 @@ def test_report_summarizes_fairness_across_peers():
 def test_invalid_confidence_names_the_value():
     with pytest.raises(TrainerError, match=r"augment_confidence: 1\.5"):
         Trainer(TrainerConfig(augment="zero-shot", augment_confidence=1.5, **FAST), 0, 2)
+
+
+# ---------------------------------------------------------------- neighbours as synthesis teachers
+
+
+def test_assign_teachers_gives_each_class_to_the_teacher_claiming_it_most():
+    scores = torch.tensor([[0.5, 0.1, 0.2, 0.2], [0.1, 0.6, 0.1, 0.2], [0.2, 0.2, 0.4, 0.2]])
+    assert augment.assign_teachers(scores, [1, 2, 3]) == {1: [1], 2: [2], 0: [3]}  # tie on 3: lower index
+    assert augment.assign_teachers(scores, []) == {}
+
+
+def test_neighbour_teachers_synthesise_and_the_student_model_is_restored():
+    cfg = TrainerConfig(partition="dirichlet:0.05", augment="zero-shot", augment_distill=0.5, seed=4, **FAST)
+    teacher = Trainer(replace(cfg, augment="off"), 1, 4)
+    for _ in range(3):
+        teacher.train_round()
+    runs = []
+    for _ in range(2):
+        st = Trainer(cfg, 0, 4)
+        zero = {k: torch.zeros_like(v) for k, v in teacher.adapter_state().items()}
+        st.set_teachers([zero, teacher.adapter_state()])
+        before = st.adapter_state()
+        syn = st._synthesize()
+        assert all(torch.equal(before[k], v) for k, v in st.adapter_state().items())  # student restored exactly
+        runs.append((syn, dict(st.teacher_of), st))
+    (s1, of1, st), (s2, of2, _) = runs
+    assert torch.equal(s1.inputs, s2.inputs) and of1 == of2  # deterministic under the seed
+    assert sorted(of1) == st.augment_classes and sorted(s1.labels.unique().tolist()) == st.augment_classes
+    assert s1.probs is not None and s1.probs.shape == (len(s1), 8)
+    torch.testing.assert_close(s1.probs.sum(-1), torch.ones(len(s1)))
+    assert set(of1.values()) <= {0, 1}
+    # each sample scores highest on its class under the teacher that made it (soft labels agree)
+    assert (s1.probs.argmax(1) == s1.labels).float().mean() > 0.9
+
+
+def test_set_teachers_checks_names_and_shapes():
+    tr = Trainer(TrainerConfig(partition="dirichlet:0.05", augment="zero-shot", seed=4, **FAST), 0, 4)
+    state = tr.adapter_state()
+    k = sorted(state)[0]
+    with pytest.raises(TrainerError, match=re.escape(repr(k))):
+        tr.set_teachers([{kk: v for kk, v in state.items() if kk != k}])
+    with pytest.raises(TrainerError, match="augment_teachers 'server'"):
+        Trainer(TrainerConfig(augment="zero-shot", augment_teachers="server", **FAST), 0, 2)
+    with pytest.raises(TrainerError, match=r"augment_distill 1\.5"):
+        Trainer(TrainerConfig(augment="zero-shot", augment_distill=1.5, **FAST), 0, 2)
