@@ -145,13 +145,23 @@ def concat_sets(sets: Sequence[SyntheticSet]) -> SyntheticSet:
     )
 
 
-def assign_teachers(scores: torch.Tensor, classes: Sequence[int]) -> dict[int, list[int]]:
+def assign_teachers(
+    scores: torch.Tensor, classes: Sequence[int], own: torch.Tensor | None = None, claim: float = 0.0
+) -> dict[int, list[int]]:
     """Each class to the teacher that claims it most: ``scores[t, c]`` is teacher ``t``'s mean
     probability of class ``c`` over the peer's own images (a model trained on ``c`` leaks mass to
-    it on any input, one that never saw ``c`` squeezes it out). Ties go to the lower index."""
+    it on any input, one that never saw ``c`` squeezes it out). Ties go to the lower index.
+
+    With ``claim > 0`` a class goes to a teacher only if that teacher's score is at least ``claim``
+    times ``own[c]``, the peer's own model's score: a class no neighbour knows better than the peer
+    itself is left out (measured on bench/fairness.py, seed 0: the chosen neighbour had trained on
+    the class in most cases above a ratio of 2 and in about half below it)."""
     out: dict[int, list[int]] = {}
     for c in classes:
-        out.setdefault(int(scores[:, c].argmax()), []).append(int(c))
+        t = int(scores[:, c].argmax())
+        if claim > 0 and own is not None and scores[t, c] < claim * own[c]:
+            continue
+        out.setdefault(t, []).append(int(c))
     return out
 
 

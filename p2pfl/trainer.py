@@ -68,6 +68,7 @@ class TrainerConfig:
     augment_confidence: float = 0.6  # a synthetic sample stops once its class has this probability
     augment_teachers: str = "neighbours"  # synthesise with: "self" | "neighbours" (replicas set by set_teachers)
     augment_distill: float = 0.0  # synthetic targets: (1 - d) * one-hot + d * the teacher's soft labels
+    augment_claim: float = 0.0  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerConfig:
@@ -116,6 +117,8 @@ class Trainer:
             raise TrainerError(f"trainer config: augment_teachers {cfg.augment_teachers!r} is not one of {augment.TEACHER_MODES}")
         if not 0 <= cfg.augment_distill <= 1:
             raise TrainerError(f"trainer config: augment_distill {cfg.augment_distill} not in [0, 1]")
+        if cfg.augment_claim < 0:
+            raise TrainerError(f"trainer config: augment_claim {cfg.augment_claim} < 0")
         if not 0 <= cfg.augment_threshold <= 1 or cfg.augment_weight < 0 or cfg.augment_batch < 1:
             raise TrainerError(
                 f"trainer config: augment_threshold {cfg.augment_threshold} (in [0, 1]) / augment_weight "
@@ -241,15 +244,18 @@ class Trainer:
         if self.cfg.augment_teachers == "self" or not self.teachers:
             return augment.synthesize(self.foundation, head, self.augment_classes, self.synthesis, seed, train.images, train.labels)
         own = self.adapter_state()
+
+        @torch.no_grad()
+        def claims() -> torch.Tensor:  # mean class probabilities over the peer's own images
+            return torch.cat([self.model.logits(train.images[i : i + 256], head).softmax(-1) for i in range(0, len(train), 256)]).mean(0)
+
+        own_claims = claims()
         try:
             scores = []
-            with torch.no_grad():
-                for st in self.teachers:
-                    self.model.load_adapter_state(st)
-                    scores.append(torch.cat([
-                        self.model.logits(train.images[i : i + 256], head).softmax(-1) for i in range(0, len(train), 256)
-                    ]).mean(0))
-            groups = augment.assign_teachers(torch.stack(scores), self.augment_classes)
+            for st in self.teachers:
+                self.model.load_adapter_state(st)
+                scores.append(claims())
+            groups = augment.assign_teachers(torch.stack(scores), self.augment_classes, own_claims, self.cfg.augment_claim)
             sets = []
             for t, classes in sorted(groups.items()):
                 self.model.load_adapter_state(self.teachers[t])
@@ -257,6 +263,8 @@ class Trainer:
                 sets.append(augment.synthesize(self.foundation, head, classes, self.synthesis, seed + t, train.images, train.labels))
         finally:
             self.model.load_adapter_state(own)
+        if not sets:  # no neighbour knows any of these classes better than this peer: nothing this round
+            return augment.SyntheticSet("feature", torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.0, {})
         return augment.concat_sets(sets)
 
     def _mixed_loss(self, real_loss: torch.Tensor, n_real: int, train: Split) -> torch.Tensor:

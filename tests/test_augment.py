@@ -250,6 +250,9 @@ def test_assign_teachers_gives_each_class_to_the_teacher_claiming_it_most():
     scores = torch.tensor([[0.5, 0.1, 0.2, 0.2], [0.1, 0.6, 0.1, 0.2], [0.2, 0.2, 0.4, 0.2]])
     assert augment.assign_teachers(scores, [1, 2, 3]) == {1: [1], 2: [2], 0: [3]}  # tie on 3: lower index
     assert augment.assign_teachers(scores, []) == {}
+    own = torch.tensor([0.2, 0.2, 0.3, 0.05])
+    # claim 2: class 1 (0.6 >= 2 x 0.2) and 3 (0.2 >= 2 x 0.05) pass; class 2 (0.4 < 2 x 0.3) is left out
+    assert augment.assign_teachers(scores, [1, 2, 3], own, claim=2.0) == {1: [1], 0: [3]}
 
 
 def test_neighbour_teachers_synthesise_and_the_student_model_is_restored():
@@ -286,3 +289,17 @@ def test_set_teachers_checks_names_and_shapes():
         Trainer(TrainerConfig(augment="zero-shot", augment_teachers="server", **FAST), 0, 2)
     with pytest.raises(TrainerError, match=r"augment_distill 1\.5"):
         Trainer(TrainerConfig(augment="zero-shot", augment_distill=1.5, **FAST), 0, 2)
+    with pytest.raises(TrainerError, match=r"augment_claim -1\.0"):
+        Trainer(TrainerConfig(augment="zero-shot", augment_claim=-1.0, **FAST), 0, 2)
+
+
+def test_claim_gate_skips_classes_no_neighbour_knows_better():
+    """A teacher identical to the peer claims nothing twice as much: no synthetic samples, plain steps."""
+    cfg = TrainerConfig(partition="dirichlet:0.05", augment="zero-shot", augment_claim=2.0, seed=4, **FAST)
+    tr = Trainer(cfg, 0, 4)
+    tr.set_teachers([tr.adapter_state()])
+    stats = tr.train_round()
+    assert tr.augment_classes and stats["synthetic_samples"] == 0 and tr.teacher_of == {}
+    plain = Trainer(replace(cfg, augment="off"), 0, 4)
+    plain.train_round()
+    assert all(torch.equal(v, tr.adapter_state()[k]) for k, v in plain.adapter_state().items())
