@@ -51,6 +51,14 @@ Samples left near the decision boundary (cf. boundary-supporting samples, Heo et
 keep each missing class's region from shrinking while local steps pull the adapter towards the
 peer's own labels.
 
+Which model synthesises: samples made by the very model that then trains on them add nothing that
+model does not already hold. In a decentralized run a peer holds exact replicas ``xhat_j`` of its
+neighbours' public models (CHOCO), and the neighbours trained on the classes it lacks, so the
+trainer (``Trainer.set_teachers``) synthesises each class with the neighbour that claims it most
+(``assign_teachers``), optionally distilling that neighbour's soft labels (``SyntheticSet.probs``):
+data-free knowledge transfer from neighbours (cf. FedFTG, Zhang et al. CVPR 2022; DENSE, Zhang et
+al. NeurIPS 2022), with no extra communication.
+
 Everything is seeded by (run seed, peer id, round), so a round's synthetic set is reproducible.
 """
 

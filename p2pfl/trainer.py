@@ -68,7 +68,7 @@ class TrainerConfig:
     augment_confidence: float = 0.6  # a synthetic sample stops once its class has this probability
     augment_teachers: str = "neighbours"  # synthesise with: "self" | "neighbours" (replicas set by set_teachers)
     augment_distill: float = 0.0  # synthetic targets: (1 - d) * one-hot + d * the teacher's soft labels
-    augment_claim: float = 0.0  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip)
+    augment_claim: float = 2.0  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerConfig:
