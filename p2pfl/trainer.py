@@ -205,7 +205,8 @@ class Trainer:
         out: dict[str, float] = {}
         if self.augment_classes:
             self.synthetic = self._synthesize()
-            out.update(synthetic_samples=float(len(self.synthetic)), synth_seconds_per_sample=self.synthetic.seconds_per_sample)
+            out.update(synthetic_samples=float(len(self.synthetic)), synth_seconds_per_sample=self.synthetic.seconds_per_sample,
+                       augment_teachers=float(len(self.teachers)), taught_classes=float(len(self.teacher_of)))
         freeze_norm_statistics(self.model.clip.train())
         losses, correct, seen = [], 0, 0
         for _ in range(self.cfg.local_steps):

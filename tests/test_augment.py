@@ -13,10 +13,12 @@ from peft import LoraConfig, get_peft_model
 
 from p2pfl import augment
 from p2pfl.data import load_peer_data
-from p2pfl.metrics import fairness_figures
+from p2pfl.metrics import fairness_figures, read_jsonl
 from p2pfl.model import SHAPES_CLIP_RN, AdaptedClip, LoraSpec, ModelError, has_resnet_tower, load_foundation
 from p2pfl.report import summarize
 from p2pfl.trainer import Trainer, TrainerConfig, TrainerError
+
+from .conftest import make_topology, start_peer, wait_all
 
 FAST = dict(samples_per_peer=96, global_test_size=120, batch_size=16, local_steps=3, augment_steps=8, augment_per_class=2)
 
@@ -303,3 +305,18 @@ def test_claim_gate_skips_classes_no_neighbour_knows_better():
     plain = Trainer(replace(cfg, augment="off"), 0, 4)
     plain.train_round()
     assert all(torch.equal(v, tr.adapter_state()[k]) for k, v in plain.adapter_state().items())
+
+
+@pytest.mark.slow
+def test_daemon_passes_neighbour_replicas_as_teachers(tmp_path, cluster_dir):
+    """peer.py hands its CHOCO replicas to the trainer: every round's record counts the teachers."""
+    topo, path = make_topology(tmp_path, "ring", 3)
+    sets = ["--set", 'partition="dirichlet:0.05"', "--set", 'augment="zero-shot"', "--set", "local_steps=2",
+            "--set", "augment_steps=3", "--set", "augment_per_class=1", "--set", "samples_per_peer=64"]
+    procs = {p: start_peer(path, p, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for p in topo.ids}
+    assert wait_all(procs, timeout=300) == {p: 0 for p in topo.ids}
+    for p in topo.ids:
+        recs = read_jsonl(cluster_dir / "metrics" / f"peer-{p}.jsonl")
+        aug = [r for r in recs if "synthetic_samples" in r]
+        assert [r["round"] for r in recs] == [0, 1, 2] and aug  # a skewed peer has classes to synthesise
+        assert all(r["augment_teachers"] == 2 for r in aug)  # both ring neighbours, every round
