@@ -181,9 +181,18 @@ class Transport:
         return True
 
     async def send_wait(self, peer: int, frames: Sequence[Any]) -> None:
-        """Like `send`, but wait for queue space (back-pressure for bulk producers)."""
-        if not self._try_direct(peer, frames):
-            await self.queues[peer].put(frames)
+        """Like `send`, but wait for room instead of dropping (back-pressure for bulk producers).
+
+        While nothing is queued for the peer, wait until its socket takes the message directly
+        rather than hop through the queue and the sender task (a hop costs as much CPU as the
+        header). So this also waits while the peer is not connected (``ZMQ_IMMEDIATE``)."""
+        if peer not in self.queues:
+            raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
+        while self.queues[peer].empty() and not self.busy[peer]:
+            if self._try_direct(peer, frames):
+                return
+            await self.dealers[peer].poll(flags=zmq.POLLOUT)
+        await self.queues[peer].put(frames)
 
     def flush(self, peer: int) -> int:
         """Forget what is queued for a neighbour that went down."""

@@ -238,3 +238,27 @@ def test_loss_free_sim_sends_only_deltas_after_the_hellos():
     for _ in range(3):
         net.step()
     assert kinds == [Kind.DELTA] * (3 * 2 * 6)
+
+
+@pytest.mark.parametrize("plan", ["none", "sign:64,nomatch=int8"])
+def test_non_finite_delta_is_refused_before_it_touches_a_replica(plan):
+    """The daemon decodes frames without a wire-level value scan: the codec's decode is the check."""
+    x0, x1 = synthetic_state(0, 0, 1024), synthetic_state(0, 1, 1024)
+    a = ChocoEngine(0, {1: 0.5}, x0, plan=plan)
+    b = ChocoEngine(1, {0: 0.5}, x1, plan=plan)
+    msg = a.make_delta(0)
+    name = next(iter(msg.tensors))
+    part = next(iter(msg.tensors[name].parts))
+    bad = msg.tensors[name].parts[part].clone()
+    if bad.is_floating_point():
+        bad.view(-1)[3] = float("nan")
+    else:  # sign bits: poison the float scales instead
+        part = "scales"
+        bad = msg.tensors[name].parts[part].clone()
+        bad[0] = float("inf")
+    tensors = dict(msg.tensors)
+    tensors[name] = TensorPayload(msg.tensors[name].codec, msg.tensors[name].shape, {**msg.tensors[name].parts, part: bad}, msg.tensors[name].meta)
+    before = {k: v.clone() for k, v in b.replicas[0].xhat.items()}
+    with pytest.raises(GossipError, match=r"NaN or Inf|non-finite"):
+        b.receive(Message(Kind.DELTA, 0, msg.round, msg.seq, msg.inc, tensors))
+    assert all(torch.equal(before[k], b.replicas[0].xhat[k]) for k in before)

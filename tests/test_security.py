@@ -24,7 +24,9 @@ import torch
 from p2pfl import topology as T
 from p2pfl.cli import topology_main
 from p2pfl.consensus import exact_distance, flatten, network_mean
+from p2pfl.gossip import GossipError
 from p2pfl.metrics import read_jsonl
+from p2pfl.peer import SKETCH_TENSOR, Peer, PeerConfig
 from p2pfl.robust import NormGuard, RobustSpec
 from p2pfl.sim import SimNetwork
 from p2pfl.state import State, load_state, synthetic_state
@@ -500,3 +502,17 @@ def test_byzantine_scaler_is_contained_by_trimmed_mean_and_not_without(tmp_path)
     assert plain_dev > DAMAGED_MIN  # visibly damaged without robust mixing
     assert robust_dev == pytest.approx(simulate_byzantine("trimmed:1")[0], rel=1e-3)
     assert plain_dev == pytest.approx(simulate_byzantine("off")[0], rel=1e-2)
+
+
+def test_non_finite_sketch_block_is_refused_by_the_peer(tmp_path):
+    """Frames are decoded without a wire-level value scan, so the sketch block checks its own."""
+    _, path = make_topology(tmp_path, "ring", 4)
+    peer = Peer(PeerConfig(topology=path, id=0, no_train=True, dim=1024, run_dir=tmp_path / "run", sketch_dim=64))
+    rows = torch.zeros(1, 64, dtype=torch.float64)
+    rows[0, 5] = math.inf
+    msg = Message(Kind.DELTA, 1, info={"sketches": [[1, 0]]}, tensors={SKETCH_TENSOR: TensorPayload("none", (1, 64), {"data": rows})})
+    with pytest.raises(GossipError, match="NaN or Inf"):
+        peer._take_sketches(msg)
+    rows[0, 5] = 0.0
+    msg.tensors[SKETCH_TENSOR] = TensorPayload("none", (1, 64), {"data": rows})
+    peer._take_sketches(msg)  # the same block, finite, is taken
