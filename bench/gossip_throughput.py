@@ -7,7 +7,7 @@ uvloop and ZeroMQ context, over loopback TCP. Ours: `wire.encode` of a float32 t
 NaN/Inf check happens where the daemon reads the values, in the codec). A third arm,
 `ours_scanned`, also scans every value on the wire level (`check_finite=True`). Bare:
 `send_multipart(copy=False)` of the raw payload and `recv_multipart(copy=False)`, nothing else.
-Trials alternate the arms and each reported ratio is the median of the per-trial ratios to the
+Trials alternate the arms (in rotating order) and each reported ratio is the median of the per-trial ratios to the
 bare run beside it, which cancels most of a shared machine's drift. Prints one JSON line.
 usage: python bench/gossip_throughput.py [--seconds 1.5] [--trials 3] [--sizes 65536,1048576,16777216]
 """
@@ -126,9 +126,10 @@ def main(sizes: list[int], seconds: float, trials: int) -> dict:
     out: dict = {"bench": "gossip_throughput", "seconds": seconds, "trials": trials, "sizes": {}}
     for n in sizes:
         rates: dict[str, list[float]] = {"bare": [], "ours": [], "ours_scanned": []}
-        for _ in range(trials):
-            for kind, got in rates.items():
-                got.append(trial(kind, n, seconds))
+        kinds = list(rates)
+        for i in range(trials):  # rotate the order so that no arm always runs first
+            for kind in kinds[i % 3 :] + kinds[: i % 3]:
+                rates[kind].append(trial(kind, n, seconds))
         row: dict = {"bare_MBps": round(statistics.median(rates["bare"]) / 1e6, 1)}
         for kind in ("ours", "ours_scanned"):
             ratios = [o / b for o, b in zip(rates[kind], rates["bare"], strict=True)]

@@ -86,7 +86,7 @@ class Transport:
         self.router: zmq.asyncio.Socket | None = None
         self.dealers: dict[int, zmq.asyncio.Socket] = {}
         self.direct: dict[int, zmq.Socket] = {}  # sync shadows of the DEALERs for the fast path
-        self.busy: dict[int, bool] = {}
+        self.inflight: dict[int, int] = {}  # awaited sends not yet taken by the socket
         self.queues: dict[int, asyncio.Queue[Sequence[Any]]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.stats = TransportStats()
@@ -140,7 +140,7 @@ class Transport:
         d.connect(spec.endpoint)
         self.dealers[j] = d
         self.direct[j] = zmq.Socket.shadow(d.underlying)
-        self.busy[j] = False
+        self.inflight[j] = 0
         self.queues[j] = asyncio.Queue(self.queue_size)
         self.tasks.append(asyncio.create_task(self._sender(j), name=f"send-{j}"))
 
@@ -152,12 +152,12 @@ class Transport:
             t.cancel()
             self.tasks.remove(t)
         self.stats.dropped += self.queues.pop(j).qsize()
-        del self.busy[j], self.direct[j]
+        del self.inflight[j], self.direct[j]
         self.dealers.pop(j).close(0)
 
     def _try_direct(self, peer: int, frames: Sequence[Any]) -> bool:
         """Fast path: with nothing queued, a non-blocking send right away (no task switch)."""
-        if not self.queues[peer].empty() or self.busy[peer]:
+        if not self.queues[peer].empty() or self.inflight[peer]:
             return False
         try:
             self.direct[peer].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -183,16 +183,33 @@ class Transport:
     async def send_wait(self, peer: int, frames: Sequence[Any]) -> None:
         """Like `send`, but wait for room instead of dropping (back-pressure for bulk producers).
 
-        While nothing is queued for the peer, wait until its socket takes the message directly
-        rather than hop through the queue and the sender task (a hop costs as much CPU as the
-        header). So this also waits while the peer is not connected (``ZMQ_IMMEDIATE``)."""
+        While nothing is queued for the peer, the message waits on the socket itself (pyzmq's
+        ordered send futures) rather than hop through the queue and the sender task, which costs
+        as much CPU as the header. So this also waits while the peer is not connected
+        (``ZMQ_IMMEDIATE``)."""
         if peer not in self.queues:
             raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
-        while self.queues[peer].empty() and not self.busy[peer]:
-            if self._try_direct(peer, frames):
-                return
-            await self.dealers[peer].poll(flags=zmq.POLLOUT)
-        await self.queues[peer].put(frames)
+        if self._try_direct(peer, frames):
+            return
+        if not self.queues[peer].empty():  # stay behind what is queued
+            await self.queues[peer].put(frames)
+            return
+        await self._send_async(peer, frames)
+
+    async def _send_async(self, peer: int, frames: Sequence[Any]) -> None:
+        """Await the socket taking ``frames``; direct sends stay off while this is pending, so
+        order holds."""
+        self.inflight[peer] += 1
+        try:
+            await self.dealers[peer].send_multipart(frames, copy=False)
+        except zmq.ZMQError as e:
+            self.stats.dropped += 1
+            log.warning("peer %s: send to %s failed: %s", self.me.id, peer, e)
+            return
+        finally:
+            self.inflight[peer] -= 1
+        self.stats.bytes_sent += frames_nbytes(frames)
+        self.stats.messages_sent += 1
 
     def flush(self, peer: int) -> int:
         """Forget what is queued for a neighbour that went down."""
@@ -205,20 +222,9 @@ class Transport:
         return n
 
     async def _sender(self, peer: int) -> None:
-        q, sock = self.queues[peer], self.dealers[peer]
+        q = self.queues[peer]
         while True:
-            frames = await q.get()
-            self.busy[peer] = True
-            try:
-                await sock.send_multipart(frames, copy=False)
-            except zmq.ZMQError as e:
-                self.stats.dropped += 1
-                log.warning("peer %s: send to %s failed: %s", self.me.id, peer, e)
-                continue
-            finally:
-                self.busy[peer] = q.qsize() > 0
-            self.stats.bytes_sent += frames_nbytes(frames)
-            self.stats.messages_sent += 1
+            await self._send_async(peer, await q.get())
 
     async def recv(self) -> tuple[bytes, int | None, list[zmq.Frame]]:
         """Next message as (routing identity, CURVE-authenticated peer id or None, frames).
