@@ -12,6 +12,7 @@ Defaults: 5 rounds of 30 local steps (about 5 local epochs per round, the drift-
 federated learning under label skew, where a peer's lack of classes hurts most).
 
 usage: python bench/fairness.py [--peers 8] [--rounds 5] [--model shapes-clip] [--set key=value ...]
+                               [--with-set key=value ...] [--arms without,with] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -69,6 +70,24 @@ def run_arm(cfg: TrainerConfig, n: int, rounds: int, kind: str) -> dict:
     }
 
 
+DELTA_KEYS = ("mean", "std", "worst", "worst_gap", "unseen_mean")
+
+
+def compare(cfg: TrainerConfig, aug_cfg: TrainerConfig, arms: set[str], n: int, rounds: int, kind: str) -> dict:
+    """Zero-shot figures and the chosen arms for one seed, with the differences in points."""
+    zero = [Trainer(cfg, p, n) for p in range(n)]
+    zero_eval = [t.evaluate(global_eval=True) for t in zero]
+    del zero
+    base = run_arm(cfg, n, rounds, kind) if "without" in arms else {}
+    aug = run_arm(aug_cfg, n, rounds, kind) if "with" in arms else {}
+    return {
+        "seed": cfg.seed,
+        "zero_shot": fairness_figures([e["global_accuracy"] for e in zero_eval], [e["unseen_accuracy"] for e in zero_eval]),
+        "without_augment": base, "with_augment": aug,
+        "delta_points": {k: 100 * (aug[k] - base[k]) for k in DELTA_KEYS if k in aug and k in base},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", type=int, default=8)
@@ -76,29 +95,32 @@ def main() -> None:
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--model", default="shapes-clip", help="shapes-clip (ViT: feature space) or shapes-clip-rn (BN: image space)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--with-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="settings of the augmented arm only, e.g. logit_adjust=1 (compare against plain training)")
     ap.add_argument("--arms", default="without,with", help="which arms to run: without,with (both), without, or with")
+    ap.add_argument("--seeds", default="", help="comma-separated run seeds (overrides seed=); adds the mean of the per-seed differences")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sets = dict(item.partition("=")[::2] for item in args.set)  # values parsed as p2pfl-peer's --set does
     overrides = {"partition": "dirichlet:0.05", "local_steps": 30, "model": args.model, **{k: _parse_value(v) for k, v in sets.items()}}
     cfg = TrainerConfig.from_dict({**overrides, "augment": "off"})
+    with_sets = {k: _parse_value(v) for k, v in (item.partition("=")[::2] for item in args.with_set)}
+    aug_cfg = TrainerConfig.from_dict({**cfg.to_dict(), **with_sets, "augment": "zero-shot"})
     arms = set(args.arms.split(","))
     if not arms or arms - {"without", "with"}:
         raise SystemExit(f"--arms: {args.arms!r} is not a subset of without,with")
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [cfg.seed]
     t0 = time.time()
-    zero = [Trainer(cfg, p, args.peers) for p in range(args.peers)]
-    zero_eval = [t.evaluate(global_eval=True) for t in zero]
-    del zero
-    base = run_arm(cfg, args.peers, args.rounds, args.topology) if "without" in arms else {}
-    aug = run_arm(replace(cfg, augment="zero-shot"), args.peers, args.rounds, args.topology) if "with" in arms else {}
-    print(json.dumps({
-        "bench": "fairness", "peers": args.peers, "rounds": args.rounds, "topology": args.topology,
-        "trainer": cfg.to_dict(),
-        "zero_shot": fairness_figures([e["global_accuracy"] for e in zero_eval], [e["unseen_accuracy"] for e in zero_eval]),
-        "without_augment": base, "with_augment": aug,
-        "delta_points": {k: 100 * (aug[k] - base[k]) for k in ("mean", "std", "worst", "worst_gap", "unseen_mean") if k in aug and k in base},
-        "seconds": round(time.time() - t0, 1),
-    }))
+    runs = [compare(replace(cfg, seed=s), replace(aug_cfg, seed=s), arms, args.peers, args.rounds, args.topology) for s in seeds]
+    out = {"bench": "fairness", "peers": args.peers, "rounds": args.rounds, "topology": args.topology,
+           "trainer": cfg.to_dict(), "with_set": with_sets}
+    if len(runs) == 1:
+        out.update(runs[0])
+    else:
+        out["runs"] = runs
+        out["mean_delta_points"] = {k: float(np.mean([r["delta_points"][k] for r in runs])) for k in runs[0]["delta_points"]}
+    out["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

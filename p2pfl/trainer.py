@@ -53,6 +53,7 @@ class TrainerConfig:
     lr_schedule: str = "constant"  # "constant" | "cosine:R" (decay to 0 over R rounds of local_steps)
     optimizer: str = "adamw"  # "adamw" | "sgd"
     weight_decay: float = 0.0
+    logit_adjust: float = 0.0  # tau of the local label-prior logit adjustment on real samples (0 = plain CE)
     eval_every: int = 1
     seed: int = 0
     samples_per_peer: int = 256
@@ -109,6 +110,8 @@ class Trainer:
     def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int) -> None:
         if cfg.optimizer not in ("adamw", "sgd"):
             raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
+        if not (cfg.logit_adjust >= 0 and math.isfinite(cfg.logit_adjust)):
+            raise TrainerError(f"trainer config: logit_adjust {cfg.logit_adjust} is not a finite number >= 0")
         if cfg.local_steps < 0 or cfg.batch_size < 1:
             raise TrainerError(f"trainer config: local_steps {cfg.local_steps} / batch_size {cfg.batch_size} invalid")
         if cfg.augment not in augment.AUGMENT_MODES:
@@ -142,6 +145,8 @@ class Trainer:
         n_classes = len(self.data.train.class_names)
         seen = torch.bincount(self.data.train.labels, minlength=n_classes) > 0 if len(self.data.train) else torch.zeros(n_classes, dtype=torch.bool)
         self.unseen_classes = [c for c in range(n_classes) if not seen[c]]  # never in this peer's training data
+        self.label_prior = torch.bincount(self.data.train.labels, minlength=n_classes).float() / max(1, len(self.data.train))
+        self.logit_offset = self._logit_offset(self.label_prior)
         self.augment_classes: list[int] = []
         self.synthesis = augment.SynthesisConfig()
         if cfg.augment == "zero-shot":
@@ -179,6 +184,19 @@ class Trainer:
 
     # -- local work
 
+    def _logit_offset(self, prior: torch.Tensor) -> torch.Tensor | None:
+        """``tau * log(prior)``, added to the training logits (never at evaluation).
+
+        Logit adjustment (Menon et al., ICLR 2021) trains for the balanced error rather than the
+        label prior of what the peer trains on; in federated learning under label skew this is
+        FedLC's calibration (Zhang et al., ICML 2022). A class with no local data gets ``-inf``,
+        which leaves it out of the local softmax (FedRS's restricted softmax, Li & Zhan, KDD 2021):
+        local steps then never push images away from the text embedding of a class the peer has
+        no data for. Synthetic samples count in the prior (see `_round_prior`)."""
+        if self.cfg.logit_adjust == 0 or len(self.data.train) == 0:
+            return None
+        return self.cfg.logit_adjust * prior.log()
+
     def _batch(self, step: int) -> np.ndarray:
         """Indices of batch ``step``: epochs of seeded permutations, so a restart resumes exactly."""
         n, bs = len(self.data.train), self.cfg.batch_size
@@ -205,6 +223,7 @@ class Trainer:
         out: dict[str, float] = {}
         if self.augment_classes:
             self.synthetic = self._synthesize()
+            self.logit_offset = self._logit_offset(self._round_prior())
             out.update(synthetic_samples=float(len(self.synthetic)), synth_seconds_per_sample=self.synthetic.seconds_per_sample,
                        augment_teachers=float(len(self.teachers)), taught_classes=float(len(self.teacher_of)))
         freeze_norm_statistics(self.model.clip.train())
@@ -213,7 +232,7 @@ class Trainer:
             idx = torch.from_numpy(self._batch(self.step))
             images, labels = train.images[idx], train.labels[idx]
             logits = self.model.logits(images, self._head(train))
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits if self.logit_offset is None else logits + self.logit_offset, labels)
             if self.synthetic is not None and len(self.synthetic):
                 loss = self._mixed_loss(loss, len(labels), train)
             self.opt.zero_grad(set_to_none=True)
@@ -268,6 +287,17 @@ class Trainer:
             return augment.SyntheticSet("feature", torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.0, {})
         return augment.concat_sets(sets)
 
+    def _round_prior(self) -> torch.Tensor:
+        """Label prior of this round's training mix: each batch holds ``batch_size`` real samples
+        and ``augment_batch`` synthetic ones of weight ``augment_weight``, drawn uniformly from the
+        synthetic set."""
+        syn = self.synthetic
+        if syn is None or not len(syn) or self.cfg.augment_weight == 0:
+            return self.label_prior
+        syn_prior = torch.bincount(syn.labels, minlength=len(self.label_prior)).float() / len(syn)
+        w = self.cfg.augment_weight * min(self.cfg.augment_batch, len(syn))
+        return (self.cfg.batch_size * self.label_prior + w * syn_prior) / (self.cfg.batch_size + w)
+
     def _mixed_loss(self, real_loss: torch.Tensor, n_real: int, train: Split) -> torch.Tensor:
         """Per-sample weighted mean: real samples weigh 1, synthetic ones ``augment_weight``."""
         syn = self.synthetic
@@ -276,6 +306,8 @@ class Trainer:
         pos = rng_for(self.cfg.seed, "augment-batches", self.peer_id, self.step).permutation(n)[: self.cfg.augment_batch]
         idx = torch.from_numpy(pos)
         logits = augment.synthetic_logits(self.foundation, syn, idx, self._head(train))
+        if self.logit_offset is not None:
+            logits = logits + self.logit_offset
         target = F.one_hot(syn.labels[idx], logits.shape[1]).float()
         d = self.cfg.augment_distill
         if d > 0 and syn.probs is not None:

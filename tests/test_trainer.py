@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from p2pfl.augment import SyntheticSet
 from p2pfl.trainer import Trainer, TrainerConfig
 
 FAST = dict(samples_per_peer=96, global_test_size=120, batch_size=16, local_steps=4)
@@ -129,3 +131,56 @@ def test_cosine_lr_schedule_decays_to_zero_and_bad_specs_are_named():
     for bad in ("cosine", "cosine:0", "linear:5"):
         with pytest.raises(ValueError, match="lr_schedule"):
             Trainer(TrainerConfig.from_dict({**FAST, "lr_schedule": bad}), 0, 2)
+
+
+def _adapter_after_a_round(cfg: TrainerConfig, peer: int, scramble_absent: bool) -> tuple[list[int], dict[str, torch.Tensor]]:
+    tr = Trainer(cfg, peer, 4)
+    if scramble_absent:  # move the text embeddings of the classes this peer has no data for
+        head = tr._head
+
+        def scrambled(split):
+            h = head(split).clone()
+            g = torch.Generator().manual_seed(0)
+            h[tr.unseen_classes] = F.normalize(torch.randn(len(tr.unseen_classes), h.shape[1], generator=g), dim=-1)
+            return h
+
+        tr._head = scrambled
+    tr.train_round()
+    return tr.unseen_classes, tr.adapter_state()
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_logit_adjustment_leaves_absent_classes_out_of_local_training(tau):
+    """With tau > 0 a class absent locally gets a -inf offset: the local steps do not depend on its
+    text embedding at all (restricted softmax); plain cross-entropy pushes images away from it."""
+    cfg = TrainerConfig(task="shape", partition="dirichlet:0.05", seed=2, logit_adjust=tau, **FAST)
+    unseen, a = _adapter_after_a_round(cfg, 1, scramble_absent=False)
+    _, b = _adapter_after_a_round(cfg, 1, scramble_absent=True)
+    assert unseen  # the partition leaves this peer without some classes
+    same = all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    assert same == (tau > 0)
+
+
+def test_logit_adjustment_offset_is_the_scaled_log_prior():
+    tr = Trainer(TrainerConfig(task="shape", partition="dirichlet:0.05", seed=2, logit_adjust=0.5, **FAST), 1, 4)
+    counts = torch.bincount(tr.data.train.labels, minlength=len(tr.data.train.class_names)).float()
+    assert torch.equal(torch.isinf(tr.logit_offset), counts == 0)
+    seen = counts > 0
+    assert torch.allclose(tr.logit_offset[seen], 0.5 * (counts[seen] / counts.sum()).log())
+    with pytest.raises(ValueError, match="logit_adjust"):
+        Trainer(TrainerConfig(logit_adjust=-1.0, **FAST), 0, 1)
+
+
+def test_logit_adjustment_prior_counts_this_rounds_synthetic_samples():
+    """A class that is absent locally but synthesised this round is back in the softmax, at the
+    share the batches give it; classes neither seen nor synthesised stay out."""
+    cfg = TrainerConfig(task="shape", partition="dirichlet:0.05", seed=2, logit_adjust=1.0, **FAST)
+    tr = Trainer(cfg, 1, 4)
+    taught = tr.unseen_classes[:1]
+    tr.synthetic = SyntheticSet("feature", torch.zeros(4, 1), torch.tensor(taught * 4), 0.0, {})
+    prior = tr._round_prior()
+    assert prior.sum().item() == pytest.approx(1.0)
+    w = min(cfg.augment_batch, 4) * cfg.augment_weight
+    assert prior[taught[0]].item() == pytest.approx(w / (cfg.batch_size + w))
+    absent = [c for c in tr.unseen_classes if c not in taught]
+    assert absent and torch.all(prior[absent] == 0)
