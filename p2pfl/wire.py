@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import torch
+import zmq
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
@@ -146,7 +147,7 @@ def decode(frames: Sequence[Any], max_frame: int = DEFAULT_MAX_FRAME, check_fini
     """Validate and view a frame sequence as a Message. Raises WireError and nothing else."""
     if not frames:
         raise WireError("empty message: no header frame")
-    raw = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    raw = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
     for k, f in enumerate(raw):
         if f.nbytes > max_frame:
             raise WireError(f"frame {k}: {f.nbytes} bytes exceeds the maximum of {max_frame}")
@@ -244,8 +245,10 @@ def _view(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.
         return torch.empty(shape, dtype=dtype)
     if dtype == torch.bfloat16:
         return torch.frombuffer(buf, dtype=torch.int16).view(torch.bfloat16).reshape(shape)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    flat = torch.frombuffer(buf, dtype=dtype)
+    return flat if len(shape) == 1 else flat.reshape(shape)  # flat deltas: no reshape per frame
 
 
 def frames_nbytes(frames: Sequence[Any]) -> int:
-    return sum(memoryview(f.buffer if hasattr(f, "buffer") else f).nbytes for f in frames)
+    """Bytes of a frame list without building a view per frame (it is counted for every message)."""
+    return sum(len(f) if isinstance(f, zmq.Frame | bytes) else memoryview(f).nbytes for f in frames)
