@@ -53,7 +53,7 @@ class TrainerConfig:
     lr_schedule: str = "constant"  # "constant" | "cosine:R" (decay to 0 over R rounds of local_steps)
     optimizer: str = "adamw"  # "adamw" | "sgd"
     weight_decay: float = 0.0
-    logit_adjust: float = 0.0  # tau of the local label-prior logit adjustment on real samples (0 = plain CE)
+    logit_adjust: float = 0.0  # tau of the label-prior logit adjustment of training logits (0 = plain CE)
     eval_every: int = 1
     seed: int = 0
     samples_per_peer: int = 256
@@ -233,7 +233,7 @@ class Trainer:
             images, labels = train.images[idx], train.labels[idx]
             logits = self.model.logits(images, self._head(train))
             loss = F.cross_entropy(logits if self.logit_offset is None else logits + self.logit_offset, labels)
-            if self.synthetic is not None and len(self.synthetic):
+            if self.synthetic is not None and len(self.synthetic) and self.cfg.augment_weight > 0:
                 loss = self._mixed_loss(loss, len(labels), train)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -312,7 +312,13 @@ class Trainer:
         d = self.cfg.augment_distill
         if d > 0 and syn.probs is not None:
             target = (1 - d) * target + d * syn.probs[idx]
-        syn_loss = -(target * logits.log_softmax(-1)).sum(-1).mean()
+        logp = logits.log_softmax(-1)
+        if self.logit_offset is not None:  # classes outside the softmax (-inf): no target mass, no 0 * -inf
+            inside = torch.isfinite(self.logit_offset)
+            target = target * inside
+            target = target / target.sum(-1, keepdim=True)
+            logp = logp.masked_fill(~inside, 0.0)
+        syn_loss = -(target * logp).sum(-1).mean()
         w = self.cfg.augment_weight * len(idx)
         return (real_loss * n_real + syn_loss * w) / (n_real + w)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -184,3 +185,18 @@ def test_logit_adjustment_prior_counts_this_rounds_synthetic_samples():
     assert prior[taught[0]].item() == pytest.approx(w / (cfg.batch_size + w))
     absent = [c for c in tr.unseen_classes if c not in taught]
     assert absent and torch.all(prior[absent] == 0)
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_logit_adjustment_with_augmentation_keeps_the_loss_finite(distill):
+    """Classes neither seen nor synthesised sit at -inf: their zero targets must not turn into
+    0 * -inf, and distilled soft labels must not put mass on them."""
+    cfg = TrainerConfig(task="shape", partition="dirichlet:0.05", seed=2, logit_adjust=1.0, augment="zero-shot",
+                        augment_teachers="self", augment_steps=3, augment_distill=distill, **FAST)
+    tr = Trainer(cfg, 1, 4)
+    tr.augment_classes = tr.augment_classes[:1]  # synthesise one absent class; the others stay out
+    assert len(tr.unseen_classes) > 1
+    stats = tr.train_round()
+    assert stats["synthetic_samples"] > 0
+    assert math.isfinite(stats["train_loss"])
+    assert all(torch.isfinite(v).all() for v in tr.adapter_state().values())
