@@ -128,7 +128,8 @@ def main(sizes: list[int], seconds: float, trials: int) -> dict:
         rates: dict[str, list[float]] = {"bare": [], "ours": [], "ours_scanned": []}
         kinds = list(rates)
         for i in range(trials):  # rotate the order so that no arm always runs first
-            for kind in kinds[i % 3 :] + kinds[: i % 3]:
+            r = i % len(kinds)
+            for kind in kinds[r:] + kinds[:r]:
                 rates[kind].append(trial(kind, n, seconds))
         row: dict = {"bare_MBps": round(statistics.median(rates["bare"]) / 1e6, 1)}
         for kind in ("ours", "ours_scanned"):

@@ -143,9 +143,8 @@ class Trainer:
         self.step = 0  # optimizer steps taken; also positions the batch stream
         self.decay_steps = parse_lr_schedule(cfg.lr_schedule) * cfg.local_steps
         n_classes = len(self.data.train.class_names)
-        seen = torch.bincount(self.data.train.labels, minlength=n_classes) > 0 if len(self.data.train) else torch.zeros(n_classes, dtype=torch.bool)
-        self.unseen_classes = [c for c in range(n_classes) if not seen[c]]  # never in this peer's training data
         self.label_prior = torch.bincount(self.data.train.labels, minlength=n_classes).float() / max(1, len(self.data.train))
+        self.unseen_classes = [c for c in range(n_classes) if self.label_prior[c] == 0]  # never in this peer's training data
         self.logit_offset = self._logit_offset(self.label_prior)
         self.augment_classes: list[int] = []
         self.synthesis = augment.SynthesisConfig()

@@ -163,9 +163,12 @@ class Transport:
             self.direct[peer].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
+        self._count_sent(frames)
+        return True
+
+    def _count_sent(self, frames: Sequence[Any]) -> None:
         self.stats.bytes_sent += frames_nbytes(frames)
         self.stats.messages_sent += 1
-        return True
 
     def send(self, peer: int, frames: Sequence[Any]) -> bool:
         """Send or queue a message for a neighbour; False (and counted) if its queue is full."""
@@ -208,8 +211,7 @@ class Transport:
             return
         finally:
             self.inflight[peer] -= 1
-        self.stats.bytes_sent += frames_nbytes(frames)
-        self.stats.messages_sent += 1
+        self._count_sent(frames)
 
     def flush(self, peer: int) -> int:
         """Forget what is queued for a neighbour that went down."""
