@@ -166,9 +166,17 @@ class Peer:
             self.overlay_seen.setdefault(peer, time.monotonic())
         self.transport.send(peer, encode(msg))
 
+    def _ping(self, peer: int, msg: Message, down: bool) -> None:
+        """A periodic control message: queued for a peer that is up, sent now or never to one that
+        is down (a queue would hand its next incarnation old rounds first)."""
+        if down:
+            self.transport.offer(peer, encode(msg))
+        else:
+            self._send(peer, msg)
+
     def _broadcast_control(self, msg: Message, to: list[int] | None = None) -> None:
         for j in self.neighbors if to is None else to:
-            self._send(j, msg)
+            self._ping(j, msg, down=j not in self.live)
 
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected += 1
@@ -300,9 +308,11 @@ class Peer:
                     self._mark_down(j, f"silent for {self.cfg.peer_timeout:.1f}s")
             for j in self._extra_overlay():
                 assert self.levels is not None
-                self._send(j, self.levels.control(CLUSTER if j in self.levels.cluster_neighbors else GLOBAL, "heartbeat"))
+                beat = self.levels.control(CLUSTER if j in self.levels.cluster_neighbors else GLOBAL, "heartbeat")
+                self._ping(j, beat, down=j in self.overlay_down)
                 if j not in self.overlay_down and now - self.overlay_seen.get(j, now) > self.cfg.peer_timeout:
                     self.overlay_down.add(j)
+                    self.transport.flush(j)
                     self.log.warning("peer %d: overlay peer %d is down (silent for %.1fs)", self.me, j, self.cfg.peer_timeout)
                     self._progress.set()
             await asyncio.sleep(self.cfg.heartbeat)
@@ -373,6 +383,7 @@ class Peer:
             for j in old_extra - set(self._extra_overlay()):
                 self.transport.disconnect(j)
                 self.overlay_seen.pop(j, None)
+                self.overlay_down.discard(j)
             now = time.monotonic()
             for j in self._extra_overlay():
                 self.overlay_seen.setdefault(j, now)

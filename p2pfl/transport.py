@@ -4,6 +4,9 @@ It moves frame lists and nothing else: no protocol logic lives here.  Sends neve
 event loop: each neighbour has a bounded queue drained by its own task, DEALERs use
 ZMQ_IMMEDIATE (nothing queues for a peer that is not connected) and a send high-water mark; a
 full queue drops the message and counts it (CHOCO's sequence numbers turn that into a resync).
+When a neighbour goes down, `flush` drops what waits for it, in the queue and at the socket, and
+pings go out with `offer` (now or never): otherwise its next incarnation would first receive
+seconds-old messages, with old round numbers, when the DEALER reconnects.
 The ROUTER's routing id is the sender's DEALER identity, which the peer checks against the
 header's sender field.
 """
@@ -86,7 +89,7 @@ class Transport:
         self.router: zmq.asyncio.Socket | None = None
         self.dealers: dict[int, zmq.asyncio.Socket] = {}
         self.direct: dict[int, zmq.Socket] = {}  # sync shadows of the DEALERs for the fast path
-        self.inflight: dict[int, int] = {}  # awaited sends not yet taken by the socket
+        self.inflight: dict[int, set[asyncio.Future[Any]]] = {}  # awaited sends the socket has not taken
         self.queues: dict[int, asyncio.Queue[Sequence[Any]]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.stats = TransportStats()
@@ -140,7 +143,7 @@ class Transport:
         d.connect(spec.endpoint)
         self.dealers[j] = d
         self.direct[j] = zmq.Socket.shadow(d.underlying)
-        self.inflight[j] = 0
+        self.inflight[j] = set()
         self.queues[j] = asyncio.Queue(self.queue_size)
         self.tasks.append(asyncio.create_task(self._sender(j), name=f"send-{j}"))
 
@@ -169,6 +172,13 @@ class Transport:
     def _count_sent(self, frames: Sequence[Any]) -> None:
         self.stats.bytes_sent += frames_nbytes(frames)
         self.stats.messages_sent += 1
+
+    def offer(self, peer: int, frames: Sequence[Any]) -> bool:
+        """Send now or not at all (False): for periodic pings to a neighbour that is down, whose
+        queued copies would only tell its next incarnation stale news."""
+        if peer not in self.queues:
+            raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
+        return self._try_direct(peer, frames)
 
     def send(self, peer: int, frames: Sequence[Any]) -> bool:
         """Send or queue a message for a neighbour; False (and counted) if its queue is full."""
@@ -201,25 +211,35 @@ class Transport:
 
     async def _send_async(self, peer: int, frames: Sequence[Any]) -> None:
         """Await the socket taking ``frames``; direct sends stay off while this is pending, so
-        order holds."""
-        self.inflight[peer] += 1
+        order holds. `flush` may cancel the send (not the caller)."""
+        fut = self.dealers[peer].send_multipart(frames, copy=False)
+        pending = self.inflight[peer]
+        pending.add(fut)
         try:
-            await self.dealers[peer].send_multipart(frames, copy=False)
+            await fut
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if fut.cancelled() and task is not None and not task.cancelling():
+                return  # flushed; `flush` counted it
+            raise
         except zmq.ZMQError as e:
             self.stats.dropped += 1
             log.warning("peer %s: send to %s failed: %s", self.me.id, peer, e)
             return
         finally:
-            self.inflight[peer] -= 1
+            pending.discard(fut)
         self._count_sent(frames)
 
     def flush(self, peer: int) -> int:
-        """Forget what is queued for a neighbour that went down."""
+        """Forget what waits for a neighbour that went down: its queue and the sends that the
+        socket has not taken (they would go out when it reconnects)."""
         q = self.queues[peer]
         n = 0
         while not q.empty():
             q.get_nowait()
             n += 1
+        for fut in list(self.inflight[peer]):
+            n += fut.cancel()
         self.stats.dropped += n
         return n
 

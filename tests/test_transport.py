@@ -45,3 +45,41 @@ def test_send_wait_waits_for_a_late_peer_and_delivers_everything_in_order():
     assert sent_while_down == 0
     assert got == list(range(N_MESSAGES))
     assert dropped == 0
+
+
+async def _flush_while_the_receiver_is_down() -> tuple[bool, int, bool, list[bytes], bool]:
+    base = free_base_port(2)
+    a_spec, b_spec = PeerSpec(0, "127.0.0.1", base), PeerSpec(1, "127.0.0.1", base + 1)
+    a = Transport(a_spec, {1: b_spec}, max_frame=1 << 20, queue_size=16)
+    b = Transport(b_spec, {0: a_spec}, max_frame=1 << 20)
+    await a.start()
+    offered_while_down = a.offer(1, [b"ping-while-down"])
+    waiter = asyncio.create_task(a.send_wait(1, [b"stale-wait"]))
+    await asyncio.sleep(0.1)  # the caller awaits the socket
+    for i in range(5):
+        assert a.send(1, [f"stale-{i}".encode()])
+    await asyncio.sleep(0.1)  # and so does the sender task, with stale-0
+    flushed = a.flush(1)
+    await asyncio.wait_for(waiter, 5)  # the flush cancels the send, not the caller
+    await b.start()
+    got: list[bytes] = []
+    while not got or got[-1] != b"fresh":
+        while not a.offer(1, [b"ping"]):  # once connected, pings go out at once
+            await asyncio.sleep(0.05)
+        a.send(1, [b"fresh"])
+        for _ in range(2):
+            _, _, frames = await asyncio.wait_for(b.recv(), 20)
+            got.append(frames[0].bytes)
+    idle = not a.inflight[1] and a.queues[1].empty()
+    await a.close()
+    await b.close()
+    return offered_while_down, flushed, waiter.exception() is None, got, idle
+
+
+def test_flush_drops_what_waits_for_a_down_peer_so_its_next_incarnation_gets_only_fresh_messages():
+    offered, flushed, caller_ok, got, idle = asyncio.run(_flush_while_the_receiver_is_down())
+    assert not offered  # ZMQ_IMMEDIATE: no connection, no ping, nothing kept for later
+    assert flushed == 6  # two held at the socket (the caller's and stale-0), four queued
+    assert caller_ok
+    assert got == [b"ping", b"fresh"]
+    assert idle
