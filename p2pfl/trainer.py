@@ -145,8 +145,7 @@ class Trainer:
         n_classes = len(self.data.train.class_names)
         self.label_prior = torch.bincount(self.data.train.labels, minlength=n_classes).float() / max(1, len(self.data.train))
         self.unseen_classes = [c for c in range(n_classes) if self.label_prior[c] == 0]  # never in this peer's training data
-        self.logit_offset = self._logit_offset(self.label_prior)  # real samples: the real-data prior
-        self.synthetic_offset = self.logit_offset  # synthetic samples: this round's mixed prior
+        self.logit_offset = self._logit_offset(self.label_prior)
         self.augment_classes: list[int] = []
         self.synthesis = augment.SynthesisConfig()
         if cfg.augment == "zero-shot":
@@ -192,10 +191,7 @@ class Trainer:
         FedLC's calibration (Zhang et al., ICML 2022). A class with no local data gets ``-inf``,
         which leaves it out of the local softmax (FedRS's restricted softmax, Li & Zhan, KDD 2021):
         local steps then never push images away from the text embedding of a class the peer has
-        no data for. Real samples keep that restricted softmax even in rounds with synthetic
-        samples: letting a synthesised class back into the real samples' softmax would have every
-        real image push it down again, undoing what a few synthetic samples teach. Synthetic
-        samples are scored with the round's mixed prior (see `_round_prior`)."""
+        no data for. Synthetic samples count in the prior (see `_round_prior`)."""
         if self.cfg.logit_adjust == 0 or len(self.data.train) == 0:
             return None
         return self.cfg.logit_adjust * prior.log()
@@ -226,7 +222,7 @@ class Trainer:
         out: dict[str, float] = {}
         if self.augment_classes:
             self.synthetic = self._synthesize()
-            self.synthetic_offset = self._logit_offset(self._round_prior())
+            self.logit_offset = self._logit_offset(self._round_prior())
             out.update(synthetic_samples=float(len(self.synthetic)), synth_seconds_per_sample=self.synthetic.seconds_per_sample,
                        augment_teachers=float(len(self.teachers)), taught_classes=float(len(self.teacher_of)))
         freeze_norm_statistics(self.model.clip.train())
@@ -309,16 +305,15 @@ class Trainer:
         pos = rng_for(self.cfg.seed, "augment-batches", self.peer_id, self.step).permutation(n)[: self.cfg.augment_batch]
         idx = torch.from_numpy(pos)
         logits = augment.synthetic_logits(self.foundation, syn, idx, self._head(train))
-        offset = self.synthetic_offset
-        if offset is not None:
-            logits = logits + offset
+        if self.logit_offset is not None:
+            logits = logits + self.logit_offset
         target = F.one_hot(syn.labels[idx], logits.shape[1]).float()
         d = self.cfg.augment_distill
         if d > 0 and syn.probs is not None:
             target = (1 - d) * target + d * syn.probs[idx]
         logp = logits.log_softmax(-1)
-        if offset is not None:  # classes outside the softmax (-inf): no target mass, no 0 * -inf
-            inside = torch.isfinite(offset)
+        if self.logit_offset is not None:  # classes outside the softmax (-inf): no target mass, no 0 * -inf
+            inside = torch.isfinite(self.logit_offset)
             target = target * inside
             target = target / target.sum(-1, keepdim=True)
             logp = logp.masked_fill(~inside, 0.0)
