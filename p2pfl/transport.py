@@ -150,15 +150,19 @@ class Transport:
         self.tasks.append(asyncio.create_task(self._sender(j), name=f"send-{j}"))
 
     def disconnect(self, j: int) -> None:
-        """Close the DEALER to a peer opened with `connect` (what is still queued is dropped)."""
+        """Close the DEALER to a peer opened with `connect`; what waits for it is dropped, as in `flush`."""
         if j not in self.dealers:
             return
+        self.flush(j)
         for t in [t for t in self.tasks if t.get_name() == f"send-{j}"]:
             t.cancel()
             self.tasks.remove(t)
-        self.stats.dropped += self.queues.pop(j).qsize()
-        del self.inflight[j], self.direct[j]
+        del self.queues[j], self.inflight[j], self.direct[j]
         self.dealers.pop(j).close(0)
+
+    def _require(self, peer: int) -> None:
+        if peer not in self.queues:
+            raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
 
     def _try_direct(self, peer: int, frames: Sequence[Any]) -> bool:
         """Fast path: with nothing queued, a non-blocking send right away (no task switch)."""
@@ -178,14 +182,12 @@ class Transport:
     def offer(self, peer: int, frames: Sequence[Any]) -> bool:
         """Send now or not at all (False): for periodic pings to a neighbour that is down, whose
         queued copies would only tell its next incarnation stale news."""
-        if peer not in self.queues:
-            raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
+        self._require(peer)
         return self._try_direct(peer, frames)
 
     def send(self, peer: int, frames: Sequence[Any]) -> bool:
         """Send or queue a message for a neighbour; False (and counted) if its queue is full."""
-        if peer not in self.queues:
-            raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
+        self._require(peer)
         if self._try_direct(peer, frames):
             return True
         try:
@@ -202,8 +204,7 @@ class Transport:
         ordered send futures) rather than hop through the queue and the sender task, which costs
         as much CPU as the header. So this also waits while the peer is not connected
         (``ZMQ_IMMEDIATE``)."""
-        if peer not in self.queues:
-            raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
+        self._require(peer)
         if self._try_direct(peer, frames):
             return
         if not self.queues[peer].empty():  # stay behind what is queued
