@@ -65,11 +65,11 @@ class TrainerConfig:
     augment_per_class: int = 4  # synthetic samples per under-represented class, re-synthesised every round
     augment_weight: float = 1.0  # loss weight of a synthetic sample relative to a real one
     augment_batch: int = 16  # synthetic samples mixed into each batch
-    augment_steps: int = 30  # optimisation steps of each round's synthesis
-    augment_confidence: float = 0.6  # a synthetic sample stops once its class has this probability
+    augment_steps: int | None = None  # optimisation steps of each round's synthesis (None: the method's, augment.METHOD_DEFAULTS)
+    augment_confidence: float | None = None  # a synthetic sample stops once its class has this probability (None: the method's)
     augment_teachers: str = "neighbours"  # synthesise with: "self" | "neighbours" (replicas set by set_teachers)
     augment_distill: float = 0.0  # synthetic targets: (1 - d) * one-hot + d * the teacher's soft labels
-    augment_claim: float = 2.0  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip)
+    augment_claim: float | None = None  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip; None: the method's)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerConfig:
@@ -120,7 +120,7 @@ class Trainer:
             raise TrainerError(f"trainer config: augment_teachers {cfg.augment_teachers!r} is not one of {augment.TEACHER_MODES}")
         if not 0 <= cfg.augment_distill <= 1:
             raise TrainerError(f"trainer config: augment_distill {cfg.augment_distill} not in [0, 1]")
-        if cfg.augment_claim < 0:
+        if cfg.augment_claim is not None and cfg.augment_claim < 0:
             raise TrainerError(f"trainer config: augment_claim {cfg.augment_claim} < 0")
         if not 0 <= cfg.augment_threshold <= 1 or cfg.augment_weight < 0 or cfg.augment_batch < 1:
             raise TrainerError(
@@ -148,10 +148,14 @@ class Trainer:
         self.logit_offset = self._logit_offset(self.label_prior)
         self.augment_classes: list[int] = []
         self.synthesis = augment.SynthesisConfig()
+        method = augment.METHOD_DEFAULTS[augment.method_of(self.foundation)]
+        self.augment_claim = method.claim if cfg.augment_claim is None else cfg.augment_claim
         if cfg.augment == "zero-shot":
             try:
                 self.synthesis = augment.SynthesisConfig(
-                    per_class=cfg.augment_per_class, steps=cfg.augment_steps, confidence=cfg.augment_confidence
+                    per_class=cfg.augment_per_class,
+                    steps=method.steps if cfg.augment_steps is None else cfg.augment_steps,
+                    confidence=method.confidence if cfg.augment_confidence is None else cfg.augment_confidence,
                 )
                 self.augment_classes = augment.under_represented(self.data.train.labels, n_classes, cfg.augment_threshold)
             except augment.AugmentError as e:
@@ -274,7 +278,7 @@ class Trainer:
             for st in self.teachers:
                 self.model.load_adapter_state(st)
                 scores.append(claims())
-            groups = augment.assign_teachers(torch.stack(scores), self.augment_classes, own_claims, self.cfg.augment_claim)
+            groups = augment.assign_teachers(torch.stack(scores), self.augment_classes, own_claims, self.augment_claim)
             sets = []
             for t, classes in sorted(groups.items()):
                 self.model.load_adapter_state(self.teachers[t])

@@ -151,6 +151,40 @@ def test_feature_space_samples_score_highest_on_their_class(vit, peer):
     assert syn.losses["ce_last"] < syn.losses["ce_first"] and syn.losses["anchor_last"] < syn.losses["anchor_first"]
 
 
+def test_image_anchor_pulls_embeddings_to_the_class_text_anchor(rn, peer):
+    """With the peer's own images, DeepInversion's embeddings move towards the gap-corrected text
+    anchors of their classes (the term the feature-space method uses), still scoring as their class."""
+    protos = rn.class_embeddings(peer.train.class_names, peer.train.templates)
+    classes = [1, 2, 4, 6]
+    cfg = augment.SynthesisConfig(per_class=3, steps=40, confidence=1.0)
+    plain = augment.synthesize(rn, protos, classes, cfg, 3)
+    anchored = augment.synthesize(rn, protos, classes, cfg, 3, peer.train.images, peer.train.labels)
+    prior = augment.anchor_prior(rn, peer.train.images, peer.train.labels, protos)
+    anchors = torch.nn.functional.normalize(protos[anchored.labels] + prior.gap, dim=-1).detach()
+
+    def cos_to_anchor(syn: augment.SyntheticSet) -> float:
+        with torch.no_grad():
+            z = torch.nn.functional.normalize(rn.clip.encode_image(rn.preprocess(syn.inputs)), dim=-1)
+        return float((z * anchors).sum(-1).mean())
+
+    assert cos_to_anchor(anchored) > cos_to_anchor(plain) + 0.02
+    with torch.no_grad():
+        pred = rn.logits(anchored.inputs, protos).argmax(1)
+    assert (pred == anchored.labels).float().mean() > 0.6  # chance 0.125
+
+
+def test_synthesis_defaults_follow_the_method_and_settings_override_them():
+    rn_t = Trainer(TrainerConfig(model=SHAPES_CLIP_RN, augment="zero-shot", **{**FAST, "augment_steps": None}), 0, 2)
+    vit_t = Trainer(TrainerConfig(augment="zero-shot", **{**FAST, "augment_steps": None}), 0, 2)
+    for t, method in ((rn_t, "image"), (vit_t, "feature")):
+        d = augment.METHOD_DEFAULTS[method]
+        assert augment.method_of(t.foundation) == method
+        assert (t.synthesis.steps, t.synthesis.confidence, t.augment_claim) == (d.steps, d.confidence, d.claim)
+    assert augment.METHOD_DEFAULTS["image"] != augment.METHOD_DEFAULTS["feature"]
+    mine = Trainer(TrainerConfig(model=SHAPES_CLIP_RN, augment="zero-shot", augment_confidence=0.7, augment_claim=0.0, **FAST), 0, 2)
+    assert (mine.synthesis.steps, mine.synthesis.confidence, mine.augment_claim) == (FAST["augment_steps"], 0.7, 0.0)
+
+
 @pytest.mark.parametrize("confidence", [0.6, 0.9])
 def test_samples_stop_at_the_confidence_target(rn, confidence):
     """Boundary samples: each stops moving once its class probability reaches the target."""
