@@ -119,26 +119,46 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
+_KINDS = {k.value: k for k in Kind}
+_SCALARS = (int, float, str, bool)
+
+# decode runs once per received message on the peer's event loop: the checks below use exact type
+# tests (msgpack yields exact ints, lists and dicts; ``type(v) is int`` also rejects bools) and
+# format their error text only when they raise.
+
+
 def _int(header: dict[str, Any], key: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
     v = header.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+    if type(v) is not int or not lo <= v <= hi:
         raise WireError(f"header.{key}: expected an integer in [{lo}, {hi}], got {v!r}")
     return v
 
 
-def _shape(v: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(v, list) or len(v) > 8 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in v):
-        raise WireError(f"{where}: expected a list of at most 8 non-negative ints, got {v!r}")
+def _shape(v: Any) -> tuple[int, ...] | None:
+    """``v`` as a shape if it is a list of at most 8 non-negative ints, else None."""
+    if type(v) is not list or len(v) > 8:
+        return None
+    for s in v:
+        if type(s) is not int or s < 0:
+            return None
     return tuple(v)
 
 
-def _meta(v: Any, where: str) -> dict[str, Any]:
-    if not isinstance(v, dict) or len(v) > 64:
+def _bad_shape(where: str, v: Any) -> WireError:
+    return WireError(f"{where}: expected a list of at most 8 non-negative ints, got {v!r}")
+
+
+def _meta(v: Any, k: int) -> dict[str, Any]:
+    """Descriptor ``k``'s meta: a small mapping of string keys to finite scalars."""
+    if type(v) is dict and not v:
+        return v
+    where = f"tensors[{k}].meta"
+    if type(v) is not dict or len(v) > 64:
         raise WireError(f"{where}: expected a small mapping, got {type(v).__name__}")
     for k, x in v.items():
-        if not isinstance(k, str) or not isinstance(x, int | float | str | bool):
+        if type(k) is not str or not isinstance(x, _SCALARS):
             raise WireError(f"{where}[{k!r}]: expected a scalar, got {type(x).__name__}")
-        if isinstance(x, float) and not math.isfinite(x):
+        if type(x) is float and not math.isfinite(x):
             raise WireError(f"{where}[{k!r}]: non-finite value {x}")
     return v
 
@@ -157,22 +177,22 @@ def decode(frames: Sequence[Any], max_frame: int = DEFAULT_MAX_FRAME, check_fini
         header = msgpack.unpackb(raw[0], raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise WireError(f"header: not valid msgpack ({type(e).__name__}: {e})") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise WireError(f"header: expected a map, got {type(header).__name__}")
     if header.get("v") != PROTOCOL_VERSION:
         raise WireError(f"header.v: unsupported protocol version {header.get('v')!r} (speak {PROTOCOL_VERSION})")
-    try:
-        kind = Kind(header.get("kind"))
-    except ValueError:
-        raise WireError(f"header.kind: unknown message kind {header.get('kind')!r}") from None
+    kind_name = header.get("kind")
+    kind = _KINDS.get(kind_name) if type(kind_name) is str else None
+    if kind is None:
+        raise WireError(f"header.kind: unknown message kind {kind_name!r}")
     channel = header.get("channel", BASE)
     if channel not in CHANNELS:
         raise WireError(f"header.channel: unknown channel {channel!r} (known: {', '.join(CHANNELS)})")
     info = header.get("info", {})
-    if not isinstance(info, dict):
+    if type(info) is not dict:
         raise WireError("header.info: expected a map")
     descs = header.get("tensors", [])
-    if not isinstance(descs, list) or len(descs) > MAX_TENSORS:
+    if type(descs) is not list or len(descs) > MAX_TENSORS:
         raise WireError(f"header.tensors: expected a list of at most {MAX_TENSORS} descriptors")
     msg = Message(
         kind=kind,
@@ -183,46 +203,52 @@ def decode(frames: Sequence[Any], max_frame: int = DEFAULT_MAX_FRAME, check_fini
         info=info,
         channel=channel,
     )
-    expected = sum(len(d["parts"]) if isinstance(d, dict) and isinstance(d.get("parts"), list) else 0 for d in descs)
+    expected = 0
+    for d in descs:
+        if type(d) is dict and type(d.get("parts")) is list:
+            expected += len(d["parts"])
     if expected != len(raw) - 1:
         raise WireError(f"frames: descriptors name {expected} parts but {len(raw) - 1} data frames arrived")
     cursor = 1
     for k, d in enumerate(descs):
-        where = f"tensors[{k}]"
-        if not isinstance(d, dict):
-            raise WireError(f"{where}: expected a descriptor map")
+        if type(d) is not dict:
+            raise WireError(f"tensors[{k}]: expected a descriptor map")
         name, codec = d.get("name"), d.get("codec")
-        if not isinstance(name, str) or not name or len(name) > 512:
-            raise WireError(f"{where}.name: expected a non-empty string, got {name!r}")
+        if type(name) is not str or not name or len(name) > 512:
+            raise WireError(f"tensors[{k}].name: expected a non-empty string, got {name!r}")
         if name in msg.tensors:
-            raise WireError(f"{where}.name: duplicate tensor {name!r}")
-        if not isinstance(codec, str) or len(codec) > 128:
-            raise WireError(f"{where}.codec: expected a codec spec string, got {codec!r}")
-        shape = _shape(d.get("shape"), f"{where}.shape")
-        meta = _meta(d.get("meta", {}), f"{where}.meta")
+            raise WireError(f"tensors[{k}].name: duplicate tensor {name!r}")
+        if type(codec) is not str or len(codec) > 128:
+            raise WireError(f"tensors[{k}].codec: expected a codec spec string, got {codec!r}")
+        shape = _shape(d.get("shape"))
+        if shape is None:
+            raise _bad_shape(f"tensors[{k}].shape", d.get("shape"))
+        meta = _meta(d.get("meta", {}), k)
         plist = d.get("parts")
-        if not isinstance(plist, list):
-            raise WireError(f"{where}.parts: expected a list of [key, dtype, shape]")
+        if type(plist) is not list:
+            raise WireError(f"tensors[{k}].parts: expected a list of [key, dtype, shape]")
         parts: dict[str, torch.Tensor] = {}
         for pk, p in enumerate(plist):
-            pwhere = f"{where}({name}).parts[{pk}]"
-            if not (isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)):
-                raise WireError(f"{pwhere}: expected [key, dtype, shape]")
-            key, dname, pshape = p[0], p[1], _shape(p[2], f"{pwhere}.shape")
+            if not (type(p) is list and len(p) == 3 and type(p[0]) is str and type(p[1]) is str):
+                raise WireError(f"tensors[{k}]({name}).parts[{pk}]: expected [key, dtype, shape]")
+            key, dname, pshape = p[0], p[1], _shape(p[2])
+            if pshape is None:
+                raise _bad_shape(f"tensors[{k}]({name}).parts[{pk}].shape", p[2])
             if key in parts:
-                raise WireError(f"{pwhere}: duplicate part key {key!r}")
-            if dname not in DTYPES:
-                raise WireError(f"{pwhere}.dtype: {dname!r} is not an allowed dtype")
-            dtype = DTYPES[dname]
+                raise WireError(f"tensors[{k}]({name}).parts[{pk}]: duplicate part key {key!r}")
+            dtype = DTYPES.get(dname)
+            if dtype is None:
+                raise WireError(f"tensors[{k}]({name}).parts[{pk}].dtype: {dname!r} is not an allowed dtype")
             numel = math.prod(pshape)
-            itemsize = ITEMSIZE[dtype]
             buf = raw[cursor]
             cursor += 1
-            if buf.nbytes != numel * itemsize:
-                raise WireError(f"{pwhere}: frame has {buf.nbytes} bytes, {dname}{list(pshape)} needs {numel * itemsize}")
+            if buf.nbytes != numel * ITEMSIZE[dtype]:
+                raise WireError(
+                    f"tensors[{k}]({name}).parts[{pk}]: frame has {buf.nbytes} bytes, {dname}{list(pshape)} needs {numel * ITEMSIZE[dtype]}"
+                )
             parts[key] = _view(buf, dtype, pshape)
             if check_finite and dtype in FLOAT_DTYPES and numel and not all_finite(parts[key]):
-                raise WireError(f"{pwhere}: contains NaN or Inf")
+                raise WireError(f"tensors[{k}]({name}).parts[{pk}]: contains NaN or Inf")
         msg.tensors[name] = TensorPayload(codec=codec, shape=shape, parts=parts, meta=meta)
     return msg
 

@@ -58,6 +58,11 @@ def test_rejections_name_the_field():
         ([f[0], f[1][:-4], f[2]], "needs 48"),
         ([b"\xc1garbage"], "not valid msgpack"),
         ([], "empty message"),
+        (with_header(f, kind=["delta"]), "header.kind"),  # unhashable: still a named rejection
+        (with_header(f, seq=True), "header.seq"),  # a bool is not an integer here
+        (with_header(f, tensors=[{"name": "a", "codec": "none", "shape": [1], "parts": 5}])[:1], "tensors[0].parts"),
+        (with_header(f, tensors=[{"name": "a", "codec": "none", "shape": [1], "parts": [], "meta": None}])[:1], "tensors[0].meta"),
+        (with_header(f, tensors=[{"name": "a", "codec": "none", "shape": [1, -2], "parts": []}])[:1], "tensors[0].shape"),
     ]
     for frames, needle in cases:
         with pytest.raises(WireError) as e:
