@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--model", default="shapes-clip", help="shapes-clip (ViT: feature space) or shapes-clip-rn (BN: image space)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--with-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="settings of the augmented arm only, e.g. logit_adjust=1 (compare against plain training)")
+                    help="settings of the augmented arm only, e.g. logit_adjust=0 (augmentation without the adjustment it turns on)")
     ap.add_argument("--arms", default="without,with", help="which arms to run: without,with (both), without, or with")
     ap.add_argument("--seeds", default="", help="comma-separated run seeds (overrides seed=); adds the mean of the per-seed differences")
     args = ap.parse_args()

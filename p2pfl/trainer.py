@@ -53,7 +53,7 @@ class TrainerConfig:
     lr_schedule: str = "constant"  # "constant" | "cosine:R" (decay to 0 over R rounds of local_steps)
     optimizer: str = "adamw"  # "adamw" | "sgd"
     weight_decay: float = 0.0
-    logit_adjust: float = 0.0  # tau of the label-prior logit adjustment of training logits (0 = plain CE)
+    logit_adjust: float | None = None  # tau of the label-prior logit adjustment of training logits (0 = plain CE; None: 1 with augment, else 0)
     eval_every: int = 1
     seed: int = 0
     samples_per_peer: int = 256
@@ -110,8 +110,10 @@ class Trainer:
     def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int) -> None:
         if cfg.optimizer not in ("adamw", "sgd"):
             raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
-        if not (cfg.logit_adjust >= 0 and math.isfinite(cfg.logit_adjust)):
-            raise TrainerError(f"trainer config: logit_adjust {cfg.logit_adjust} is not a finite number >= 0")
+        # Augmentation and adjustment are one method: the adjusted prior counts the synthetic samples.
+        self.tau = (1.0 if cfg.augment == "zero-shot" else 0.0) if cfg.logit_adjust is None else cfg.logit_adjust
+        if not (self.tau >= 0 and math.isfinite(self.tau)):
+            raise TrainerError(f"trainer config: logit_adjust {self.tau} is not a finite number >= 0")
         if cfg.local_steps < 0 or cfg.batch_size < 1:
             raise TrainerError(f"trainer config: local_steps {cfg.local_steps} / batch_size {cfg.batch_size} invalid")
         if cfg.augment not in augment.AUGMENT_MODES:
@@ -196,9 +198,9 @@ class Trainer:
         which leaves it out of the local softmax (FedRS's restricted softmax, Li & Zhan, KDD 2021):
         local steps then never push images away from the text embedding of a class the peer has
         no data for. Synthetic samples count in the prior (see `_round_prior`)."""
-        if self.cfg.logit_adjust == 0 or len(self.data.train) == 0:
+        if self.tau == 0 or len(self.data.train) == 0:
             return None
-        return self.cfg.logit_adjust * prior.log()
+        return self.tau * prior.log()
 
     def _batch(self, step: int) -> np.ndarray:
         """Indices of batch ``step``: epochs of seeded permutations, so a restart resumes exactly."""

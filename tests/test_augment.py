@@ -336,7 +336,7 @@ def test_claim_gate_skips_classes_no_neighbour_knows_better():
     tr.set_teachers([tr.adapter_state()])
     stats = tr.train_round()
     assert tr.augment_classes and stats["synthetic_samples"] == 0 and tr.teacher_of == {}
-    plain = Trainer(replace(cfg, augment="off"), 0, 4)
+    plain = Trainer(replace(cfg, augment="off", logit_adjust=tr.tau), 0, 4)  # the adjustment augmentation turns on
     plain.train_round()
     assert all(torch.equal(v, tr.adapter_state()[k]) for k, v in plain.adapter_state().items())
 

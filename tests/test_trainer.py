@@ -172,6 +172,14 @@ def test_logit_adjustment_offset_is_the_scaled_log_prior():
         Trainer(TrainerConfig(logit_adjust=-1.0, **FAST), 0, 1)
 
 
+def test_logit_adjustment_is_on_by_default_with_augmentation_only():
+    base = dict(task="shape", partition="dirichlet:0.05", seed=2, **FAST)
+    assert Trainer(TrainerConfig(**base), 1, 4).logit_offset is None
+    on = Trainer(TrainerConfig(augment="zero-shot", **base), 1, 4)
+    assert on.tau == 1.0 and on.logit_offset is not None
+    assert Trainer(TrainerConfig(augment="zero-shot", logit_adjust=0.0, **base), 1, 4).logit_offset is None
+
+
 def test_logit_adjustment_prior_counts_this_rounds_synthetic_samples():
     """A class that is absent locally but synthesised this round is back in the softmax, at the
     share the batches give it; classes neither seen nor synthesised stay out."""
