@@ -8,7 +8,9 @@ NaN/Inf check happens where the daemon reads the values, in the codec). A third 
 `ours_scanned`, also scans every value on the wire level (`check_finite=True`). Bare:
 `send_multipart(copy=False)` of the raw payload and `recv_multipart(copy=False)`, nothing else.
 Trials alternate the arms (in rotating order) and each reported ratio is the median of the per-trial ratios to the
-bare run beside it, which cancels most of a shared machine's drift. Prints one JSON line.
+bare run beside it, which cancels most of a shared machine's drift. A second bare arm (`ratio_bare_again`,
+the same loop measured twice) shows how far the ratio strays on this machine when nothing differs.
+Prints one JSON line.
 usage: python bench/gossip_throughput.py [--seconds 1.5] [--trials 3] [--sizes 65536,1048576,16777216]
 """
 
@@ -108,9 +110,9 @@ async def _recv_ours(port: int, sender_port: int, seconds: float, start: Any, sc
 def trial(kind: str, nbytes: int, seconds: float) -> float:
     """Bytes per second received over `seconds`, with a fresh sender process."""
     port, sender_port = free_port(), free_port()
-    sender = "bare" if kind == "bare" else "ours"
+    sender = "bare" if kind.startswith("bare") else "ours"
     proc = mp.get_context("spawn").Process(target=_sender, args=(sender, port, sender_port, nbytes), daemon=True)
-    if kind == "bare":
+    if sender == "bare":
         recv = _recv_bare(port, seconds, proc.start)
     else:
         recv = _recv_ours(port, sender_port, seconds, proc.start, scan=kind == "ours_scanned")
@@ -125,18 +127,18 @@ def trial(kind: str, nbytes: int, seconds: float) -> float:
 def main(sizes: list[int], seconds: float, trials: int) -> dict:
     out: dict = {"bench": "gossip_throughput", "seconds": seconds, "trials": trials, "sizes": {}}
     for n in sizes:
-        rates: dict[str, list[float]] = {"bare": [], "ours": [], "ours_scanned": []}
+        rates: dict[str, list[float]] = {"bare": [], "bare_again": [], "ours": [], "ours_scanned": []}
         kinds = list(rates)
         for i in range(trials):  # rotate the order so that no arm always runs first
             r = i % len(kinds)
             for kind in kinds[r:] + kinds[:r]:
                 rates[kind].append(trial(kind, n, seconds))
         row: dict = {"bare_MBps": round(statistics.median(rates["bare"]) / 1e6, 1)}
-        for kind in ("ours", "ours_scanned"):
+        for kind, key in (("ours", "ratio"), ("ours_scanned", "ratio_scanned"), ("bare_again", "ratio_bare_again")):
             ratios = [o / b for o, b in zip(rates[kind], rates["bare"], strict=True)]
             row[f"{kind}_MBps"] = round(statistics.median(rates[kind]) / 1e6, 1)
-            row["ratio" if kind == "ours" else "ratio_scanned"] = round(statistics.median(ratios), 3)
-            row["ratios" if kind == "ours" else "ratios_scanned"] = [round(r, 3) for r in ratios]
+            row[key] = round(statistics.median(ratios), 3)
+            row[key.replace("ratio", "ratios", 1)] = [round(r, 3) for r in ratios]
         out["sizes"][str(n)] = row
     return out
 
