@@ -148,11 +148,11 @@ def _bad_shape(where: str, v: Any) -> WireError:
     return WireError(f"{where}: expected a list of at most 8 non-negative ints, got {v!r}")
 
 
-def _meta(v: Any, k: int) -> dict[str, Any]:
-    """Descriptor ``k``'s meta: a small mapping of string keys to finite scalars."""
+def _meta(v: Any, index: int) -> dict[str, Any]:
+    """Descriptor ``index``'s meta: a small mapping of string keys to finite scalars."""
     if type(v) is dict and not v:
         return v
-    where = f"tensors[{k}].meta"
+    where = f"tensors[{index}].meta"
     if type(v) is not dict or len(v) > 64:
         raise WireError(f"{where}: expected a small mapping, got {type(v).__name__}")
     for k, x in v.items():
