@@ -449,15 +449,13 @@ def synthesize(
     if len(labels) == 0:
         empty = torch.zeros(0, 3, fm.image_size, fm.image_size)
         return SyntheticSet("image", empty, labels, 0.0, {})
-    if has_resnet_tower(fm.clip):
-        t0 = time.perf_counter()
-        own = own_images is not None and own_labels is not None and len(own_labels) > 0
-        prior = anchor_prior(fm, own_images, own_labels, class_emb) if own else None
-        syn = deep_inversion(fm, class_emb, labels, cfg, seed, prior)
-        return replace(syn, seconds=time.perf_counter() - t0)
-    if not hasattr(fm.clip.visual, "conv1") or own_images is None or own_labels is None or len(own_labels) == 0:
+    t0 = time.perf_counter()  # the reported cost includes the priors measured on the peer's images
+    own = own_images is not None and own_labels is not None and len(own_labels) > 0
+    if method_of(fm) == "image":
+        anchors = anchor_prior(fm, own_images, own_labels, class_emb) if own else None
+        syn = deep_inversion(fm, class_emb, labels, cfg, seed, anchors)
+    elif hasattr(fm.clip.visual, "conv1") and own:
+        syn = feature_synthesis(fm, class_emb, labels, feature_prior(fm, own_images, own_labels, class_emb), cfg, seed)
+    else:
         raise AugmentError("augment: feature-space synthesis needs a ViT image tower and the peer's own images")
-    t0 = time.perf_counter()
-    prior = feature_prior(fm, own_images, own_labels, class_emb)
-    syn = feature_synthesis(fm, class_emb, labels, prior, cfg, seed)
     return replace(syn, seconds=time.perf_counter() - t0)
