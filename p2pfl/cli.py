@@ -31,6 +31,7 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-timeout", type=float, help="ceiling of the adaptive round deadline in seconds (default 120)")
     p.add_argument("--startup-timeout", type=float, help="how long to wait for neighbours at start (default 60)")
     p.add_argument("--max-frame", type=int, help="largest accepted frame in bytes (default 256 MiB)")
+    p.add_argument("--default-malloc", dest="keep_memory", action="store_false", default=None, help="keep glibc's allocator thresholds (default: fixed ones, see p2pfl/alloc.py)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every K rounds (default 0: at exit only)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last good checkpoint in RUN_DIR/peer-<id>/")
     p.add_argument("--robust", help="robust mixing: off (default), clip[:TAU], trimmed:B, median")

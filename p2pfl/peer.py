@@ -21,6 +21,7 @@ import zmq.auth
 
 from p2pfl import checkpoint as ckpt
 from p2pfl import topology as topo_mod
+from p2pfl.alloc import keep_message_memory
 from p2pfl.consensus import SketchBook, Sketcher, flatten
 from p2pfl.gossip import ChocoEngine, GossipError
 from p2pfl.metrics import JsonlWriter, PromExporter, RecordQueue, read_jsonl
@@ -62,6 +63,7 @@ class PeerConfig:
     round_timeout: float = 120.0  # ceiling of the adaptive round deadline
     startup_timeout: float = 60.0
     max_frame: int = 256 * 1024 * 1024
+    keep_memory: bool = True  # fixed glibc malloc thresholds: received messages reuse freed pages (p2pfl.alloc)
     checkpoint_every: int = 0
     resume: bool = False
     robust: str = "off"  # off, clip[:TAU], trimmed:B, median
@@ -703,6 +705,8 @@ def run_peer(cfg: PeerConfig) -> int:
     import uvloop
 
     torch.set_num_threads(1)
+    if cfg.keep_memory and not keep_message_memory():
+        logging.getLogger("p2pfl").info("peer %d: no glibc mallopt here; allocator left as it is", cfg.id)
     random.seed(cfg.seed * 1000 + cfg.id)
     torch.manual_seed(cfg.seed * 1000 + cfg.id)
     try:

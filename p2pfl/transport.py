@@ -70,6 +70,11 @@ class TransportStats:
 
 
 class Transport:
+    """Sockets are plain (blocking-API) ZeroMQ sockets used only with ``NOBLOCK``; the event loop
+    watches each socket's ``ZMQ_FD`` and wakes the one task waiting on it. pyzmq's asyncio sockets
+    do the same behind a future per call, a timeout lookup and a list of pending events, which
+    cost 10-20 us of CPU a message: 3-5% of a 1 MiB message's total (`bench/gossip_throughput.py`)."""
+
     def __init__(
         self,
         me: PeerSpec,
@@ -86,12 +91,11 @@ class Transport:
         self.hwm = hwm
         self.curve = curve
         self.ctx = zmq.asyncio.Context()
-        self.router: zmq.asyncio.Socket | None = None
-        self.rdirect: zmq.Socket | None = None  # sync shadow of the ROUTER for the fast path
-        self.dealers: dict[int, zmq.asyncio.Socket] = {}
-        self.direct: dict[int, zmq.Socket] = {}  # sync shadows of the DEALERs for the fast path
-        self.inflight: dict[int, set[asyncio.Future[Any]]] = {}  # awaited sends the socket has not taken
+        self.router: zmq.Socket | None = None
+        self.dealers: dict[int, zmq.Socket] = {}
         self.queues: dict[int, asyncio.Queue[Sequence[Any]]] = {}
+        self.held: dict[int, asyncio.Future[None]] = {}  # a sender task's wait for room, with a message in hand
+        self._rx_waiter: asyncio.Future[None] | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stats = TransportStats()
         self.auth: AsyncioAuthenticator | None = None
@@ -106,7 +110,7 @@ class Transport:
             self.auth = AsyncioAuthenticator(self.ctx)
             self.auth.start()
             self.auth.configure_curve_callback(domain="*", credentials_provider=self.keycheck)
-        r = self.ctx.socket(zmq.ROUTER)
+        r = zmq.Socket(self.ctx, zmq.ROUTER)
         if self.curve is not None:
             r.curve_secretkey = self.curve.secret
             r.curve_publickey = self.curve.public
@@ -121,7 +125,7 @@ class Transport:
             r.setsockopt(zmq.ROUTER_HANDOVER, 1)
         r.bind(self._bind_endpoint())
         self.router = r
-        self.rdirect = zmq.Socket.shadow(r.underlying)
+        asyncio.get_running_loop().add_reader(r.FD, self._router_ready)
         for j, spec in self.neighbors.items():
             self.connect(j, spec)
 
@@ -130,7 +134,7 @@ class Transport:
         later for peers that are not base-graph neighbours but share a PPFM overlay edge."""
         if j in self.dealers:
             return
-        d = self.ctx.socket(zmq.DEALER)
+        d = zmq.Socket(self.ctx, zmq.DEALER)
         d.setsockopt(zmq.LINGER, 0)
         d.setsockopt(zmq.IMMEDIATE, 1)
         d.setsockopt(zmq.SNDHWM, self.hwm)
@@ -144,8 +148,7 @@ class Transport:
             d.curve_serverkey = self.curve.peers[j]
         d.connect(spec.endpoint)
         self.dealers[j] = d
-        self.direct[j] = zmq.Socket.shadow(d.underlying)
-        self.inflight[j] = set()
+        asyncio.get_running_loop().add_reader(d.FD, self._dealer_ready, j)
         self.queues[j] = asyncio.Queue(self.queue_size)
         self.tasks.append(asyncio.create_task(self._sender(j), name=f"send-{j}"))
 
@@ -157,27 +160,44 @@ class Transport:
         for t in [t for t in self.tasks if t.get_name() == f"send-{j}"]:
             t.cancel()
             self.tasks.remove(t)
-        del self.queues[j], self.inflight[j], self.direct[j]
-        self.dealers.pop(j).close(0)
+        del self.queues[j]
+        d = self.dealers.pop(j)
+        asyncio.get_running_loop().remove_reader(d.FD)
+        d.close(0)
+
+    # ZMQ_FD is readable while the socket has unprocessed commands (a message arrived, room was
+    # freed); reading ZMQ_EVENTS processes them and clears it. The callbacks always read it, so a
+    # level-triggered watcher never spins, and wake a waiter only for the event it waits for.
+
+    def _router_ready(self) -> None:
+        assert self.router is not None
+        if self.router.get(zmq.EVENTS) & zmq.POLLIN and self._rx_waiter is not None and not self._rx_waiter.done():
+            self._rx_waiter.set_result(None)
+
+    def _dealer_ready(self, peer: int) -> None:
+        room = self.dealers[peer].get(zmq.EVENTS) & zmq.POLLOUT
+        w = self.held.get(peer)
+        if room and w is not None and not w.done():
+            w.set_result(None)
 
     def _require(self, peer: int) -> None:
         if peer not in self.queues:
             raise KeyError(f"peer {peer} is not a neighbour of {self.me.id}")
 
-    def _try_direct(self, peer: int, frames: Sequence[Any]) -> bool:
-        """Fast path: with nothing queued, a non-blocking send right away (no task switch)."""
-        if not self.queues[peer].empty() or self.inflight[peer]:
-            return False
+    def _try_send(self, peer: int, frames: Sequence[Any]) -> bool:
         try:
-            self.direct[peer].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.dealers[peer].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
-        self._count_sent(frames)
-        return True
-
-    def _count_sent(self, frames: Sequence[Any]) -> None:
         self.stats.bytes_sent += frames_nbytes(frames)
         self.stats.messages_sent += 1
+        return True
+
+    def _try_direct(self, peer: int, frames: Sequence[Any]) -> bool:
+        """Fast path: with nothing queued or held for the peer, a non-blocking send right away."""
+        if peer in self.held or not self.queues[peer].empty():
+            return False
+        return self._try_send(peer, frames)
 
     def offer(self, peer: int, frames: Sequence[Any]) -> bool:
         """Send now or not at all (False): for periodic pings to a neighbour that is down, whose
@@ -198,69 +218,64 @@ class Transport:
         return True
 
     async def send_wait(self, peer: int, frames: Sequence[Any]) -> None:
-        """Like `send`, but wait for room instead of dropping (back-pressure for bulk producers).
-
-        While nothing is queued for the peer, the message waits on the socket itself (pyzmq's
-        ordered send futures) rather than hop through the queue and the sender task, which costs
-        as much CPU as the header. So this also waits while the peer is not connected
-        (``ZMQ_IMMEDIATE``)."""
+        """Like `send`, but wait for room in the queue instead of dropping (back-pressure for bulk
+        producers). This also waits while the peer is not connected (``ZMQ_IMMEDIATE``)."""
         self._require(peer)
-        if self._try_direct(peer, frames):
-            return
-        if not self.queues[peer].empty():  # stay behind what is queued
+        if not self._try_direct(peer, frames):
             await self.queues[peer].put(frames)
-            return
-        await self._send_async(peer, frames)
-
-    async def _send_async(self, peer: int, frames: Sequence[Any]) -> None:
-        """Await the socket taking ``frames``; direct sends stay off while this is pending, so
-        order holds. `flush` may cancel the send (not the caller)."""
-        fut = self.dealers[peer].send_multipart(frames, copy=False)
-        pending = self.inflight[peer]
-        pending.add(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if fut.cancelled() and task is not None and not task.cancelling():
-                return  # flushed; `flush` counted it
-            raise
-        except zmq.ZMQError as e:
-            self.stats.dropped += 1
-            log.warning("peer %s: send to %s failed: %s", self.me.id, peer, e)
-            return
-        finally:
-            pending.discard(fut)
-        self._count_sent(frames)
 
     def flush(self, peer: int) -> int:
-        """Forget what waits for a neighbour that went down: its queue and the sends that the
-        socket has not taken (they would go out when it reconnects)."""
+        """Forget what waits for a neighbour that went down: its queue and the message its sender
+        task holds (they would go out when it reconnects)."""
         q = self.queues[peer]
         n = 0
         while not q.empty():
             q.get_nowait()
             n += 1
-        for fut in list(self.inflight[peer]):
-            n += fut.cancel()
+        w = self.held.get(peer)
+        if w is not None and not w.done():
+            w.cancel()  # the sender task drops the message it holds
+            n += 1
         self.stats.dropped += n
         return n
 
     async def _sender(self, peer: int) -> None:
+        """The one task that waits for room at the peer's socket, so queued messages keep their order.
+        A failed send has read the socket's events, so the next change signals its FD."""
         q = self.queues[peer]
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         while True:
-            await self._send_async(peer, await q.get())
+            frames = await q.get()
+            while not self._try_send(peer, frames):
+                w = self.held[peer] = loop.create_future()
+                try:
+                    await w
+                except asyncio.CancelledError:
+                    if w.cancelled() and task is not None and not task.cancelling():
+                        break  # flushed; `flush` counted it
+                    raise
+                finally:
+                    del self.held[peer]
 
     async def recv(self) -> tuple[bytes, int | None, list[zmq.Frame]]:
         """Next message as (routing identity, CURVE-authenticated peer id or None, frames).
+        One task receives (the peer's receive loop).
 
         The authenticated id comes from the ZAP handshake (the frame's User-Id is the sender's
         public key), so it cannot be forged by the sender, unlike the routing identity."""
-        assert self.router is not None and self.rdirect is not None
-        try:  # fast path: a message is waiting, take it without a future (as `_try_direct` sends)
-            frames = self.rdirect.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            frames = await self.router.recv_multipart(copy=False)
+        r = self.router
+        assert r is not None and self._rx_waiter is None, "one receiving task at a time"
+        while True:
+            try:
+                frames = r.recv_multipart(zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:  # it read the events: the next message signals the FD
+                self._rx_waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._rx_waiter
+                finally:
+                    self._rx_waiter = None
         self.stats.messages_received += 1
         self.stats.bytes_received += frames_nbytes(frames[1:])
         authed = None
@@ -273,7 +288,7 @@ class Transport:
         """Give queued messages (e.g. goodbyes) a moment to leave before closing."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while loop.time() < end and any(not q.empty() for q in self.queues.values()):
+        while loop.time() < end and (self.held or any(not q.empty() for q in self.queues.values())):
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -282,9 +297,12 @@ class Transport:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        loop = asyncio.get_running_loop()
         for d in self.dealers.values():
+            loop.remove_reader(d.FD)
             d.close(0)
         if self.router is not None:
+            loop.remove_reader(self.router.FD)
             self.router.close(0)
         if self.auth is not None:
             self.auth.stop()

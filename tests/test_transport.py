@@ -55,10 +55,11 @@ async def _flush_while_the_receiver_is_down() -> tuple[bool, int, bool, list[byt
     await a.start()
     offered_while_down = a.offer(1, [b"ping-while-down"])
     waiter = asyncio.create_task(a.send_wait(1, [b"stale-wait"]))
-    await asyncio.sleep(0.1)  # the caller awaits the socket
+    await asyncio.sleep(0.1)
+    assert 1 in a.held  # the sender task holds it, waiting for room at the socket
     for i in range(5):
         assert a.send(1, [f"stale-{i}".encode()])
-    await asyncio.sleep(0.1)  # and so does the sender task, with stale-0
+    await asyncio.sleep(0.1)
     flushed = a.flush(1)
     await asyncio.wait_for(waiter, 5)  # the flush cancels the send, not the caller
     await b.start()
@@ -70,7 +71,7 @@ async def _flush_while_the_receiver_is_down() -> tuple[bool, int, bool, list[byt
         for _ in range(2):
             _, _, frames = await asyncio.wait_for(b.recv(), 20)
             got.append(frames[0].bytes)
-    idle = not a.inflight[1] and a.queues[1].empty()
+    idle = 1 not in a.held and a.queues[1].empty()
     await a.close()
     await b.close()
     return offered_while_down, flushed, waiter.exception() is None, got, idle
@@ -79,7 +80,7 @@ async def _flush_while_the_receiver_is_down() -> tuple[bool, int, bool, list[byt
 def test_flush_drops_what_waits_for_a_down_peer_so_its_next_incarnation_gets_only_fresh_messages():
     offered, flushed, caller_ok, got, idle = asyncio.run(_flush_while_the_receiver_is_down())
     assert not offered  # ZMQ_IMMEDIATE: no connection, no ping, nothing kept for later
-    assert flushed == 6  # two held at the socket (the caller's and stale-0), four queued
+    assert flushed == 6  # the caller's, held by the sender task, and five queued
     assert caller_ok
     assert got == [b"ping", b"fresh"]
     assert idle
