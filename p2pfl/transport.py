@@ -240,6 +240,16 @@ class Transport:
         self.stats.dropped += n
         return n
 
+    def _sent_or_failed(self, peer: int, frames: Sequence[Any]) -> bool:
+        """`_try_send` for the sender task: a socket error drops the message (counted, logged)
+        instead of ending the task, which would leave the peer's queue undrained."""
+        try:
+            return self._try_send(peer, frames)
+        except zmq.ZMQError as e:
+            self.stats.dropped += 1
+            log.warning("peer %s: send to %s failed: %s", self.me.id, peer, e)
+            return True
+
     async def _sender(self, peer: int) -> None:
         """The one task that waits for room at the peer's socket, so queued messages keep their order.
         A failed send has read the socket's events, so the next change signals its FD."""
@@ -248,7 +258,7 @@ class Transport:
         task = asyncio.current_task()
         while True:
             frames = await q.get()
-            while not self._try_send(peer, frames):
+            while not self._sent_or_failed(peer, frames):
                 w = self.held[peer] = loop.create_future()
                 try:
                     await w
