@@ -16,7 +16,8 @@ from p2pfl import topology as topo_mod
 def _peer_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="p2pfl-peer", description="Run one p2pfl peer of a topology.")
     p.add_argument("--topology", required=True, type=Path, help="topology YAML (peers, edges, optional settings)")
-    p.add_argument("--id", required=True, type=int, help="this peer's id in the topology")
+    p.add_argument("--id", required=True, help="the peers this process runs: an id, a range 0-63, a list 1,5,7-9, or local "
+                   "(every peer of the file whose host is an address of this machine)")
     p.add_argument("--rounds", type=int, help="gossip rounds (default 50)")
     p.add_argument("--run-dir", type=Path, help="where metrics, logs and adapters go (default runs/default)")
     p.add_argument("--seed", type=int, help="run seed shared by all peers (default 0)")
@@ -62,12 +63,18 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def build_peer_config(argv: list[str] | None = None) -> tuple[Any, str]:
-    """Defaults < topology `settings:` < command line."""
-    from p2pfl.peer import PeerConfig
+def build_peer_config(argv: list[str] | None = None) -> tuple[Any, str, list[int]]:
+    """Defaults < topology `settings:` < command line; and the ids this process hosts."""
+    from p2pfl.config import PeerConfig, parse_ids
 
     args = _peer_parser().parse_args(argv)
     topo = topo_mod.load(args.topology)
+    local = None
+    if args.id.strip() == "local":
+        from p2pfl.peer import local_ids
+
+        local = local_ids(topo)
+    ids = parse_ids(args.id, topo.ids, local)
     known = {f.name for f in fields(PeerConfig)}
     settings = dict(topo.settings)
     unknown = sorted(set(settings) - known)
@@ -80,25 +87,30 @@ def build_peer_config(argv: list[str] | None = None) -> tuple[Any, str]:
         k, v = item.split("=", 1)
         trainer[k.strip()] = _parse_value(v)
     values: dict[str, Any] = {**settings, "trainer": trainer}
+    values["id"] = ids[0]
     for f in fields(PeerConfig):
+        if f.name == "id":
+            continue
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
     if "run_dir" in values:
         values["run_dir"] = Path(values["run_dir"])
-    return PeerConfig(**values), args.log_level
+    return PeerConfig(**values), args.log_level, ids
 
 
 def peer_main(argv: list[str] | None = None) -> int:
-    from p2pfl.peer import run_peer, setup_logging
+    from p2pfl.config import ConfigError
 
     try:
-        cfg, level = build_peer_config(argv)
-    except (topo_mod.TopologyError, TypeError) as e:
+        cfg, level, ids = build_peer_config(argv)
+    except (topo_mod.TopologyError, ConfigError, TypeError) as e:
         print(f"p2pfl-peer: {e}", file=sys.stderr)
         return 2
-    setup_logging(cfg.run_dir, cfg.id, level)
-    return run_peer(cfg)
+    from p2pfl.peer import run_peers, setup_logging
+
+    setup_logging(cfg.run_dir, ids, level)
+    return run_peers(cfg, ids)
 
 
 def topology_main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +109,25 @@ class NormGuard:
                 return f"update norm {norm:.3g} is over {self.factor:g}x the recent median {ref:.3g}"
         self.recent.append(norm)
         return None
+
+
+def parse_byzantine(spec: str | None) -> Callable[[State, int], State] | None:
+    """A model-poisoning fault for robustness experiments: the peer gossips a corrupted model.
+
+    scale:F multiplies its model by F every round (an exploding sender); noise:S adds Gaussian
+    noise of standard deviation S (a random sender)."""
+    if spec in ("", "off", None):
+        return None
+    name, _, arg = str(spec).partition(":")
+    try:
+        value = float(arg)
+    except ValueError:
+        raise RobustError(f"--byzantine: expected scale:F or noise:S, got {spec!r}") from None
+    if name == "scale":
+        return lambda x, rnd: {k: v * value for k, v in x.items()}
+    if name == "noise":
+        def noisy(x: State, rnd: int) -> State:
+            g = torch.Generator().manual_seed(rnd)
+            return {k: v + value * torch.randn(v.shape, generator=g) for k, v in x.items()}
+        return noisy
+    raise RobustError(f"--byzantine: expected scale:F or noise:S, got {spec!r}")

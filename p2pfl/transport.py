@@ -18,13 +18,15 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
+import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from p2pfl.topology import PeerSpec
+from p2pfl.topology import PeerSpec, Topology, TopologyError
 from p2pfl.wire import frames_nbytes
 
 log = logging.getLogger("p2pfl.transport")
@@ -45,6 +47,29 @@ class CurveKeys:
         return None
 
 
+def curve_keys(topo: Topology, me: int, topology_path: Path, secret_key: Path | None) -> CurveKeys | None:
+    """Secure mode is on exactly when the topology lists public keys; then every peer needs one."""
+    listed = {p: spec.extra.get("public_key") for p, spec in topo.peers.items()}
+    if not any(listed.values()):
+        return None
+    missing = sorted(p for p, k in listed.items() if not k)
+    if missing:
+        raise TopologyError(f"{topology_path}: peers {missing} have no public_key while others do; list one for every peer")
+    for p, k in listed.items():
+        if not isinstance(k, str) or len(k) != 40:
+            raise TopologyError(f"{topology_path}: peer {p} public_key must be a 40-character Z85 string")
+    path = secret_key or Path(topology_path).parent / "keys" / f"peer-{me}.key_secret"
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise TopologyError(f"--secret-key: cannot load CurveZMQ secret key {path}: {e}") from e
+    if secret is None:
+        raise TopologyError(f"--secret-key: {path} holds no secret key")
+    if public.decode() != listed[me]:
+        raise TopologyError(f"--secret-key: {path} does not match peer {me}'s public_key in {topology_path}")
+    return CurveKeys(public=public, secret=secret, peers={p: str(k).encode() for p, k in listed.items()})
+
+
 class _KnownKeys:
     """ZAP credentials provider: a connection is accepted only with a key listed in the topology."""
 
@@ -58,6 +83,23 @@ class _KnownKeys:
             self.refused += 1
             log.warning("refused a CURVE handshake from an unknown key")
         return ok
+
+
+class SharedContext:
+    """One ZeroMQ context (and, with CURVE, one ZAP handler) for the transports of co-hosted peers."""
+
+    def __init__(self, curve: CurveKeys | None) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.auth: AsyncioAuthenticator | None = None
+        if curve is not None:  # every peer of a topology accepts the same set of keys
+            self.auth = AsyncioAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve_callback(domain="*", credentials_provider=_KnownKeys(curve))
+
+    def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
 
 
 @dataclass
@@ -84,14 +126,18 @@ class Transport:
         queue_size: int = 64,
         hwm: int = 64,
         curve: CurveKeys | None = None,
+        ctx: zmq.asyncio.Context | None = None,
     ) -> None:
+        """`ctx`: a context shared by the transports of co-hosted peers (one I/O thread, one ZAP
+        handler for all); the transport then leaves its lifetime to the owner."""
         self.me = me
         self.neighbors = neighbors
         self.max_frame = max_frame
         self.queue_size = queue_size
         self.hwm = hwm
         self.curve = curve
-        self.ctx = zmq.asyncio.Context()
+        self.owns_ctx = ctx is None
+        self.ctx = ctx if ctx is not None else zmq.asyncio.Context()
         self.router: zmq.Socket | None = None
         self.dealers: dict[int, zmq.Socket] = {}
         self.queues: dict[int, asyncio.Queue[Sequence[Any]]] = {}
@@ -106,7 +152,7 @@ class Transport:
         return f"tcp://{self.me.host}:{self.me.port}"
 
     async def start(self) -> None:
-        if self.curve is not None:
+        if self.curve is not None and self.owns_ctx:
             self.keycheck = _KnownKeys(self.curve)
             self.auth = AsyncioAuthenticator(self.ctx)
             self.auth.start()
@@ -317,4 +363,5 @@ class Transport:
             self.router.close(0)
         if self.auth is not None:
             self.auth.stop()
-        self.ctx.term()
+        if self.owns_ctx:
+            self.ctx.term()

@@ -20,7 +20,6 @@ from typing import Any
 
 import msgpack
 import torch
-import zmq
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
@@ -167,7 +166,7 @@ def decode(frames: Sequence[Any], max_frame: int = DEFAULT_MAX_FRAME, check_fini
     """Validate and view a frame sequence as a Message. Raises WireError and nothing else."""
     if not frames:
         raise WireError("empty message: no header frame")
-    raw = [f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in frames]
+    raw = [f if type(f) is memoryview else memoryview(f) for f in frames]  # bytes, views, zmq.Frame alike
     for k, f in enumerate(raw):
         if f.nbytes > max_frame:
             raise WireError(f"frame {k}: {f.nbytes} bytes exceeds the maximum of {max_frame}")
@@ -277,4 +276,4 @@ def _view(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.
 
 def frames_nbytes(frames: Sequence[Any]) -> int:
     """Bytes of a frame list without building a view per frame (it is counted for every message)."""
-    return sum(len(f) if isinstance(f, zmq.Frame | bytes) else memoryview(f).nbytes for f in frames)
+    return sum(f.nbytes if type(f) is memoryview else len(f) for f in frames)

@@ -9,7 +9,8 @@ import torch
 
 from p2pfl import checkpoint as ckpt
 from p2pfl.metrics import read_jsonl
-from p2pfl.peer import Peer, PeerConfig
+from p2pfl.config import PeerConfig
+from p2pfl.peer import Host
 
 from .conftest import free_base_port, make_topology, start_peer, wait_all
 
@@ -53,18 +54,20 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path):
     _, path = make_topology(tmp_path, "ring", 3)
     run = tmp_path / "run"
     cfg = PeerConfig(topology=path, id=0, run_dir=run, no_train=True, dim=1024)
-    peer = Peer(cfg)
+    host = Host(cfg, [0])
+    h = host.peers[0]
+    peer = h.node
     peer.engine.round = 4
     peer.engine.x = {k: v + 1 for k, v in peer.engine.x.items()}
     peer.round = 4
-    peer._checkpoint()
+    host._checkpoint(h, 4)
     good = {k: v.clone() for k, v in peer.engine.x.items()}
     peer.engine.round = peer.round = 9
     peer.engine.x = {k: v * 0 + 123 for k, v in peer.engine.x.items()}
-    peer._checkpoint()
+    host._checkpoint(h, 9)
     newest = sorted((run / "peer-0").glob("checkpoint-*.safetensors"))[-1]
     newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
-    resumed = Peer(PeerConfig(topology=path, id=0, run_dir=run, no_train=True, dim=1024, resume=True))
+    resumed = Host(PeerConfig(topology=path, id=0, run_dir=run, no_train=True, dim=1024, resume=True), [0]).peers[0].node
     assert resumed.start_round == 5
     for k, v in good.items():
         assert torch.equal(resumed.engine.x[k], v)

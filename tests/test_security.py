@@ -23,10 +23,11 @@ import torch
 
 from p2pfl import topology as T
 from p2pfl.cli import topology_main
+from p2pfl.config import PeerConfig
 from p2pfl.consensus import exact_distance, flatten, network_mean
 from p2pfl.gossip import GossipError
 from p2pfl.metrics import read_jsonl
-from p2pfl.peer import SKETCH_TENSOR, Peer, PeerConfig
+from p2pfl.node import SKETCH_TENSOR, Node, NodeSpec
 from p2pfl.robust import NormGuard, RobustSpec
 from p2pfl.sim import SimNetwork
 from p2pfl.state import State, load_state, synthetic_state
@@ -194,14 +195,16 @@ def replay_raw(port: int, stream: bytes) -> int:
 # ------------------------------------------------------------------ the NO ENCRYPTION warning
 
 def _make_peer(path: Path, run_dir: Path, secret: Path | None = None):
-    from p2pfl.peer import Peer, PeerConfig
+    from p2pfl.peer import Host
 
-    return Peer(PeerConfig(topology=path, id=0, no_train=True, dim=256, run_dir=run_dir, secret_key=secret))
+    return Host(PeerConfig(topology=path, id=0, no_train=True, dim=256, run_dir=run_dir, secret_key=secret), [0])
 
 
-def _close_peer(peer) -> None:
-    peer.writer.close()
-    peer.transport.ctx.term()
+def _close_peer(host) -> None:
+    assert not host.failed, host.failed
+    for h in host.peers.values():
+        h.writer.close()
+    host.work.shutdown()
 
 
 def test_plaintext_topology_warns_loudly_and_keys_silence_it(tmp_path, caplog):
@@ -210,7 +213,7 @@ def test_plaintext_topology_warns_loudly_and_keys_silence_it(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         p = _make_peer(plain, tmp_path / "run-plain")
     _close_peer(p)
-    assert p.curve is None
+    assert p.curve[0] is None
     warning = [r.getMessage() for r in caplog.records if "NO ENCRYPTION" in r.getMessage()]
     assert len(warning) == 1 and "keygen" in warning[0] and str(p.topo.peers[0].port) in warning[0]
 
@@ -220,8 +223,8 @@ def test_plaintext_topology_warns_loudly_and_keys_silence_it(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         p = _make_peer(keyed, tmp_path / "run-keyed")
     _close_peer(p)
-    assert p.curve is not None and set(p.curve.peers) == {0, 1, 2}
-    assert p.curve.public == peer_keys(keyed, 0)[0]
+    assert p.curve[0] is not None and set(p.curve[0].peers) == {0, 1, 2}
+    assert p.curve[0].public == peer_keys(keyed, 0)[0]
     assert not [r for r in caplog.records if "NO ENCRYPTION" in r.getMessage()]
     # Another peer's secret key does not match peer 0's listed public key: refused at start.
     with pytest.raises(T.TopologyError, match="does not match peer 0"):
@@ -506,8 +509,9 @@ def test_byzantine_scaler_is_contained_by_trimmed_mean_and_not_without(tmp_path)
 
 def test_non_finite_sketch_block_is_refused_by_the_peer(tmp_path):
     """Frames are decoded without a wire-level value scan, so the sketch block checks its own."""
-    _, path = make_topology(tmp_path, "ring", 4)
-    peer = Peer(PeerConfig(topology=path, id=0, no_train=True, dim=1024, run_dir=tmp_path / "run", sketch_dim=64))
+    topo, path = make_topology(tmp_path, "ring", 4)
+    cfg = PeerConfig(topology=path, id=0, no_train=True, dim=1024, run_dir=tmp_path / "run", sketch_dim=64)
+    peer = Node(cfg, topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
     rows = torch.zeros(1, 64, dtype=torch.float64)
     rows[0, 5] = math.inf
     msg = Message(Kind.DELTA, 1, info={"sketches": [[1, 0]]}, tensors={SKETCH_TENSOR: TensorPayload("none", (1, 64), {"data": rows})})

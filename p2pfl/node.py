@@ -1,0 +1,734 @@
+"""One peer's rounds as a sans-IO state machine (h11-style): events in, actions out.
+
+The host (`p2pfl.peer`) feeds events: frames that arrived (`receive`), the clock (`tick`, with
+`now` in seconds of any monotonic clock), finished work (`trained`, `evaluated`) and `stop`. Each
+returns the actions to carry out: messages to send, work to run (training and evaluation belong
+to the host, which may share one model among many nodes), records to write, checkpoints to take.
+`next_wakeup()` says when the clock must be fed again. Every protocol decision lives here, once:
+liveness, the adaptive deadline, sketch flooding and validation, catch-up and late join, max-lag,
+drain rounds, the PPFM levels and the evaluation schedule. Nothing here reads a clock or touches
+a socket, so the daemon, the simulator and the benches run the same rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from p2pfl import topology as topo_mod
+from p2pfl.config import PeerConfig
+from p2pfl.consensus import SketchBook, Sketcher, flatten
+from p2pfl.gossip import ChocoEngine, GossipError, State
+from p2pfl.metrics import RecordQueue
+from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
+from p2pfl.robust import parse_byzantine
+from p2pfl.wire import BASE, CLUSTER, GLOBAL, Kind, Message, TensorPayload, WireError, all_finite, decode
+
+SKETCH_TENSOR = "_sketches"
+FINGERPRINT_TENSOR = "_fingerprints"  # PPFM update fingerprints, flooded like the sketches
+HELLO_EVERY = 0.25  # seconds between start-up hellos to neighbours not seen yet
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass
+class Send:
+    dest: int
+    msg: Message
+    offer: bool = False  # now or never: a periodic ping to a peer that is down must not queue
+
+
+@dataclass
+class Flush:
+    """Drop what waits to be sent to a peer that went down."""
+
+    peer: int
+
+
+@dataclass
+class Disconnect:
+    """A PPFM overlay peer that is no longer needed."""
+
+    peer: int
+
+
+@dataclass
+class Train:
+    """Load `start` into this peer's adapter, run one round of local steps, answer `trained`."""
+
+    round: int
+    start: State
+    teachers: list[State] = field(default_factory=list)
+
+
+@dataclass
+class Evaluate:
+    """Evaluate `state` on this peer's data, answer `evaluated`."""
+
+    round: int
+    state: State
+    global_eval: bool
+    purpose: str  # "before" (zero-shot start), "global-model" (PPFM), "round"
+
+
+@dataclass
+class Record:
+    """One round's metrics record; the host adds wall time and its byte counters."""
+
+    record: dict[str, Any]
+
+
+@dataclass
+class Checkpoint:
+    """Save the model and a checkpoint (`Node.checkpoint_state` plus the host's trainer state)."""
+
+    round: int
+
+
+@dataclass
+class Finish:
+    code: int = 0
+
+
+Action = Send | Flush | Disconnect | Train | Evaluate | Record | Checkpoint | Finish
+
+
+class Phase(Enum):
+    STARTUP = "startup"
+    CATCHUP = "catch-up"
+    BEFORE = "zero-shot evaluation"
+    ROUND = "round start"
+    RECLUSTER = "waiting for fingerprints"
+    TRAINING = "training"
+    WAITING = "waiting for neighbours"
+    EVAL_GLOBAL = "global-model evaluation"
+    EVAL = "evaluation"
+    DONE = "done"
+
+
+class LogLimiter:
+    """Log the first few of a kind of event, then every 1000th: hostile input must not flood the log."""
+
+    def __init__(self, first: int = 20, every: int = 1000) -> None:
+        self.first, self.every, self.count = first, every, 0
+
+    def __call__(self) -> bool:
+        self.count += 1
+        return self.count <= self.first or self.count % self.every == 0
+
+
+@dataclass
+class NodeSpec:
+    """What the host tells a node about itself beyond the config."""
+
+    x0: State
+    inc: int  # incarnation: grows across restarts (start time in microseconds)
+    train: bool  # a trainer answers Train / Evaluate
+    augment: bool = False  # the trainer synthesises with neighbours' replicas as teachers
+    eval_every: int = 1
+    secure: bool = False  # identities are CURVE keys (else routing ids / in-process senders)
+
+
+class Node:
+    def __init__(self, cfg: PeerConfig, topo: topo_mod.Topology, spec: NodeSpec, log: logging.Logger | None = None) -> None:
+        if cfg.id not in topo.peers:
+            raise topo_mod.TopologyError(f"--id: peer {cfg.id} is not in {cfg.topology} (ids {topo.ids})")
+        self.cfg, self.topo, self.spec = cfg, topo, spec
+        self.me = cfg.id
+        self.neighbors = topo.neighbors(self.me)
+        self.log = log or logging.getLogger(f"p2pfl.node.{self.me}")
+        weights = topo.mh_weights(self.me)
+        weights.pop(self.me)
+        self.inc = spec.inc
+        self.engine = ChocoEngine(self.me, weights, spec.x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc,
+                                  robust=cfg.robust, norm_factor=cfg.norm_factor)
+        self.attack: Callable[[State, int], State] | None = parse_byzantine(cfg.byzantine)
+        dim = flatten(spec.x0).numel()
+        self.sketcher = Sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
+        self.diameter = topo.diameter()
+        self.book = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
+        # PPFM: with clustering on, the base engine only paces rounds and floods sketches and
+        # fingerprints (empty deltas); the model travels on the cluster and global channels.
+        k = parse_clusters(cfg.clusters)
+        self.levels: Levels | None = None
+        if k is not None:
+            pcfg = PpfmConfig(k=k, recluster_every=cfg.recluster_every, global_every=cfg.global_every, lam=cfg.global_lambda,
+                              beta=cfg.cluster_beta, margin=cfg.cluster_margin, fingerprint_dim=cfg.fingerprint_dim, lag=self.diameter + 1)
+            self.levels = Levels(self.me, topo, spec.x0, pcfg, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc)
+        self.fbook = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
+        self.overlay_seen: dict[int, float] = {}  # overlay peers that are not base neighbours
+        self.overlay_down: set[int] = set()
+        self.labels_at: dict[int, dict[int, int]] = {}  # sketch round -> clustering its record reports
+        self.records = RecordQueue(give_up_after=self.diameter + 2)
+        self.last_seen: dict[int, float] = {}
+        self.live: set[int] = set()
+        self.neighbor_round: dict[int, int] = {}
+        self.rejected = 0
+        self.rejected_by_reason: dict[str, int] = {}
+        self._log_reject = LogLimiter()
+        self.wait_ewma: float | None = None
+        self.round = -1  # the last round whose delta went out
+        self.start_round = 0
+        self.resumed = False
+        self.drain = max(1, self.diameter if self.sketcher else 1)  # >= 1 so every training delta lands
+        self.phase = Phase.STARTUP
+        self.finished = False
+        self._stop = False
+        self._out: list[Action] = []
+        self._wake = math.inf
+        # per-round state
+        self.rnd = 0
+        self._t0 = self._wait_start = self._deadline_at = self._next_round_at = self._next_hello = 0.0
+        self._next_beat = self._startup_end = self._recluster_end = self._train_asked = 0.0
+        self._running: dict[int, int] = {}
+        self._metrics: dict[str, Any] = {}
+        self._phi: State = self.engine.x  # the trained model of this round, before any fault injection
+        self._before: dict[str, Any] = {}
+        self._waited, self._late = 0.0, []
+
+    # ------------------------------------------------------------------ events
+
+    def start(self, now: float) -> list[Action]:
+        self.log.info("peer %d: %d neighbours %s, %d rounds, compress=%s, run dir %s", self.me, len(self.neighbors), self.neighbors,
+                      self.cfg.rounds, self.cfg.compress, self.cfg.run_dir)
+        self._startup_end = now + self.cfg.startup_timeout
+        self._next_beat = now
+        return self._advance(now)
+
+    def tick(self, now: float) -> list[Action]:
+        return self._advance(now)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def fail(self, reason: str, now: float) -> list[Action]:
+        """The host could not do this peer's work (its trainer raised): say goodbye and finish with 1."""
+        self.log.error("peer %d: giving up in round %d: %s", self.me, self.rnd, reason)
+        if not self.finished:
+            self._finish(code=1)
+        return self._advance(now)
+
+    def trained(self, metrics: dict[str, Any], state: State, now: float) -> list[Action]:
+        if self.phase is not Phase.TRAINING:
+            raise RuntimeError(f"peer {self.me}: training result while {self.phase.value}")
+        self.engine.set_x(state)
+        self._phi = self.engine.x
+        self._metrics.update(metrics)
+        if "train_s" in metrics:  # time waiting for the CPU (co-hosted peers train one after the other)
+            self._metrics["train_queue_s"] = max(0.0, now - self._train_asked - float(metrics["train_s"]))
+        self._send_round(now)
+        return self._advance(now)
+
+    def evaluated(self, metrics: dict[str, Any], now: float) -> list[Action]:
+        if self.phase is Phase.BEFORE:
+            self._before = {f"{k}_before": v for k, v in metrics.items()}
+            self.phase = Phase.ROUND
+        elif self.phase is Phase.EVAL_GLOBAL:
+            self._metrics.update(global_model_accuracy=metrics["accuracy"], global_model_global_accuracy=metrics["global_accuracy"])
+            self._evaluate_round(now)
+        elif self.phase is Phase.EVAL:
+            self._metrics.update(metrics)
+            self._record(now)
+        else:
+            raise RuntimeError(f"peer {self.me}: evaluation result while {self.phase.value}")
+        return self._advance(now)
+
+    def receive(self, frames: list[Any], vouched: int | None, now: float) -> list[Action]:
+        """Frames from the network; `vouched` is the sender the channel proves (CURVE key, routing
+        id, or the co-hosted sender), None if it proves nothing."""
+        try:
+            # Values are checked where they are read: codecs refuse non-finite output before
+            # anything reaches a replica, `_take_sketches` checks the float64 blocks.
+            msg = decode(frames, self.cfg.max_frame, check_finite=False)
+        except WireError as e:
+            self._reject("wire", str(e))
+            return self._flush()
+        if vouched != msg.sender:
+            what = f"CURVE key of peer {vouched}" if self.spec.secure else f"routing id {vouched}"
+            self._reject("identity", f"{what} sent a message claiming to be peer {msg.sender}")
+            return self._flush()
+        if msg.channel != BASE:
+            self._receive_level(msg, now)
+        else:
+            self._receive_base(msg, now)
+        return self._advance(now)
+
+    def next_wakeup(self) -> float:
+        return self._wake
+
+    # ------------------------------------------------------------------ messages
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected += 1
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+        if self._log_reject():
+            self.log.warning("peer %d: rejected message (%s): %s [total %d]", self.me, reason, detail, self.rejected)
+
+    def _send(self, dest: int, msg: Message, now: float | None = None) -> None:
+        if dest not in self.engine.replicas and now is not None:  # a PPFM overlay peer that is not a base neighbour
+            self.overlay_seen.setdefault(dest, now)
+        self._out.append(Send(dest, msg))
+
+    def _ping(self, dest: int, msg: Message, down: bool) -> None:
+        self._out.append(Send(dest, msg, offer=down))
+
+    def _broadcast_control(self, msg: Message, to: list[int] | None = None) -> None:
+        for j in self.neighbors if to is None else to:
+            self._ping(j, msg, down=j not in self.live)
+
+    def _receive_base(self, msg: Message, now: float) -> None:
+        if msg.sender not in self.engine.replicas:
+            self._reject("unknown-peer", f"peer {msg.sender} is not a neighbour")
+            return
+        try:
+            self._take_sketches(msg)
+            replies = self.engine.receive(msg)
+        except GossipError as e:
+            self._reject("protocol", str(e))
+            return
+        self.neighbor_round[msg.sender] = max(self.neighbor_round.get(msg.sender, 0), msg.round)
+        self._mark_seen(msg.sender, now, alive=msg.kind != Kind.BYE)
+        for dest, reply in replies:
+            self._send(dest, reply)
+
+    def _receive_level(self, msg: Message, now: float) -> None:
+        """A PPFM cluster- or global-channel message: to that level's engine."""
+        if self.levels is None:
+            self._reject("channel", f"{msg.channel}-channel message from peer {msg.sender}, but clustering is off here")
+            return
+        try:
+            replies = self.levels.receive(msg)
+        except GossipError as e:
+            self._reject("protocol", str(e))
+            return
+        if msg.kind == Kind.BYE:
+            self.overlay_down.add(msg.sender)
+        else:
+            self.overlay_seen[msg.sender] = now
+            self.overlay_down.discard(msg.sender)
+        for dest, reply in replies:
+            self._send(dest, reply, now)
+
+    def _blocks(self) -> list[tuple[str, str, SketchBook, int]]:
+        """(tensor name, info key, book, row length) of what base-channel messages flood."""
+        out = [(SKETCH_TENSOR, "sketches", self.book, self.sketcher.k if self.sketcher else -1)]
+        if self.levels is not None:
+            out.append((FINGERPRINT_TENSOR, "fingerprints", self.fbook, self.levels.cfg.fingerprint_dim))
+        return out
+
+    def _take_sketches(self, msg: Message) -> None:
+        for name, key, book, k in self._blocks():
+            tp = msg.tensors.pop(name, None)
+            if tp is None:
+                continue
+            keys = msg.info.get(key)
+            data = tp.parts.get("data")
+            if (
+                not isinstance(keys, list)
+                or data is None
+                or data.dtype != torch.float64
+                or tuple(data.shape) != (len(keys), k)
+                or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, int) for v in e) for e in keys)
+            ):
+                raise GossipError(f"{key} from peer {msg.sender}: malformed block (keys/shape/dtype; rows of {k} float64 expected)")
+            if not all_finite(data):
+                raise GossipError(f"{key} from peer {msg.sender}: contains NaN or Inf")
+            for (origin, rnd), row in zip(keys, data, strict=True):
+                book.add(origin, rnd, row.clone(), via=msg.sender)
+        if FINGERPRINT_TENSOR in msg.tensors:
+            raise GossipError(f"fingerprints from peer {msg.sender}: clustering is off here")
+
+    def _with_sketches(self, msg: Message, peer: int) -> Message:
+        tensors, info = dict(msg.tensors), dict(msg.info)
+        for name, key, book, _ in self._blocks():
+            out = book.outgoing(peer, max(self.round, 0))
+            if out:
+                data = torch.stack([s for _, _, s in out])
+                tensors[name] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
+                info[key] = [[o, r] for o, r, _ in out]
+        return Message(msg.kind, msg.sender, msg.round, msg.seq, msg.inc, tensors, info)
+
+    # ------------------------------------------------------------------ liveness
+
+    def _mark_seen(self, peer: int, now: float, alive: bool = True) -> None:
+        self.last_seen[peer] = now if alive else -math.inf
+        if alive and peer not in self.live:
+            self.live.add(peer)
+            self.log.info("peer %d: neighbour %d is up", self.me, peer)
+        elif not alive and peer in self.live:
+            self.live.discard(peer)
+            self._out.append(Flush(peer))
+            self.log.info("peer %d: neighbour %d said goodbye", self.me, peer)
+
+    def _extra_overlay(self) -> list[int]:
+        """PPFM overlay peers that are not base-graph neighbours (no base heartbeats from them)."""
+        return sorted(self.levels.overlay_peers() - set(self.neighbors)) if self.levels is not None else []
+
+    def _overlay_control(self, j: int, make: str) -> Message:
+        assert self.levels is not None
+        return self.levels.control(CLUSTER if j in self.levels.cluster_neighbors else GLOBAL, make)
+
+    def _heartbeat(self, now: float) -> None:
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.cfg.heartbeat
+        self._broadcast_control(self.engine.heartbeat())
+        for j in sorted(self.live):
+            if now - self.last_seen.get(j, -math.inf) > self.cfg.peer_timeout:
+                self.live.discard(j)
+                self._out.append(Flush(j))
+                self.log.warning("peer %d: neighbour %d is down (silent for %.1fs); its weight moves to self", self.me, j, self.cfg.peer_timeout)
+        for j in self._extra_overlay():
+            self._ping(j, self._overlay_control(j, "heartbeat"), down=j in self.overlay_down)
+            if j not in self.overlay_down and now - self.overlay_seen.get(j, now) > self.cfg.peer_timeout:
+                self.overlay_down.add(j)
+                self._out.append(Flush(j))
+                self.log.warning("peer %d: overlay peer %d is down (silent for %.1fs)", self.me, j, self.cfg.peer_timeout)
+
+    def _participants(self, rnd: int) -> set[int]:
+        """Live neighbours that are not lagging by more than --max-lag rounds."""
+        return {j for j in self.live if self.neighbor_round.get(j, 0) >= rnd - self.cfg.max_lag}
+
+    def _overlay_live(self, rnd: int) -> set[int]:
+        """Overlay peers to wait for and mix with: live base neighbours, and the others unless down."""
+        return self._participants(rnd) | {j for j in self._extra_overlay() if j not in self.overlay_down}
+
+    def _waiting_for(self, rnd: int) -> list[int]:
+        late = self.engine.waiting_for(rnd, self._participants(rnd))
+        if self.levels is not None and rnd < self.cfg.rounds:
+            late += self.levels.waiting_for(rnd, self._overlay_live(rnd))
+        return sorted(set(late))
+
+    def _deadline(self) -> float:
+        if self.wait_ewma is None:
+            return self.cfg.round_timeout
+        return min(self.cfg.round_timeout, max(self.cfg.min_wait, 4.0 * self.wait_ewma + 0.5))
+
+    # ------------------------------------------------------------------ the state machine
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _advance(self, now: float) -> list[Action]:
+        """Run phases until one has to wait for an event or the clock; set the next wake-up."""
+        if not self.finished:
+            self._heartbeat(now)
+            self._wake = self._next_beat
+            while not self.finished and self._step(now):
+                pass
+        else:
+            self._wake = math.inf
+        return self._flush()
+
+    def _until(self, t: float) -> bool:
+        self._wake = min(self._wake, t)
+        return False
+
+    def _step(self, now: float) -> bool:
+        """One transition if the current phase can make one now (True), else False."""
+        p = self.phase
+        if p is Phase.STARTUP:
+            return self._startup(now)
+        if p is Phase.CATCHUP:
+            return self._catch_up(now)
+        if p is Phase.BEFORE:
+            return False
+        if p is Phase.ROUND:
+            return self._round_start(now)
+        if p is Phase.RECLUSTER:
+            return self._recluster(now)
+        if p is Phase.WAITING:
+            return self._wait(now)
+        return False  # TRAINING, EVAL_GLOBAL, EVAL: an answer from the host moves on
+
+    def _startup(self, now: float) -> bool:
+        if set(self.neighbors) - self.live and now < self._startup_end and not self._stop:
+            if now >= self._next_hello:
+                self._broadcast_control(self.engine.hello(), [j for j in self.neighbors if j not in self.live])
+                self._next_hello = now + HELLO_EVERY
+            return self._until(min(self._next_hello, self._startup_end))
+        missing = sorted(set(self.neighbors) - self.live)
+        if missing:
+            self.log.warning("peer %d: starting without neighbours %s (not seen in %.0fs)", self.me, missing, self.cfg.startup_timeout)
+        # One more hello so neighbours that saw us before we saw them have our latest state.
+        self._broadcast_control(self.engine.hello())
+        self._running = {j: r for j, r in self.neighbor_round.items() if j in self.live and r > 0}
+        self.phase = Phase.CATCHUP if self._running else Phase.ROUND
+        if self.phase is Phase.ROUND:
+            self._begin()
+        return True
+
+    def _catch_up(self, now: float) -> bool:
+        """Join a network that is already running: resync replicas, then jump to its round.
+
+        A peer without a checkpoint starts from a neighbour's current model (its exact xhat);
+        a resumed peer keeps its own model. Both start at the slowest live neighbour's round, so
+        no neighbour waits on rounds that the newcomer would replay."""
+        running = self._running
+        if now < self._startup_end and not all(self.engine.replicas[j].synced for j in running):
+            return self._until(self._startup_end)
+        synced = [j for j in sorted(running) if self.engine.replicas[j].synced]
+        if not self.resumed and synced:
+            donor = synced[0]
+            self.engine.x = {k: v.clone() for k, v in self.engine.replicas[donor].xhat.items()}
+            self.log.info("peer %d: late join, starting from neighbour %d's model", self.me, donor)
+        target = min(running.values())
+        if target > self.start_round:
+            self.log.info("peer %d: catching up from round %d to the network's round %d", self.me, self.start_round, target)
+            self.start_round = target
+        self.engine.round = max(self.engine.round, self.start_round - 1)
+        self._begin()
+        return True
+
+    def _begin(self) -> None:
+        self.rnd = self.start_round
+        if self.spec.train and self.start_round == 0:  # the zero-shot starting point
+            self.phase = Phase.BEFORE
+            self._out.append(Evaluate(-1, self.model(), True, "before"))
+        else:
+            self.phase = Phase.ROUND
+
+    def _round_start(self, now: float) -> bool:
+        rnd = self.rnd
+        if self._stop or rnd >= self.cfg.rounds + self.drain:
+            if self._stop:
+                self.log.info("peer %d: stopping after round %d", self.me, self.round)
+            self._finish()
+            return False
+        if self.cfg.round_period > 0 and rnd > self.start_round and now < self._next_round_at:
+            return self._until(self._next_round_at)
+        self._next_round_at = now + self.cfg.round_period
+        self._t0 = now
+        self._metrics = {}
+        if rnd < self.cfg.rounds and self.levels is not None:
+            self._recluster_end = now + self.cfg.min_wait
+            self.phase = Phase.RECLUSTER
+            return True
+        self._train_or_send(now)
+        return True
+
+    def _recluster(self, now: float) -> bool:
+        """Cluster the fingerprints of round rnd - lag, once every peer's has arrived.
+
+        Flooding needs at most `diameter` rounds and the lag is one more, so the set is normally
+        complete; if it is not (lost messages), this evaluation is skipped with a warning rather
+        than clustered on a partial set that other peers would not share."""
+        assert self.levels is not None
+        rnd = self.rnd
+        src = self.levels.fingerprint_round(rnd)
+        if src is not None and not self.fbook.complete(src) and now < self._recluster_end:
+            return self._until(self._recluster_end)
+        if src is not None:
+            self._apply_clustering(rnd, src, now)
+        self._train_or_send(now)
+        return True
+
+    def _apply_clustering(self, rnd: int, src: int, now: float) -> None:
+        assert self.levels is not None
+        if not self.fbook.complete(src):
+            have = sorted(p for p in self.topo.ids if (p, src) in self.fbook.entries)
+            self.log.warning("peer %d: round %d: fingerprints of round %d only from %s; clustering skipped", self.me, rnd, src, have)
+            return
+        old_extra = set(self._extra_overlay())
+        try:
+            changed = self.levels.recluster(rnd, {p: self.fbook.entries[(p, src)] for p in self.topo.ids})
+        except ValueError as e:
+            self.log.error("peer %d: round %d: clustering failed: %s", self.me, rnd, e)
+            return
+        if changed:
+            lv = self.levels
+            self.log.info("peer %d: round %d: clusters %s; mine %d (size %d, representative %d), overlay neighbours %s",
+                          self.me, rnd, lv.labels, lv.labels[self.me], len(lv.members), lv.rep, sorted(lv.overlay_peers()))
+            for j in old_extra - set(self._extra_overlay()):
+                self._out.append(Disconnect(j))
+                self.overlay_seen.pop(j, None)
+                self.overlay_down.discard(j)
+            for j in self._extra_overlay():
+                self.overlay_seen.setdefault(j, now)
+
+    def model(self) -> State:
+        """This peer's model: its cluster model with PPFM on, else the base engine's."""
+        return self.levels.model() if self.levels is not None else self.engine.x
+
+    def _train_or_send(self, now: float) -> None:
+        rnd = self.rnd
+        if self.sketcher is not None:
+            self.book.add(self.me, rnd, self.sketcher(self.model()))  # the model after rnd mixing steps
+        if rnd < self.cfg.rounds and self.spec.train:
+            teachers: list[State] = []
+            if self.levels is None and self.spec.augment:  # synthesis teachers: live, synced neighbours' replicas
+                teachers = [self.engine.replicas[j].xhat for j in sorted(self.live) if self.engine.replicas[j].synced]
+            self.phase = Phase.TRAINING
+            self._train_asked = now
+            self._out.append(Train(rnd, self.model(), teachers))
+            return
+        self._send_round(now)
+
+    def _send_round(self, now: float) -> None:
+        rnd = self.rnd
+        training = rnd < self.cfg.rounds
+        if training and self.attack is not None:
+            self.engine.x = self.attack(self.engine.x, rnd)
+        ppfm = training and self.levels is not None
+        if ppfm:
+            self._ppfm_send(rnd, now)
+        delta = self.engine.make_delta(rnd, empty=not training or ppfm)
+        self.round = rnd
+        for j in sorted(self.live):
+            self._send(j, self._with_sketches(delta, j))
+        self._wait_start = now
+        self._deadline_at = now + self._deadline()
+        self.phase = Phase.WAITING
+
+    def _ppfm_send(self, rnd: int, now: float) -> None:
+        """The task step is done: cluster delta to the cluster overlay, fingerprint into the flood,
+        and on global rounds the representative's global delta to the other representatives."""
+        assert self.levels is not None
+        phi = self._phi if self.spec.train else self.levels.model()
+        cmsg, fingerprint = self.levels.task_done(rnd, phi)
+        self.fbook.add(self.me, rnd, fingerprint)
+        live = self._overlay_live(rnd)
+        for j in self.levels.cluster_neighbors:
+            if j in live:
+                self._send(j, cmsg, now)
+        gmsg = self.levels.global_delta(rnd)
+        for j in self.levels.global_neighbors if gmsg is not None else []:
+            if j in live:
+                self._send(j, gmsg, now)
+
+    def _wait(self, now: float) -> bool:
+        rnd = self.rnd
+        late = self._waiting_for(rnd)
+        if late and now < self._deadline_at:
+            return self._until(self._deadline_at)
+        self._waited = now - self._wait_start
+        if late:
+            self.log.warning("peer %d: round %d deadline passed; mixing without %s", self.me, rnd, late)
+        else:
+            self.wait_ewma = self._waited if self.wait_ewma is None else 0.8 * self.wait_ewma + 0.2 * self._waited
+        self._late = late
+        self._mix(now)
+        return True
+
+    def _mix(self, now: float) -> None:
+        rnd = self.rnd
+        if rnd >= self.cfg.rounds:  # a drain round: only sketches travelled
+            self._emit_records()
+            self.rnd += 1
+            self.phase = Phase.ROUND
+            return
+        lagging = sorted(self.live - self._participants(rnd))
+        if lagging:
+            self.log.warning("peer %d: round %d leaves out lagging neighbours %s", self.me, rnd, lagging)
+        if self.levels is not None:
+            self.levels.mix(rnd, self._overlay_live(rnd))
+            self._metrics.update(self._ppfm_metrics(rnd))
+        else:
+            self.engine.mix(self._participants(rnd))
+        if not self.spec.train:
+            self._record(now)
+        elif self.levels is not None and self.levels.global_step(rnd):  # a representative's global meta model
+            self.phase = Phase.EVAL_GLOBAL
+            self._out.append(Evaluate(rnd, self.levels.glob.x, True, "global-model"))
+        else:
+            self._evaluate_round(now)
+
+    def _evaluate_round(self, now: float) -> None:
+        rnd = self.rnd
+        every = max(1, int(self.spec.eval_every))
+        last = rnd == self.cfg.rounds - 1
+        if rnd % every and not last:
+            self._record(now)
+            return
+        self.phase = Phase.EVAL
+        self._out.append(Evaluate(rnd, self.model(), last or rnd % (every * 5) == 0, "round"))
+
+    def _ppfm_metrics(self, rnd: int) -> dict[str, Any]:
+        assert self.levels is not None
+        lv = self.levels
+        self.labels_at[rnd + 1] = dict(lv.labels)
+        return {"cluster": lv.labels[self.me], "cluster_size": len(lv.members), "representative": lv.rep,
+                "overlay_neighbors": sorted(lv.overlay_peers()), "clusters": len(set(lv.labels.values())),
+                "cluster_labels": [lv.labels[p] for p in self.topo.ids]}
+
+    def _record(self, now: float) -> None:
+        rnd = self.rnd
+        mixing = self.engine if self.levels is None else self.levels.cluster
+        rec: dict[str, Any] = {
+            "peer": self.me,
+            "round": rnd,
+            "round_s": now - self._t0,
+            "wait_s": self._waited,
+            "late_neighbors": self._late,
+            "neighbor_distance": mixing.neighbor_distance(self.live if self.levels is None else self._overlay_live(rnd)),
+            "payload_bytes": mixing.last_stats.payload_bytes,
+            "compression_ratio": mixing.last_stats.dense_bytes / max(1, mixing.last_stats.payload_bytes),
+            "compression_error": mixing.last_stats.compression_error,
+            "live_neighbors": len(self.live),
+            "rejected_messages": self.rejected,
+            "duplicates": self.engine.duplicates + (self.levels.cluster.duplicates + self.levels.glob.duplicates if self.levels else 0),
+            **self._metrics,
+            **(self._before if rnd == self.start_round else {}),
+        }
+        self.records.push(rnd + 1, rec)
+        self._emit_records()
+        if self.cfg.checkpoint_every and (rnd + 1) % self.cfg.checkpoint_every == 0:
+            self._out.append(Checkpoint(rnd))
+        self.rnd += 1
+        self.phase = Phase.ROUND
+
+    def _emit_records(self, force: bool = False) -> None:
+        for srnd, rec in self.records.pop_ready(self.round, self.book.complete, force):
+            est, got = self.book.estimate(srnd) if self.sketcher else (float("nan"), 0)
+            rec["consensus_distance"] = est
+            rec["consensus_peers"] = got
+            labels = self.labels_at.pop(srnd, None)
+            if labels is not None and self.sketcher is not None:
+                have = {p: self.book.entries[(p, srnd)] for p in self.topo.ids if (p, srnd) in self.book.entries}
+                rec["cluster_consensus_distance"], rec["global_consensus_distance"] = level_distances(have, labels, self.me)
+            self._out.append(Record(rec))
+        self.book.prune(self.round - self.diameter - 4)
+        self.fbook.prune(self.round - self.diameter - 4)
+
+    def _finish(self, code: int = 0) -> None:
+        self._emit_records(force=True)
+        self._broadcast_control(self.engine.bye(), sorted(self.live))
+        for j in self._extra_overlay():
+            self._send(j, self._overlay_control(j, "bye"))
+        self._out.append(Checkpoint(max(self.round, 0)))
+        self._out.append(Finish(code))
+        self.phase = Phase.DONE
+        self.finished = True
+        self._wake = math.inf
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from p2pfl import checkpoint as ckpt
+
+        tensors, meta = ckpt.engine_state(self.engine)
+        meta["peer"] = self.me
+        if self.levels is not None:
+            ltensors, meta["ppfm"] = ckpt.levels_state(self.levels)
+            tensors.update(ltensors)
+        return tensors, meta
+
+    def resume(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], last_logged: int) -> None:
+        """Continue from a checkpoint: engine (and levels) state; the next round follows both the
+        checkpoint and the last round already in the metrics file."""
+        from p2pfl import checkpoint as ckpt
+
+        ckpt.restore_engine(self.engine, tensors, meta)
+        if self.levels is not None and "ppfm" in meta:
+            ckpt.restore_levels(self.levels, tensors, meta["ppfm"])
+        self.start_round = max(self.engine.round + 1, last_logged + 1)
+        self.engine.round = self.start_round - 1
+        self.resumed = True
