@@ -1,7 +1,8 @@
 """Fairness under label skew: decentralized training with vs without zero-shot augmentation.
 
-Same foundation model, adapter, data partition (Dirichlet alpha = 0.05 by default), ring, real
-CHOCO engine (p2pfl.sim) and the same budget (rounds x local steps x batch of real samples) in
+Same foundation model, adapter, data partition (Dirichlet alpha = 0.05 by default), ring, the
+daemon's own rounds in the simulator (p2pfl.sim: teachers are the live, synced neighbours'
+replicas, as in the daemon) and the same budget (rounds x local steps x batch of real samples) in
 both arms; the augmented arm additionally synthesises samples of each peer's under-represented
 classes every round (p2pfl/augment.py) and mixes them into its batches. Reported per arm, on the
 shared global test set after the last round: mean accuracy over peers, std across peers, worst
@@ -28,44 +29,29 @@ import torch
 from p2pfl import topology as T
 from p2pfl.cli import _parse_value
 from p2pfl.metrics import fairness_figures
-from p2pfl.sim import SimNetwork
+from p2pfl.sim import train_network
 from p2pfl.trainer import Trainer, TrainerConfig
 
 
 def run_arm(cfg: TrainerConfig, n: int, rounds: int, kind: str) -> dict:
     """n trainers on a ``kind`` graph, one CHOCO round after each round of local steps."""
     t0 = time.perf_counter()
-    trainers = [Trainer(cfg, p, n) for p in range(n)]
-    net = SimNetwork(T.generate(kind, n), {p: t.adapter_state() for p, t in enumerate(trainers)})
-    synth_s, synth_n = 0.0, 0
-    informed, assigned = 0, 0  # classes given to a teacher whose peer saw them locally
-    for _ in range(rounds):
-        for p, t in enumerate(trainers):
-            if cfg.augment != "off":  # neighbours' replicas as synthesis teachers, as peer.py passes them
-                nbrs = sorted(net.engines[p].replicas)
-                t.set_teachers([net.engines[p].replicas[j].xhat for j in nbrs])
-            m = t.train_round()
-            for c, k in t.teacher_of.items():
-                assigned += 1
-                informed += c not in trainers[nbrs[k]].unseen_classes
-            if "synthetic_samples" in m:
-                synth_n += int(m["synthetic_samples"])
-                synth_s += m["synth_seconds_per_sample"] * m["synthetic_samples"]
-            net.engines[p].set_x(t.adapter_state())
-        net.step()
-        for p, t in enumerate(trainers):
-            t.load_adapter_state(net.engines[p].x)
-    evals = [t.evaluate(global_eval=True) for t in trainers]
+    trainers = {p: Trainer(replace(cfg, eval_every=rounds), p, n) for p in range(n)}
+    sim = train_network(T.generate(kind, n), trainers, rounds, teachers=cfg.augment != "off", sketch_dim=0)
+    train_recs = [r for recs in sim.records.values() for r in recs]
+    synth_n = sum(int(r.get("synthetic_samples", 0)) for r in train_recs)
+    synth_s = sum(r.get("synth_seconds_per_sample", 0.0) * r.get("synthetic_samples", 0) for r in train_recs)
+    evals = [sim.records[p][-1] for p in range(n)]
     acc = [e["global_accuracy"] for e in evals]
-    fair = fairness_figures(acc, [e["unseen_accuracy"] for e in evals])
+    unseen = [e.get("unseen_accuracy") for e in evals]
+    fair = fairness_figures(acc, unseen)
     return {
         **fair,
         "per_peer_accuracy": [round(a, 4) for a in acc],
-        "per_peer_unseen_accuracy": [None if not np.isfinite(e["unseen_accuracy"]) else round(e["unseen_accuracy"], 4) for e in evals],
-        "unseen_classes_per_peer": [len(t.unseen_classes) for t in trainers],
+        "per_peer_unseen_accuracy": [None if u is None or not np.isfinite(u) else round(u, 4) for u in unseen],
+        "unseen_classes_per_peer": [len(t.unseen_classes) for t in trainers.values()],
         "synthetic_samples_total": synth_n,
         "synth_seconds_per_sample": synth_s / synth_n if synth_n else None,
-        "teacher_saw_class": informed / assigned if assigned else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

@@ -1,14 +1,14 @@
 """Decentralized (gossip on a ring) vs centralized (pooled data) vs local-only training.
 
 Same foundation model, adapter, data partition and optimizer steps per sample budget:
-- decentralized: n trainers, each `local_steps` per round, then one CHOCO round (the real engine,
-  in process: p2pfl.sim) on a ring;
+- decentralized: n trainers, each `local_steps` per round, then one CHOCO round: the daemon's own
+  rounds (`p2pfl.node`) in the discrete-event simulator `p2pfl.sim`, on a ring or another graph;
 - local-only: the same trainers without any mixing;
 - centralized: one trainer on the union of the peers' training data, n * local_steps per round.
 Accuracy is each trainer's accuracy on the shared global test set. With ``--compress SPEC`` the
 decentralized run gossips compressed deltas and is repeated uncompressed, to report the byte
 reduction and the accuracy cost. Prints one JSON line.
-usage: python bench/learning.py [--peers 8] [--rounds 30] [--compress SPEC] [--gossip-steps G]
+usage: python bench/learning.py [--peers 8] [--rounds 30] [--topology ring] [--compress SPEC]
                                 [--only dec,loc,cen,cenlb] [--set key=value ...]
 """
 
@@ -23,30 +23,28 @@ import numpy as np
 import torch
 
 from p2pfl import topology as T
-from p2pfl.sim import SimNetwork
+from p2pfl.sim import train_network
 from p2pfl.trainer import Trainer, TrainerConfig
 
 
-def run_peers(cfg: TrainerConfig, n: int, rounds: int, mix: bool, kind: str, compress: str, gossip_steps: int = 1) -> dict:
-    trainers = [Trainer(cfg, p, n) for p in range(n)]
-    topo = T.generate(kind, n)
-    net = SimNetwork(topo, {p: t.adapter_state() for p, t in enumerate(trainers)}, plan=compress) if mix else None
-    for _ in range(rounds):
-        for p, t in enumerate(trainers):
-            t.train_round()
-            if net is not None:
-                net.engines[p].set_x(t.adapter_state())
-        if net is not None:
-            for _ in range(gossip_steps):
-                net.step()
-            for p, t in enumerate(trainers):
-                t.load_adapter_state(net.engines[p].x)
-    accs = [t.evaluate(global_eval=True) for t in trainers]
+def run_peers(cfg: TrainerConfig, n: int, rounds: int, mix: bool, kind: str, compress: str) -> dict:
+    """n peers of `kind`, `rounds` rounds; with `mix` the daemon's rounds, else local steps only."""
+    t0 = time.time()
+    trainers = {p: Trainer(replace(cfg, eval_every=rounds), p, n) for p in range(n)}
+    out: dict = {}
+    if mix:
+        sim = train_network(T.generate(kind, n), trainers, rounds, compress=compress, sketch_dim=0)
+        accs = [sim.records[p][-1] for p in range(n)]
+        out["bytes_on_wire"] = sum(sim.bytes_sent.values())
+        out["bytes_per_peer_per_round"] = out["bytes_on_wire"] / (n * rounds)
+    else:
+        for _ in range(rounds):
+            for t in trainers.values():
+                t.train_round()
+        accs = [t.evaluate(global_eval=True) for t in trainers.values()]
     g = [a["global_accuracy"] for a in accs]
-    out = {"global_accuracy_mean": float(np.mean(g)), "global_accuracy_min": float(np.min(g)),
-           "local_accuracy_mean": float(np.mean([a["accuracy"] for a in accs]))}
-    if net is not None:
-        out["bytes_on_wire"] = net.bytes_sent
+    out.update(global_accuracy_mean=float(np.mean(g)), global_accuracy_min=float(np.min(g)),
+               local_accuracy_mean=float(np.mean([a["accuracy"] for a in accs])), seconds=round(time.time() - t0, 1))
     return out
 
 
@@ -56,10 +54,11 @@ def run_central(cfg: TrainerConfig, n: int, rounds: int, large_batch: bool) -> d
         pooled = replace(pooled, batch_size=cfg.batch_size * n)
     else:
         pooled = replace(pooled, local_steps=cfg.local_steps * n)
+    t0 = time.time()
     t = Trainer(pooled, 0, 1)
     for _ in range(rounds):
         t.train_round()
-    return {"global_accuracy": t.evaluate(global_eval=True)["global_accuracy"]}
+    return {"global_accuracy": t.evaluate(global_eval=True)["global_accuracy"], "seconds": round(time.time() - t0, 1)}
 
 
 def trainer_config(items: list[str]) -> TrainerConfig:
@@ -80,7 +79,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--topology", default="ring")
     ap.add_argument("--compress", default="none")
-    ap.add_argument("--gossip-steps", type=int, default=1)
     ap.add_argument("--only", default="dec,loc,cen,cenlb")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
@@ -89,12 +87,12 @@ def main() -> None:
     t0 = time.time()
     parts = set(args.only.split(","))
     out: dict = {"bench": "learning", "peers": args.peers, "rounds": args.rounds, "topology": args.topology,
-                 "compress": args.compress, "gossip_steps": args.gossip_steps, "trainer": cfg.to_dict(),
+                 "compress": args.compress, "trainer": cfg.to_dict(),
                  "zero_shot_global_accuracy": Trainer(cfg, 0, args.peers).evaluate(global_eval=True)["global_accuracy"]}
     if "dec" in parts:
-        out["decentralized"] = run_peers(cfg, args.peers, args.rounds, True, args.topology, args.compress, args.gossip_steps)
+        out["decentralized"] = run_peers(cfg, args.peers, args.rounds, True, args.topology, args.compress)
     if "dec" in parts and args.compress != "none":  # the same run uncompressed: bytes and accuracy to compare with
-        ref = run_peers(cfg, args.peers, args.rounds, True, args.topology, "none", args.gossip_steps)
+        ref = run_peers(cfg, args.peers, args.rounds, True, args.topology, "none")
         out["decentralized_fp32"] = ref
         out["bytes_reduction"] = ref["bytes_on_wire"] / out["decentralized"]["bytes_on_wire"]
         out["compressed_accuracy_drop_points"] = 100 * (ref["global_accuracy_mean"] - out["decentralized"]["global_accuracy_mean"])

@@ -2,14 +2,14 @@
 
 Same peers, data, trainer and rounds for all three; only what is gossiped differs:
   flat   one CHOCO engine on the base graph: every peer ends with (nearly) one global model;
-  ppfm   the PPFM levels (p2pfl.ppfm_sim: real engines, wire encoding, fingerprint flooding):
-         clusters found from fingerprints, cluster models on overlays, global model among
-         representatives every K rounds;
+  ppfm   the daemon's rounds with PPFM on (p2pfl.sim: real nodes, engines, wire encoding,
+         fingerprint flooding): clusters found from fingerprints, cluster models on overlays,
+         global model among representatives every K rounds;
   local  no communication.
 A peer's personalised accuracy is its model's accuracy on a held-out test set of its own group
 (task/domain); for ppfm also the representatives' global model on the same sets. Bytes are wire
 bytes of everything the method sends (for ppfm: cluster and global deltas, STATE resyncs and the
-flooded fingerprints; not the daemon's small base-channel sync messages).
+flooded fingerprints, and the base-channel messages that pace the rounds).
 
     .venv/bin/python bench/ppfm.py [--topology topologies/clusters.yaml] [--rounds 20] [--set KEY=VALUE ...]
 prints one JSON line.
@@ -30,8 +30,7 @@ from sklearn.metrics import adjusted_rand_score
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pfl import topology as T
-from p2pfl.ppfm import PpfmConfig, parse_clusters
-from p2pfl.ppfm_sim import PpfmNetwork, flat_gossip
+from p2pfl.sim import train_network
 from p2pfl.trainer import Trainer, TrainerConfig
 
 
@@ -45,37 +44,31 @@ def summary(acc: dict[int, float]) -> dict[str, float]:
     return {"mean": round(float(np.mean(v)), 4), "worst": round(float(np.min(v)), 4)}
 
 
+def final(sim, topo: T.Topology, key: str = "global_accuracy") -> dict[int, float]:
+    return {p: sim.records[p][-1][key] for p in topo.ids}
+
+
 def run_flat(topo: T.Topology, trainers: dict[int, Trainer], rounds: int) -> tuple[dict[int, float], int]:
-    net = flat_gossip(topo, trainers, rounds)
-    return {p: accuracy(t, net.engines[p].x) for p, t in trainers.items()}, net.bytes_sent
+    sim = train_network(topo, trainers, rounds, sketch_dim=0)
+    return final(sim, topo), sum(sim.bytes_sent.values())
 
 
-def run_ppfm(topo: T.Topology, trainers: dict[int, Trainer], rounds: int, cfg: PpfmConfig) -> dict:
-    net = PpfmNetwork(topo, {p: t.adapter_state() for p, t in trainers.items()}, cfg)
-
-    def train(p: int, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        trainers[p].load_adapter_state(theta)
-        trainers[p].train_round()
-        return trainers[p].adapter_state()
-
-    split_at = None
-    for r in range(rounds):
-        net.step(train)
-        if split_at is None and len(set(net.levels[topo.ids[0]].labels.values())) > 1:
-            split_at = r
-    labels = net.labels()
-    first = labels[topo.ids[0]]
-    reps = sorted({lv.rep for lv in net.levels.values()})
-    theta_g = net.levels[reps[0]].glob.x  # what the representatives agreed on (exact gossip: the same on each)
+def run_ppfm(topo: T.Topology, trainers: dict[int, Trainer], rounds: int, ppfm: dict) -> dict:
+    sim = train_network(topo, trainers, rounds, sketch_dim=0, **ppfm)
+    first = topo.ids[0]
+    split_at = next((r["round"] for r in sim.records[first] if r["clusters"] > 1), None)
+    labels = {p: sim.records[p][-1]["cluster_labels"] for p in topo.ids}
+    reps = sorted({sim.records[p][-1]["representative"] for p in topo.ids})
+    theta_g = sim.nodes[reps[0]].levels.glob.x  # what the representatives agreed on (exact gossip: the same on each)
     truth = [trainers[p].data.group for p in topo.ids]
     return {
-        "personalised": {p: accuracy(t, net.levels[p].model()) for p, t in trainers.items()},
+        "personalised": final(sim, topo),
         "global_model": {p: accuracy(t, theta_g) for p, t in trainers.items()},
-        "bytes": sum(net.bytes_sent.values()),
-        "bytes_by_level": net.bytes_sent,
-        "clusters": [first[p] for p in topo.ids],
-        "all_peers_agree": all(v == first for v in labels.values()),
-        "ari_vs_planted": round(float(adjusted_rand_score(truth, [first[p] for p in topo.ids])), 4),
+        "bytes": sum(sim.bytes_sent.values()),
+        "bytes_by_level": sim.channel_bytes,
+        "clusters": labels[first],
+        "all_peers_agree": all(v == labels[first] for v in labels.values()),
+        "ari_vs_planted": round(float(adjusted_rand_score(truth, labels[first])), 4),
         "split_at_round": split_at,
     }
 
@@ -101,9 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         except json.JSONDecodeError:
             settings[k] = v
     cfg = TrainerConfig.from_dict({"seed": 0, **settings})
-    k = parse_clusters(args.clusters)
-    ppfm_cfg = PpfmConfig(k=k if k is not None else "auto", recluster_every=args.recluster_every, global_every=args.global_every,
-                          lam=args.lam, beta=args.beta, lag=topo.diameter() + 1)
+    ppfm_cfg = {"clusters": args.clusters, "recluster_every": args.recluster_every, "global_every": args.global_every,
+                "global_lambda": args.lam, "cluster_beta": args.beta}
 
     def fresh() -> dict[int, Trainer]:
         return {p: Trainer(cfg, p, topo.n) for p in topo.ids}

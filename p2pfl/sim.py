@@ -1,68 +1,152 @@
-"""In-process network of CHOCO engines: the real engine and wire codec, no sockets or clocks.
+"""A discrete-event simulator of many peers: the real `node.Node` state machines, wire encoding and
+trainers, a virtual clock instead of sockets and sleeps.
 
-Used by tests and benchmarks (and by users comparing topologies and codecs quickly): every
-message is encoded to frames and decoded again, so byte counts are those of the wire.
+The benches and the round-level tests drive the daemon's own rounds here, with every message
+encoded to frames and decoded again (byte counts are the wire's). Messages arrive `latency`
+virtual seconds after they are sent, work takes no virtual time, so rounds are as synchronous as
+on an idle network; `drop` loses chosen messages to exercise resyncs and deadlines.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import logging
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
-import torch
-
-from p2pfl.gossip import Action, ChocoEngine, State
+from p2pfl import node as N
+from p2pfl.config import PeerConfig
+from p2pfl.consensus import flatten
+from p2pfl.gossip import State
+from p2pfl.state import synthetic_state
 from p2pfl.topology import Topology
-from p2pfl.wire import Message, decode, encode, frames_nbytes
+from p2pfl.wire import Message, encode, frames_nbytes
+from p2pfl.work import Learner, perform
 
 DropRule = Callable[[int, int, Message], bool]  # (src, dst, msg) -> drop it?
 
 
-class SimNetwork:
-    def __init__(self, topo: Topology, states: dict[int, State], plan: str = "none", gamma: float | None = None, seed: int = 0) -> None:
-        self.topo = topo
-        self.engines: dict[int, ChocoEngine] = {}
+class Simulation:
+    def __init__(self, topo: Topology, cfg: PeerConfig, learners: dict[int, Learner] | None = None,
+                 states: dict[int, State] | None = None, latency: float = 1e-3, drop: DropRule | None = None,
+                 teachers: bool = False) -> None:
+        """`learners` train and evaluate (a peer without one gossips `states[p]` or its synthetic
+        `--no-train` state); `teachers`: hand neighbours' replicas to the learners (augmentation)."""
+        self.topo, self.latency, self.drop = topo, latency, drop
+        self.learners = learners or {}
+        self.nodes: dict[int, N.Node] = {}
         for p in topo.ids:
-            w = topo.mh_weights(p)
-            w.pop(p)
-            self.engines[p] = ChocoEngine(p, w, states[p], plan, gamma, seed=seed, inc=1000 + p)
-        self.round = -1
-        self.bytes_sent = 0
-        self.messages = 0
-        self.dropped = 0
-        # Peers meet before the first round, as the daemon's startup hellos do; otherwise each
-        # first delta would be a first contact after our own first delta, answered by a full STATE.
-        for p in topo.ids:
-            hello = self.engines[p].hello()
-            for j in topo.neighbors(p):
-                self.deliver(p, j, hello)
+            pc = replace(cfg, id=p)
+            lr = self.learners.get(p)
+            x0 = lr.adapter_state() if lr is not None else (states or {}).get(p) or synthetic_state(cfg.seed, p, cfg.dim)
+            spec = N.NodeSpec(x0=x0, inc=1000 + p, train=lr is not None, augment=teachers and lr is not None,
+                              eval_every=getattr(getattr(lr, "cfg", None), "eval_every", 1))
+            self.nodes[p] = N.Node(pc, topo, spec, logging.getLogger(f"p2pfl.sim.{p}"))
+        self.now = 0.0
+        self._queue: list[tuple[float, int, Callable[[], list[N.Action]], int]] = []
+        self._seq = itertools.count()
+        self._timers: dict[int, float] = {}
+        self._held: dict[int, N.Train] = {}  # training of a round past the one `step` runs to
+        self._until: int | None = None
+        self.records: dict[int, list[dict[str, Any]]] = {p: [] for p in topo.ids}
+        self.bytes_sent: dict[int, int] = dict.fromkeys(topo.ids, 0)
+        self.channel_bytes: dict[str, int] = {}  # by gossip level: base, cluster, global
+        self.messages = self.dropped = 0
+        self.codes: dict[int, int] = {}
+        for p, nd in self.nodes.items():
+            self._at(0.0, p, lambda nd=nd: nd.start(self.now))
 
-    def deliver(self, src: int, dst: int, msg: Message, drop: DropRule | None = None) -> None:
-        """Wire-encode, (maybe) drop, decode and hand to dst; replies are delivered recursively."""
-        if drop is not None and drop(src, dst, msg):
+    def _at(self, t: float, p: int, event: Callable[[], list[N.Action]]) -> None:
+        heapq.heappush(self._queue, (t, next(self._seq), event, p))
+
+    def _run(self, p: int, actions: list[N.Action]) -> None:
+        nd = self.nodes[p]
+        for a in actions:
+            if isinstance(a, N.Send):
+                self._send(p, a)
+            elif isinstance(a, N.Train | N.Evaluate):
+                if isinstance(a, N.Train) and self._until is not None and a.round > self._until:
+                    self._held[p] = a
+                else:
+                    self._work(p, a)
+            elif isinstance(a, N.Record):
+                self.records[p].append(a.record)
+            elif isinstance(a, N.Finish):
+                self.codes[p] = a.code
+        wake = nd.next_wakeup()
+        if wake != float("inf") and self._timers.get(p) != wake:
+            self._timers[p] = wake
+            self._at(wake, p, lambda: self._tick(p, wake))
+
+    def _tick(self, p: int, wake: float) -> list[N.Action]:
+        if self._timers.get(p) != wake:
+            return []  # superseded by a later timer
+        del self._timers[p]
+        return self.nodes[p].tick(self.now)
+
+    def _send(self, src: int, a: N.Send) -> None:
+        if self.drop is not None and self.drop(src, a.dest, a.msg):
             self.dropped += 1
             return
-        frames = [bytes(f) for f in encode(msg)]
-        self.bytes_sent += frames_nbytes(frames)
+        frames = [bytes(f) for f in encode(a.msg)]
+        n = frames_nbytes(frames)
+        self.bytes_sent[src] += n
+        self.channel_bytes[a.msg.channel] = self.channel_bytes.get(a.msg.channel, 0) + n
         self.messages += 1
-        replies: list[Action] = self.engines[dst].receive(decode(frames))
-        for to, reply in replies:
-            self.deliver(dst, to, reply, drop)
+        dst = self.nodes[a.dest]
+        self._at(self.now + self.latency, a.dest, lambda: [] if dst.finished else dst.receive(frames, src, self.now))
 
-    def step(self, live: set[int] | None = None, drop: DropRule | None = None, mix: bool = True) -> None:
-        """One synchronous round: every live engine sends its delta, then every live engine mixes."""
-        live = set(self.topo.ids) if live is None else live
-        self.round += 1
-        deltas = {p: self.engines[p].make_delta(self.round) for p in sorted(live)}
-        for p, msg in deltas.items():
-            for j in self.topo.neighbors(p):
-                if j in live:
-                    self.deliver(p, j, msg, drop)
-        if mix:
-            for p in sorted(live):
-                self.engines[p].mix([j for j in self.topo.neighbors(p) if j in live])
+    def _work(self, p: int, a: N.Train | N.Evaluate) -> None:
+        metrics, state = perform(self.learners[p], a, self.nodes[p].spec.augment)
+        nd = self.nodes[p]
+        if isinstance(a, N.Train):
+            self._at(self.now, p, lambda: nd.trained(metrics, state, self.now))
+        else:
+            self._at(self.now, p, lambda: nd.evaluated(metrics, self.now))
 
-    def states(self) -> dict[int, State]:
-        return {p: e.x for p, e in self.engines.items()}
+    def _process(self, stop: Callable[[], bool]) -> None:
+        while self._queue and not stop():
+            t, _, event, p = heapq.heappop(self._queue)
+            self.now = max(self.now, t)
+            self._run(p, event())
 
-    def flat(self) -> torch.Tensor:
-        return torch.stack([torch.cat([e.x[k].reshape(-1) for k in sorted(e.x)]).double() for e in self.engines.values()])
+    def run(self) -> dict[int, list[dict[str, Any]]]:
+        """Every peer's rounds to the end (drain rounds included); the records by peer."""
+        self._until = None
+        for p, a in self._held.items():
+            self._work(p, a)
+        self._held.clear()
+        self._process(lambda: len(self.codes) == len(self.nodes))
+        return self.records
+
+    def step(self) -> int:
+        """Run until every training peer has mixed one more round; returns that round."""
+        target = 0 if self._until is None else self._until + 1
+        self._until = target
+        for p, a in list(self._held.items()):
+            if a.round <= target:
+                del self._held[p]
+                self._work(p, a)
+        self._process(lambda: all(nd.finished or nd.rnd > target for nd in self.nodes.values()))
+        return target
+
+    def models(self) -> dict[int, State]:
+        return {p: nd.model() for p, nd in self.nodes.items()}
+
+    def flat(self) -> Any:
+        import torch
+
+        return torch.stack([flatten(m).double() for m in self.models().values()])
+
+
+def train_network(topo: Topology, learners: dict[int, Learner], rounds: int, teachers: bool = False, **settings: Any) -> Simulation:
+    """`rounds` daemon rounds of `learners` on `topo` (settings: any `PeerConfig` field, e.g.
+    compress, clusters); returns the finished simulation (records, bytes, final models)."""
+    from pathlib import Path
+
+    cfg = PeerConfig(topology=Path(topo.name), id=topo.ids[0], rounds=rounds, **settings)
+    sim = Simulation(topo, cfg, learners, teachers=teachers)
+    sim.run()
+    return sim

@@ -3,8 +3,9 @@ import torch
 
 from p2pfl import checkpoint as C
 from p2pfl import topology as T
-from p2pfl.sim import SimNetwork
 from p2pfl.state import synthetic_state
+
+from .engines import SimNetwork
 
 
 def test_roundtrip_and_plain_split(tmp_path):

@@ -6,9 +6,10 @@ from p2pfl import topology as T
 from p2pfl.consensus import exact_distance, flatten, network_mean
 from p2pfl.gossip import ChocoEngine, GossipError
 from p2pfl.robust import RobustSpec
-from p2pfl.sim import SimNetwork
 from p2pfl.state import synthetic_state
 from p2pfl.wire import Kind, Message, TensorPayload, encode
+
+from .engines import SimNetwork
 
 
 def states(topo, dim=4096, seed=0):

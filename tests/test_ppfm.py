@@ -14,8 +14,9 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from p2pfl import checkpoint as ckpt
+from p2pfl.config import PeerConfig
 from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
-from p2pfl.ppfm_sim import PpfmNetwork
+from p2pfl.sim import Simulation
 from p2pfl.topology import PeerSpec, Topology
 from p2pfl.wire import CLUSTER, GLOBAL, Kind, Message, TensorPayload, WireError, decode, encode
 
@@ -34,6 +35,47 @@ def group_of(p: int, n: int, groups: int) -> int:
     return p * groups // n
 
 
+class FnLearner:
+    """A peer whose local steps are a function of (peer, model): synthetic training for the levels."""
+
+    def __init__(self, p: int, fn, x0: torch.Tensor) -> None:
+        self.p, self.fn, self.state = p, fn, {"w": x0.clone()}
+
+    def adapter_state(self):
+        return {k: v.clone() for k, v in self.state.items()}
+
+    def load_adapter_state(self, state) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
+
+    def train_round(self):
+        self.state = self.fn(self.p, self.state)
+        return {}
+
+    def evaluate(self, global_eval: bool = False):
+        return {"accuracy": float("nan"), "global_accuracy": float("nan")}
+
+
+class PpfmNetwork(Simulation):
+    """The daemon's nodes with PPFM on, stepped one round at a time."""
+
+    def __init__(self, topo: Topology, x0: dict[int, torch.Tensor], cfg: PpfmConfig, fn, rounds: int) -> None:
+        pc = PeerConfig(topology=topo.name, id=0, rounds=rounds, clusters=str(cfg.k), recluster_every=cfg.recluster_every,
+                        global_every=cfg.global_every, global_lambda=cfg.lam, cluster_beta=cfg.beta, cluster_margin=cfg.margin,
+                        fingerprint_dim=cfg.fingerprint_dim, sketch_dim=0)
+        assert cfg.lag == topo.diameter() + 1  # what the node uses
+        super().__init__(topo, pc, {p: FnLearner(p, lambda q, theta: fn[0](q, theta), x0[p]) for p in topo.ids})
+        self.fn = fn
+        self.levels = {p: nd.levels for p, nd in self.nodes.items()}
+
+    def step(self, train=None) -> int:  # type: ignore[override]
+        if train is not None:
+            self.fn[0] = train
+        return super().step()
+
+    def labels(self) -> dict[int, dict[int, int]]:
+        return {p: dict(lv.labels) for p, lv in self.levels.items()}
+
+
 def run(topo: Topology, groups: int, rounds: int, cfg: PpfmConfig | None = None, noise: float = 0.3, seed: int = 0):
     n = topo.n
     gen = torch.Generator().manual_seed(seed)
@@ -44,10 +86,10 @@ def run(topo: Topology, groups: int, rounds: int, cfg: PpfmConfig | None = None,
         return {"w": w + 0.3 * (targets[group_of(p, n, groups)] - w) + noise * torch.randn(D, generator=gen)}
 
     cfg = cfg or PpfmConfig(lag=topo.diameter() + 1)
-    net = PpfmNetwork(topo, {p: {"w": torch.zeros(D)} for p in topo.ids}, cfg)
+    net = PpfmNetwork(topo, {p: torch.zeros(D) for p in topo.ids}, cfg, [train], rounds)
     history = []
     for _ in range(rounds):
-        net.step(train)
+        net.step()
         history.append(net.labels())
     return net, targets, history
 
@@ -120,7 +162,7 @@ def test_cluster_level_mean_follows_the_reptile_step_exactly():
     """With exact gossip and no global round, the members' mean moves by beta (mean phi - mean theta)."""
     topo = interleaved_ring(6, 2)
     cfg = PpfmConfig(k=2, beta=0.5, global_every=1000, lag=topo.diameter() + 1)
-    net = PpfmNetwork(topo, {p: {"w": torch.randn(D, generator=torch.Generator().manual_seed(p))} for p in topo.ids}, cfg)
+    net = PpfmNetwork(topo, {p: torch.randn(D, generator=torch.Generator().manual_seed(p)) for p in topo.ids}, cfg, [None], 12)
     step = {p: torch.randn(D, generator=torch.Generator().manual_seed(100 + p)) for p in topo.ids}
     for _ in range(12):
         labels = net.levels[0].labels
@@ -148,7 +190,7 @@ def test_global_level_pulls_clusters_together():
         return level_distances(sk, net.levels[0].labels, 0)[1]
 
     assert gap(pulled) < 0.9 * gap(apart)
-    assert pulled.bytes_sent.get("global", 0) > 0 and apart.bytes_sent.get("global", 0) > 0
+    assert pulled.channel_bytes.get("global", 0) > 0 and apart.channel_bytes.get("global", 0) > 0
 
 
 def test_level_distances():

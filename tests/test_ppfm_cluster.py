@@ -3,8 +3,8 @@
 Six peers on a ring that alternates the two planted task groups (shape: peers 0-2, background:
 peers 3-5), so no group has a base-graph edge inside it and every cluster-level delta travels on
 an overlay link the daemon opens itself. Flat gossip (one model for everyone) is the same trainer
-and rounds with exact CHOCO on the same ring, run in-process (what the daemon does with
---clusters off).
+and rounds with exact CHOCO on the same ring: the daemon's rounds with --clusters off, in the
+simulator.
 """
 
 import networkx as nx
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from p2pfl.metrics import read_jsonl
-from p2pfl.ppfm_sim import flat_gossip
+from p2pfl.sim import train_network
 from p2pfl.topology import PeerSpec, Topology
 from p2pfl.trainer import Trainer, TrainerConfig
 
@@ -66,8 +66,8 @@ def test_planted_task_groups_are_found_and_beat_flat_gossip(tmp_path, cluster_di
     torch.set_num_threads(1)
     cfg = TrainerConfig.from_dict({**settings, "seed": 0})
     trainers = {p: Trainer(cfg, p, N) for p in topo.ids}
-    flat_gossip(topo, trainers, ROUNDS)
-    flat = [trainers[p].evaluate(global_eval=True)["global_accuracy"] for p in topo.ids]
+    sim = train_network(topo, trainers, ROUNDS, sketch_dim=0)
+    flat = [sim.records[p][-1]["global_accuracy"] for p in topo.ids]
     assert np.mean(ppfm) > np.mean(flat) + MARGIN, (ppfm, flat)
 
 

@@ -29,11 +29,11 @@ from p2pfl.gossip import GossipError
 from p2pfl.metrics import read_jsonl
 from p2pfl.node import SKETCH_TENSOR, Node, NodeSpec
 from p2pfl.robust import NormGuard, RobustSpec
-from p2pfl.sim import SimNetwork
 from p2pfl.state import State, load_state, synthetic_state
 from p2pfl.wire import Kind, Message, TensorPayload, encode
 
 from .conftest import make_topology, start_peer, wait_all
+from .engines import SimNetwork
 
 DIM = 4096
 

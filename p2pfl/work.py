@@ -1,0 +1,39 @@
+"""A node's Train and Evaluate actions carried out on a trainer: the one place hosts and the
+simulator turn those actions into calls, so every driver trains and evaluates alike."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from p2pfl.gossip import State
+from p2pfl.node import Evaluate, Train
+
+
+class Learner(Protocol):
+    """What a node's work needs of a `trainer.Trainer` (tests give simpler ones)."""
+
+    def train_round(self) -> dict[str, Any]: ...
+    def evaluate(self, global_eval: bool = False) -> dict[str, Any]: ...
+    def adapter_state(self) -> State: ...
+    def load_adapter_state(self, state: State) -> None: ...
+
+
+def copy_inputs(action: Train | Evaluate) -> Train | Evaluate:
+    """The action with its tensors copied: the node's own keep changing while work waits its turn."""
+    if isinstance(action, Evaluate):
+        return Evaluate(action.round, {k: v.clone() for k, v in action.state.items()}, action.global_eval, action.purpose)
+    return Train(action.round, {k: v.clone() for k, v in action.start.items()}, [{k: v.clone() for k, v in t.items()} for t in action.teachers])
+
+
+def perform(learner: Learner, action: Train | Evaluate, teachers: bool) -> tuple[dict[str, Any], State | None]:
+    """(metrics, trained state or None). `train_s` is the compute time of the local steps alone."""
+    learner.load_adapter_state(action.state if isinstance(action, Evaluate) else action.start)
+    if isinstance(action, Evaluate):
+        return learner.evaluate(action.global_eval), None
+    if teachers:
+        learner.set_teachers(action.teachers)  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    metrics = dict(learner.train_round())
+    metrics["train_s"] = time.perf_counter() - t0
+    return metrics, learner.adapter_state()
