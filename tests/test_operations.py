@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from p2pfl import checkpoint as ckpt
-from p2pfl.metrics import read_jsonl
 from p2pfl.config import PeerConfig
+from p2pfl.metrics import read_jsonl
 from p2pfl.peer import Host
 
 from .conftest import free_base_port, make_topology, start_peer, wait_all

@@ -1,0 +1,133 @@
+"""The round state machine in process: purity, decisions over a virtual clock, equivalence of layouts."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2pfl import topology as T
+from p2pfl.config import PeerConfig
+from p2pfl.consensus import exact_distance, network_mean
+from p2pfl.node import Node, NodeSpec, Phase, Send
+from p2pfl.sim import Simulation
+from p2pfl.state import synthetic_state
+from p2pfl.wire import Kind, Message, encode
+
+ROOT = Path(__file__).resolve().parent.parent
+PURE = ["node", "gossip", "consensus", "wire", "compress", "topology", "robust", "ppfm", "cluster", "config", "sim", "estimate"]
+IO = {"asyncio", "zmq", "time", "socket", "selectors", "threading", "uvloop"}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            found |= {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+            found.add(n.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_import_no_io(module):
+    """The round, the protocol and the math take time as an input and never touch a socket."""
+    path = ROOT / "p2pfl" / f"{module}.py"
+    assert path.exists(), path
+    bad = _imports(path) & IO
+    assert not bad, f"p2pfl/{module}.py imports {sorted(bad)}"
+
+
+def test_purity_check_sees_an_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\nfrom zmq import asyncio as za\n")
+    assert _imports(f) & IO == {"zmq"}
+
+
+def cfg(**kw) -> PeerConfig:
+    base = {"topology": Path("mem"), "id": 0, "no_train": True, "dim": 2048, "rounds": 20, "sketch_dim": 256}
+    return PeerConfig(**{**base, **kw})
+
+
+def test_simulated_exact_gossip_meets_the_spectral_bound_and_keeps_the_mean():
+    topo = T.generate("ring", 8)
+    sim = Simulation(topo, cfg(rounds=20))
+    x0 = {p: synthetic_state(0, p, 2048) for p in topo.ids}
+    sim.run()
+    xi0, xi = exact_distance(x0.values()), exact_distance(sim.models().values())
+    assert xi <= topo.mixing_lambda() ** 20 * xi0 * (1 + 1e-9)
+    assert torch.allclose(network_mean(sim.models().values()), network_mean(x0.values()), rtol=1e-5, atol=1e-7)
+    last = {p: recs[-1] for p, recs in sim.records.items()}
+    assert all(r["round"] == 19 and r["consensus_peers"] == 8 for r in last.values())
+    for r in last.values():  # every peer's own estimate of the final spread
+        assert r["consensus_distance"] == pytest.approx(xi, rel=0.15)
+
+
+def test_deadline_mixes_without_a_silent_neighbour_and_records_it():
+    topo = T.generate("ring", 4)
+    silent = 2
+    sim = Simulation(topo, cfg(rounds=12, min_wait=0.5, round_timeout=3.0), drop=lambda s, d, m: s == silent and m.kind == Kind.DELTA)
+    sim.run()
+    r1 = sim.records[1]
+    assert r1[0]["late_neighbors"] == [silent]  # waited for, then left out
+    assert r1[0]["wait_s"] == pytest.approx(3.0, abs=0.01)  # the first deadline is the ceiling
+    assert sim.nodes[1].engine.replicas[silent].round == -1  # nothing of 2's was ever mixed
+    assert all([r["round"] for r in recs] == list(range(12)) for recs in sim.records.values())
+    # Peer 0's neighbours are the slow ones now; its adaptive deadline (min_wait 0.5) does not wait for them.
+    assert all(r["late_neighbors"] == [1, 3] and r["wait_s"] == pytest.approx(0.5, abs=0.01) for r in sim.records[0][1:])
+
+
+def test_adaptive_deadline_follows_the_waits():
+    topo = T.generate("ring", 4)
+    sim = Simulation(topo, cfg(rounds=6, min_wait=0.2), latency=0.05)
+    sim.run()
+    nd = sim.nodes[0]
+    assert nd.wait_ewma is not None and nd.wait_ewma < 0.2
+    assert nd._deadline() == pytest.approx(max(0.2, 4 * nd.wait_ewma + 0.5))
+
+
+def test_heartbeats_mark_a_silent_neighbour_down_and_its_weight_moves_to_self():
+    topo = T.generate("ring", 3)
+    node = Node(cfg(rounds=3, peer_timeout=5.0, startup_timeout=100.0), topo, NodeSpec(x0=synthetic_state(0, 0, 2048), inc=5, train=False))
+    out = node.start(0.0)
+    assert {a.dest for a in out if isinstance(a, Send) and a.msg.kind == Kind.HELLO} == {1, 2}
+    hello = Message(Kind.HELLO, 1, inc=7)
+    node.receive([bytes(f) for f in encode(hello)], 1, 0.1)
+    assert node.live == {1} and node.phase is Phase.STARTUP  # still waiting for 2
+    node.tick(6.0)
+    assert node.live == set() and node.phase is Phase.STARTUP
+    assert node.next_wakeup() <= 7.0
+
+
+def test_a_forged_sender_is_refused_by_identity():
+    topo = T.generate("ring", 3)
+    node = Node(cfg(), topo, NodeSpec(x0=synthetic_state(0, 0, 2048), inc=5, train=False))
+    node.start(0.0)
+    node.receive([bytes(f) for f in encode(Message(Kind.HELLO, 1, inc=7))], 2, 0.1)  # peer 2's channel claims to be 1
+    assert node.rejected_by_reason == {"identity": 1} and node.live == set()
+    node.receive([b"\x00garbage"], 1, 0.2)
+    assert node.rejected_by_reason["wire"] == 1
+
+
+def test_max_lag_leaves_a_far_behind_neighbour_out():
+    topo = T.generate("ring", 3)
+    node = Node(cfg(max_lag=2), topo, NodeSpec(x0=synthetic_state(0, 0, 2048), inc=5, train=False))
+    node.live = {1, 2}
+    node.neighbor_round = {1: 10, 2: 3}
+    assert node._participants(10) == {1}
+
+
+def test_stop_finishes_after_the_current_round_and_neighbours_see_the_goodbye():
+    topo = T.generate("ring", 4)
+    sim = Simulation(topo, cfg(rounds=50))
+    sim._process(lambda: sim.nodes[0].rnd >= 3)
+    sim.nodes[0].stop()
+    sim._process(lambda: sim.nodes[0].finished)
+    assert sim.codes[0] == 0 and math.isinf(sim.nodes[0].next_wakeup())
+    stopped_at = sim.nodes[0].round
+    assert 3 <= stopped_at < 6
+    sim.run()  # the others go on without it
+    assert sim.records[1][-1]["round"] == 49 and 0 not in sim.nodes[1].live
