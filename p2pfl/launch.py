@@ -1,4 +1,7 @@
-"""Local cluster launcher: one OS process per peer of a topology, progress, clean shutdown, summary."""
+"""Local cluster launcher: the peers of a topology spread over P processes, progress, clean
+shutdown, summary. One process hosts a contiguous block of ids (co-hosted peers share one model
+and talk in process; blocks talk over loopback TCP). The default, one process per core, keeps
+every core busy without importing torch once per peer."""
 
 from __future__ import annotations
 
@@ -58,6 +61,12 @@ def summarize(run_dir: Path, ids: list[int]) -> dict[str, Any]:
     return summary
 
 
+def spread(ids: list[int], processes: int) -> list[list[int]]:
+    """Contiguous blocks of ids, as even as possible, one per process (never an empty one)."""
+    k = max(1, min(processes, len(ids)))
+    return [ids[i * len(ids) // k : (i + 1) * len(ids) // k] for i in range(k)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -69,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--run-dir", type=Path)
     ap.add_argument("--no-report", action="store_true", help="skip p2pfl-report at the end")
+    ap.add_argument("--processes", type=int, help="processes to spread the peers over (default: one per core, at most one per peer)")
     args = ap.parse_args(argv)
+    if args.processes is not None and args.processes < 1:
+        print(f"launch: --processes must be >= 1, got {args.processes}", file=sys.stderr)
+        return 2
     try:
         topo = topo_mod.load(args.topology)
     except topo_mod.TopologyError as e:
@@ -83,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         common += ["--rounds", str(args.rounds)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs: dict[int, subprocess.Popen[bytes]] = {}
-    print(f"launch: {topo.n} peers of {args.topology} -> {run_dir} (logs in {run_dir / 'logs'})", flush=True)
-    for p in topo.ids:
-        with open(run_dir / "logs" / f"peer-{p}.stdout", "wb") as out:  # the child keeps its own handle
-            procs[p] = subprocess.Popen(
-                [sys.executable, "-m", "p2pfl.cli_peer", *common, "--id", str(p), *extra],
+    blocks = spread(topo.ids, args.processes or os.cpu_count() or 1)
+    procs: dict[int, subprocess.Popen[bytes]] = {}  # first id of a block -> its process
+    print(f"launch: {topo.n} peers of {args.topology} in {len(blocks)} processes -> {run_dir} (logs in {run_dir / 'logs'})", flush=True)
+    for block in blocks:
+        ids = f"{block[0]}-{block[-1]}" if block == list(range(block[0], block[-1] + 1)) else ",".join(map(str, block))
+        with open(run_dir / "logs" / f"process-{block[0]}.stdout", "wb") as out:  # the child keeps its own handle
+            procs[block[0]] = subprocess.Popen(
+                [sys.executable, "-m", "p2pfl.cli_peer", *common, "--id", ids, *extra],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
 
@@ -111,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         rounds = [recs[p]["round"] + 1 if p in recs else 0 for p in topo.ids]
         cd = _mean([r.get("consensus_distance") for r in recs.values()])
         acc = _mean([r.get("accuracy") for r in recs.values() if r.get("accuracy") is not None])
-        alive = sum(pr.poll() is None for pr in procs.values())
+        alive = sum(len(b) for b in blocks if procs[b[0]].poll() is None)
         line = f"launch: rounds {min(rounds)}..{max(rounds)} | alive {alive}/{topo.n} | consensus {cd:.3e}"
         if math.isfinite(acc):
             line += f" | accuracy {acc:.3f}"
         if line != last_line:
             print(line, flush=True)
             last_line = line
-    codes = {p: pr.returncode for p, pr in procs.items()}
+    codes = {p: procs[b[0]].returncode for b in blocks for p in b}
     failed = {p: c for p, c in codes.items() if c != 0}
     summary = summarize(run_dir, topo.ids)
     summary["exit_codes"] = codes
