@@ -1,0 +1,116 @@
+"""Many peers per process: memory, start-up, round time and training throughput of the daemon.
+
+Each case runs the real daemon (`p2pfl-peer --id A-B`) on a ring of N peers, hosted either all in
+one process (co-hosted: one torch, one frozen foundation model, in-process messages) or one
+process per peer, and samples every process's PSS from /proc/PID/smaps_rollup while it runs.
+Reported per case: peak PSS in total and per peer (co-hosted: the increment per peer beyond the
+first, measured against the 1-peer case of the same run), start-up time (launch to the first
+round's start), seconds per round, and machine-wide training samples per second (local steps x
+batch x peers x rounds over the time from the first round's start to the last record). Ratios:
+co-hosted 8 vs 8 processes, and 256 vs 8 co-hosted. Prints one JSON line.
+
+usage: python bench/scale.py [--cases 1,8,64,256,procs8,notrain1024] [--rounds 3] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from p2pfl import topology as T  # noqa: E402
+from p2pfl.metrics import read_jsonl  # noqa: E402
+
+
+def pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], base_port: int, timeout: float) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="p2pfl-scale-"))
+    path = tmp / "ring.yaml"
+    T.generate("ring", n, base_port=base_port).dump(path)
+    run = tmp / "run"
+    args = ["--topology", str(path), "--run-dir", str(run), "--rounds", str(rounds), "--round-timeout", "3600",
+            "--peer-timeout", "600", "--startup-timeout", "600", "--log-level", "WARNING"]
+    args += ["--no-train"] if not train else [a for s in sets for a in ("--set", s)]
+    blocks = [list(range(n))[i * n // processes : (i + 1) * n // processes] for i in range(processes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, "-m", "p2pfl.cli_peer", *args, "--id", f"{b[0]}-{b[-1]}"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp / f"err-{b[0]}.log", "wb")) for b in blocks]  # noqa: SIM115
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        peak = max(peak, sum(pss_kb(p.pid) for p in procs))
+        if time.time() - t0 > timeout:
+            for p in procs:
+                p.kill()
+            return {"peers": n, "processes": processes, "error": f"timed out after {timeout}s"}
+        time.sleep(0.5)
+    codes = [p.returncode for p in procs]
+    recs = {p: read_jsonl(run / "metrics" / f"peer-{p}.jsonl") for p in range(n) if (run / "metrics" / f"peer-{p}.jsonl").exists()}
+    out: dict = {"peers": n, "processes": processes, "train": train, "rounds": rounds, "exit_codes": sorted(set(codes)),
+                 "peak_pss_mb": round(peak / 1024, 1), "pss_per_peer_mb": round(peak / 1024 / n, 2)}
+    done = [r for rs in recs.values() for r in rs]
+    if len(recs) < n or not done:
+        return {**out, "error": f"only {len(recs)} of {n} peers wrote records"}
+    starts = [rs[0]["time"] - rs[0]["round_s"] for rs in recs.values()]
+    end = max(r["time"] for r in done)
+    out["startup_s"] = round(max(starts) - t0, 1)
+    out["seconds_per_round"] = round((end - min(starts)) / rounds, 2)
+    if train:
+        steps = sum(r.get("steps", 0) for r in done)
+        batch = next((int(s.split("=")[1]) for s in sets if s.startswith("batch_size=")), 32)
+        out["samples_per_s"] = round(steps * batch / (end - min(starts)), 1)
+        out["train_s_per_peer_round"] = round(sum(r.get("train_s", 0) for r in done) / len(done), 3)
+        out["final_accuracy_mean"] = round(sum(rs[-1].get("accuracy", 0) for rs in recs.values()) / n, 4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="1,8,64,256,procs8,notrain1024")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option of every training case")
+    ap.add_argument("--timeout", type=float, default=3600)
+    args = ap.parse_args()
+    results: dict[str, dict] = {}
+    port = 26000
+    for case in args.cases.split(","):
+        if case == "procs8":
+            results[case] = run_case(8, 8, args.rounds, True, args.set, port, args.timeout)
+        elif case.startswith("notrain"):
+            results[case] = run_case(int(case.removeprefix("notrain")), 1, args.rounds, False, args.set, port, args.timeout)
+        else:
+            results[case] = run_case(int(case), 1, args.rounds, True, args.set, port, args.timeout)
+        port += 1100
+        print(json.dumps({case: results[case]}), file=sys.stderr, flush=True)
+    out: dict = {"bench": "scale", "rounds": args.rounds, "set": args.set, "cases": results}
+    one = results.get("1", {}).get("peak_pss_mb")
+    for case, r in results.items():
+        if one and case.isdigit() and int(case) > 1 and "peak_pss_mb" in r:
+            r["pss_per_extra_peer_mb"] = round((r["peak_pss_mb"] - one) / (int(case) - 1), 2)
+    co8, p8 = results.get("8", {}), results.get("procs8", {})
+    if "samples_per_s" in co8 and "samples_per_s" in p8:
+        out["throughput_cohosted8_over_processes8"] = round(co8["samples_per_s"] / p8["samples_per_s"], 3)
+    if "samples_per_s" in co8 and "samples_per_s" in results.get("256", {}):
+        out["throughput_256_over_8"] = round(results["256"]["samples_per_s"] / co8["samples_per_s"], 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
