@@ -1,0 +1,92 @@
+"""The asyncio host of several co-hosted peers: a failing peer is reported, the others go on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from p2pfl.config import PeerConfig
+from p2pfl.metrics import read_jsonl
+from p2pfl.node import Node, NodeSpec
+from p2pfl.peer import Host
+
+from .conftest import ROOT, make_topology
+
+
+class StubTrainer:
+    """Local steps that add a constant; peer `bad` raises in its second round."""
+
+    def __init__(self, p: int, bad: int) -> None:
+        self.p, self.bad, self.rounds, self.x = p, bad, 0, {"w": torch.full((64,), float(p))}
+
+    def adapter_state(self):
+        return {k: v.clone() for k, v in self.x.items()}
+
+    def load_adapter_state(self, state) -> None:
+        self.x = {k: v.clone() for k, v in state.items()}
+
+    def train_round(self):
+        self.rounds += 1
+        if self.p == self.bad and self.rounds == 2:
+            raise RuntimeError("injected trainer failure")
+        self.x = {k: v + 1.0 for k, v in self.x.items()}
+        return {"train_loss": 1.0 / self.rounds}
+
+    def evaluate(self, global_eval: bool = False):
+        out = {"accuracy": 0.5, "test_loss": 1.0}
+        if global_eval:
+            out["global_accuracy"] = 0.5
+        return out
+
+    def optimizer_state(self):
+        return {"tensors": {}, "meta": {}}
+
+
+def test_a_trainer_that_raises_is_reported_by_id_and_the_others_finish(tmp_path, caplog):
+    topo, path = make_topology(tmp_path, "ring", 3)
+    cfg = PeerConfig(topology=path, id=0, run_dir=tmp_path / "run", no_train=True, rounds=4, min_wait=0.2, sketch_dim=64)
+    host = Host(cfg, [0, 1, 2])
+    for p, h in host.peers.items():
+        h.trainer = StubTrainer(p, bad=1)
+        h.node = Node(h.cfg, host.topo, NodeSpec(x0=h.trainer.adapter_state(), inc=10 + p, train=True), h.node.log)
+    with caplog.at_level(logging.ERROR):
+        code = asyncio.run(host.run())
+    assert code == 1
+    assert any("peer 1: train failed: injected trainer failure" in r.getMessage() for r in caplog.records)
+    assert any("peers [1] failed" in r.getMessage() for r in caplog.records)
+    for p in (0, 2):
+        recs = read_jsonl(tmp_path / "run" / "metrics" / f"peer-{p}.jsonl")
+        assert [r["round"] for r in recs] == [0, 1, 2, 3] and recs[0]["train_loss"] == 1.0 and "train_s" in recs[0]
+    assert [r["round"] for r in read_jsonl(tmp_path / "run" / "metrics" / "peer-1.jsonl")] == [0]
+
+
+def _folder(root, peer: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(peer)
+    for c in ("red", "blue"):
+        d = root / f"peer-{peer}" / c
+        d.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_a_missing_data_folder_fails_one_cohosted_peer_and_the_process_exits_nonzero(tmp_path):
+    topo, path = make_topology(tmp_path, "ring", 3)
+    for p in (0, 2):  # peer 1's folder is missing
+        _folder(tmp_path / "data", p)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(path), "--id", "0-2", "--run-dir", str(run),
+                           "--rounds", "2", "--startup-timeout", "3", "--min-wait", "0.5", "--set", f'dataset="folder:{tmp_path / "data"}"',
+                           "--set", "local_steps=1", "--set", "batch_size=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "peer 1: cannot start" in proc.stderr and "is not a directory" in proc.stderr
+    for p in (0, 2):
+        assert [r["round"] for r in read_jsonl(run / "metrics" / f"peer-{p}.jsonl")] == [0, 1]
