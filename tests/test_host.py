@@ -49,7 +49,7 @@ class StubTrainer:
 
 
 def test_a_trainer_that_raises_is_reported_by_id_and_the_others_finish(tmp_path, caplog):
-    topo, path = make_topology(tmp_path, "ring", 3)
+    _, path = make_topology(tmp_path, "ring", 3)
     cfg = PeerConfig(topology=path, id=0, run_dir=tmp_path / "run", no_train=True, rounds=4, min_wait=0.2, sketch_dim=64)
     host = Host(cfg, [0, 1, 2])
     for p, h in host.peers.items():
@@ -79,7 +79,7 @@ def _folder(root, peer: int) -> None:
 
 @pytest.mark.slow
 def test_a_missing_data_folder_fails_one_cohosted_peer_and_the_process_exits_nonzero(tmp_path):
-    topo, path = make_topology(tmp_path, "ring", 3)
+    _, path = make_topology(tmp_path, "ring", 3)
     for p in (0, 2):  # peer 1's folder is missing
         _folder(tmp_path / "data", p)
     run = tmp_path / "run"
