@@ -26,6 +26,8 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", help="codec spec, e.g. none, fp16, int8, sign, topk:0.05, topk:0.05+int8")
     p.add_argument("--gamma", type=float, help="CHOCO consensus step size (default: the codec's)")
     p.add_argument("--sketch-dim", type=int, help="rows of the consensus sketch; 0 turns estimation off (default 1024)")
+    p.add_argument("--estimator", choices=("auto", "flood", "gossip"), help="consensus estimate: flood every sketch (exact set, "
+                   "O(n) per message), gossip-average them (O(1) per message, a lag), auto: flood up to 32 peers (default)")
     p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1)")
     p.add_argument("--peer-timeout", type=float, help="mark a silent neighbour down after this many seconds (default 10)")
     p.add_argument("--min-wait", type=float, help="floor of the adaptive round deadline in seconds (default 2)")

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from p2pfl import topology as topo_mod
-from p2pfl.config import PeerConfig
+from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import SketchBook, Sketcher, flatten
+from p2pfl.estimate import WINDOW, EstimatorConfig, EstimatorError, GossipEstimator
 from p2pfl.gossip import ChocoEngine, GossipError, State
 from p2pfl.metrics import RecordQueue
 from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
@@ -32,7 +33,22 @@ from p2pfl.wire import BASE, CLUSTER, GLOBAL, Kind, Message, TensorPayload, Wire
 
 SKETCH_TENSOR = "_sketches"
 FINGERPRINT_TENSOR = "_fingerprints"  # PPFM update fingerprints, flooded like the sketches
+ESTIMATE_TENSOR = "_estimate"  # the gossip estimator's in-flight instances (p2pfl.estimate)
 HELLO_EVERY = 0.25  # seconds between start-up hellos to neighbours not seen yet
+FLOOD_UP_TO = 32  # --estimator auto floods sketches up to this many peers, and gossip-averages beyond
+PPFM_MAX_PEERS = 64  # PPFM floods every peer's fingerprint: O(n) per message, so bounded
+
+
+def estimator_config(kind: str, topo: topo_mod.Topology, k: int, rounds: int) -> EstimatorConfig | None:
+    """None for flooding (`consensus.SketchBook`), else the gossip estimator's settings. Its period
+    is a divisor of `rounds` when one is close to the default, so the last round gets an estimate."""
+    if kind not in ("auto", "flood", "gossip"):
+        raise ConfigError(f"--estimator: expected auto, flood or gossip, got {kind!r}")
+    if k <= 0 or kind == "flood" or (kind == "auto" and topo.n <= FLOOD_UP_TO):
+        return None
+    base = EstimatorConfig.for_topology(k, topo.mixing_lambda())
+    every = max(d for d in range(1, base.every + 1) if rounds % d == 0) if rounds > 0 else base.every
+    return EstimatorConfig(k=k, lag=base.lag, every=every if 2 * every >= base.every else base.every)
 
 
 # ---------------------------------------------------------------- actions
@@ -154,10 +170,15 @@ class Node:
         self.sketcher = Sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
         self.diameter = topo.diameter()
         self.book = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
+        self.est_cfg = estimator_config(cfg.estimator, topo, cfg.sketch_dim, cfg.rounds)
+        self.estimator = GossipEstimator(self.me, weights, self.est_cfg) if self.est_cfg is not None else None
+        self.estimates: dict[int, float] = {}  # gossip estimator: sketch round -> estimate
         # PPFM: with clustering on, the base engine only paces rounds and floods sketches and
         # fingerprints (empty deltas); the model travels on the cluster and global channels.
         k = parse_clusters(cfg.clusters)
         self.levels: Levels | None = None
+        if k is not None and topo.n > PPFM_MAX_PEERS:
+            raise ConfigError(f"--clusters: PPFM floods every peer's fingerprint, so at most {PPFM_MAX_PEERS} peers; this topology has {topo.n}")
         if k is not None:
             pcfg = PpfmConfig(k=k, recluster_every=cfg.recluster_every, global_every=cfg.global_every, lam=cfg.global_lambda,
                               beta=cfg.cluster_beta, margin=cfg.cluster_margin, fingerprint_dim=cfg.fingerprint_dim, lag=self.diameter + 1)
@@ -166,7 +187,8 @@ class Node:
         self.overlay_seen: dict[int, float] = {}  # overlay peers that are not base neighbours
         self.overlay_down: set[int] = set()
         self.labels_at: dict[int, dict[int, int]] = {}  # sketch round -> clustering its record reports
-        self.records = RecordQueue(give_up_after=self.diameter + 2)
+        lag = self.est_cfg.lag if self.est_cfg is not None else self.diameter
+        self.records = RecordQueue(give_up_after=lag + 2)
         self.last_seen: dict[int, float] = {}
         self.live: set[int] = set()
         self.neighbor_round: dict[int, int] = {}
@@ -177,7 +199,7 @@ class Node:
         self.round = -1  # the last round whose delta went out
         self.start_round = 0
         self.resumed = False
-        self.drain = max(1, self.diameter if self.sketcher else 1)  # >= 1 so every training delta lands
+        self.drain = max(1, lag + 1 if self.estimator else self.diameter if self.sketcher else 1)  # >= 1: every delta lands
         self.phase = Phase.STARTUP
         self.finished = False
         self._stop = False
@@ -189,6 +211,7 @@ class Node:
         self._next_beat = self._startup_end = self._recluster_end = self._train_asked = 0.0
         self._running: dict[int, int] = {}
         self._metrics: dict[str, Any] = {}
+        self._payload: tuple[list[list[int]], torch.Tensor] | None = None  # this round's estimator payload
         self._phi: State = self.engine.x  # the trained model of this round, before any fault injection
         self._before: dict[str, Any] = {}
         self._waited, self._late = 0.0, []
@@ -318,12 +341,28 @@ class Node:
 
     def _blocks(self) -> list[tuple[str, str, SketchBook, int]]:
         """(tensor name, info key, book, row length) of what base-channel messages flood."""
-        out = [(SKETCH_TENSOR, "sketches", self.book, self.sketcher.k if self.sketcher else -1)]
+        out = [] if self.estimator else [(SKETCH_TENSOR, "sketches", self.book, self.sketcher.k if self.sketcher else -1)]
         if self.levels is not None:
             out.append((FINGERPRINT_TENSOR, "fingerprints", self.fbook, self.levels.cfg.fingerprint_dim))
         return out
 
+    def _take_estimate(self, msg: Message) -> None:
+        """The gossip estimator's payload; a bad one is refused without losing the delta it rode on."""
+        tp = msg.tensors.pop(ESTIMATE_TENSOR, None)
+        if tp is None:
+            return
+        if self.estimator is None:
+            self._reject("estimate", f"estimator payload from peer {msg.sender}, but this peer floods sketches (--estimator)")
+            return
+        if msg.kind != Kind.DELTA or abs(msg.round - max(self.round, 0)) > WINDOW:
+            return  # a neighbour too far ahead or behind: its estimate instances are not this peer's
+        try:
+            self.estimator.receive(msg.sender, msg.round, msg.info.get("estimate"), tp.parts.get("data"))
+        except EstimatorError as e:
+            self._reject("estimate", f"from peer {msg.sender}: {e}")
+
     def _take_sketches(self, msg: Message) -> None:
+        self._take_estimate(msg)
         for name, key, book, k in self._blocks():
             tp = msg.tensors.pop(name, None)
             if tp is None:
@@ -353,6 +392,10 @@ class Node:
                 data = torch.stack([s for _, _, s in out])
                 tensors[name] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
                 info[key] = [[o, r] for o, r, _ in out]
+        if self._payload is not None and msg.kind == Kind.DELTA:
+            keys, data = self._payload
+            tensors[ESTIMATE_TENSOR] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
+            info["estimate"] = keys
         return Message(msg.kind, msg.sender, msg.round, msg.seq, msg.inc, tensors, info)
 
     # ------------------------------------------------------------------ liveness
@@ -560,8 +603,11 @@ class Node:
 
     def _train_or_send(self, now: float) -> None:
         rnd = self.rnd
-        if self.sketcher is not None:
-            self.book.add(self.me, rnd, self.sketcher(self.model()))  # the model after rnd mixing steps
+        if self.sketcher is not None and self.estimator is not None:
+            if self.estimator.starts(rnd):
+                self.estimator.add_own(rnd, self.sketcher(self.model()))  # the model after rnd mixing steps
+        elif self.sketcher is not None:
+            self.book.add(self.me, rnd, self.sketcher(self.model()))
         if rnd < self.cfg.rounds and self.spec.train:
             teachers: list[State] = []
             if self.levels is None and self.spec.augment:  # synthesis teachers: live, synced neighbours' replicas
@@ -581,6 +627,7 @@ class Node:
         if ppfm:
             self._ppfm_send(rnd, now)
         delta = self.engine.make_delta(rnd, empty=not training or ppfm)
+        self._payload = self.estimator.payload(rnd) if self.estimator is not None else None
         self.round = rnd
         for j in sorted(self.live):
             self._send(j, self._with_sketches(delta, j))
@@ -615,6 +662,9 @@ class Node:
         else:
             self.wait_ewma = self._waited if self.wait_ewma is None else 0.8 * self.wait_ewma + 0.2 * self._waited
         self._late = late
+        if self.estimator is not None:
+            self.estimator.mix(rnd, self._participants(rnd))
+            self.estimates.update(self.estimator.ready())
         self._mix(now)
         return True
 
@@ -686,7 +736,13 @@ class Node:
         self.phase = Phase.ROUND
 
     def _emit_records(self, force: bool = False) -> None:
-        for srnd, rec in self.records.pop_ready(self.round, self.book.complete, force):
+        complete = self.estimator.complete if self.estimator is not None else self.book.complete
+        for srnd, rec in self.records.pop_ready(self.round, complete, force):
+            if self.estimator is not None:  # an estimate on the estimator's rounds, null on the others
+                rec["consensus_distance"] = self.estimates.pop(srnd, float("nan"))
+                rec["consensus_lag"] = self.est_cfg.lag if self.est_cfg else 0
+                self._out.append(Record(rec))
+                continue
             est, got = self.book.estimate(srnd) if self.sketcher else (float("nan"), 0)
             rec["consensus_distance"] = est
             rec["consensus_peers"] = got
@@ -697,6 +753,8 @@ class Node:
             self._out.append(Record(rec))
         self.book.prune(self.round - self.diameter - 4)
         self.fbook.prune(self.round - self.diameter - 4)
+        for r in [r for r in self.estimates if r < self.round - self.records.give_up_after - 4]:
+            del self.estimates[r]
 
     def _finish(self, code: int = 0) -> None:
         self._emit_records(force=True)

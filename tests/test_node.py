@@ -15,7 +15,7 @@ from p2pfl.consensus import exact_distance, network_mean
 from p2pfl.node import Node, NodeSpec, Phase, Send
 from p2pfl.sim import Simulation
 from p2pfl.state import synthetic_state
-from p2pfl.wire import Kind, Message, encode
+from p2pfl.wire import Kind, Message, TensorPayload, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = ["node", "gossip", "consensus", "wire", "compress", "topology", "robust", "ppfm", "cluster", "config", "sim", "estimate"]
@@ -45,6 +45,12 @@ def test_purity_check_sees_an_import(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("import os\nfrom zmq import asyncio as za\n")
     assert _imports(f) & IO == {"zmq"}
+
+
+def replace_id(c: PeerConfig, p: int) -> PeerConfig:
+    from dataclasses import replace
+
+    return replace(c, id=p)
 
 
 def cfg(**kw) -> PeerConfig:
@@ -131,3 +137,40 @@ def test_stop_finishes_after_the_current_round_and_neighbours_see_the_goodbye():
     assert 3 <= stopped_at < 6
     sim.run()  # the others go on without it
     assert sim.records[1][-1]["round"] == 49 and 0 not in sim.nodes[1].live
+
+
+@pytest.mark.parametrize("kind,n", [("exponential", 64), ("ring", 8)])
+def test_gossip_estimator_in_the_node_tracks_the_exact_distance_at_its_lag(kind, n):
+    topo = T.generate(kind, n)
+    rounds = 20
+    sim = Simulation(topo, cfg(rounds=rounds, estimator="gossip", sketch_dim=1024, dim=4096))
+    nd = sim.nodes[0]
+    lag, every = nd.est_cfg.lag, nd.est_cfg.every
+    assert rounds % every == 0 and nd.drain == lag + 1
+    sim.run()
+    final = exact_distance(sim.models().values())
+    for p, recs in sim.records.items():
+        assert [r["round"] for r in recs] == list(range(rounds))
+        est = {r["round"] + 1: r["consensus_distance"] for r in recs}
+        assert all(math.isnan(v) for r, v in est.items() if r % every), "estimates only on the estimator's rounds"
+        last = recs[-1]["consensus_distance"]
+        assert last == pytest.approx(final, rel=0.10), (p, last, final)
+        assert recs[-1]["consensus_lag"] == lag
+    # the payload travels with every delta and does not grow with n: at most ceil(lag / every) rows of k + 1
+    assert sim.bytes_sent[0] / (rounds + nd.drain) < 2 * (math.ceil(lag / every) * 1025 * 8 + 4096 * 4) * topo.degree(0) + 4096
+
+
+def test_estimator_payload_that_is_malformed_is_refused_and_the_delta_still_applies():
+    topo = T.generate("exponential", 64)
+    c = cfg(estimator="gossip", sketch_dim=64, dim=512)
+    node = Node(c, topo, NodeSpec(x0=synthetic_state(0, 0, 512), inc=5, train=False))
+    sender = topo.neighbors(0)[0]
+    other = Node(replace_id(c, sender), topo, NodeSpec(x0=synthetic_state(0, sender, 512), inc=9, train=False))
+    delta = other.engine.make_delta(0)
+    delta.tensors["_estimate"] = TensorPayload("none", (1, 65), {"data": torch.full((1, 65), math.nan, dtype=torch.float64)})
+    delta.info["estimate"] = [[0, 0]]
+    node.start(0.0)
+    node.receive([bytes(f) for f in encode(Message(Kind.HELLO, sender, inc=9))], sender, 0.0)
+    node.receive([bytes(f) for f in encode(delta)], sender, 0.1)
+    assert node.rejected_by_reason.get("estimate") == 1
+    assert 0 in node.engine.replicas[sender].pending  # the CHOCO delta was kept (held for round 0)
