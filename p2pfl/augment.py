@@ -151,7 +151,7 @@ def method_of(fm: Foundation) -> str:
 def _still_moving(logits: torch.Tensor, labels: torch.Tensor, confidence: float) -> torch.Tensor:
     """(k, 1, 1, 1) mask of samples whose class probability is still below ``confidence``."""
     if confidence >= 1:
-        return torch.ones(len(labels), 1, 1, 1)
+        return torch.ones(len(labels), 1, 1, 1, device=logits.device)
     p = logits.detach().softmax(-1).gather(1, labels[:, None]).squeeze(1)
     return (p < confidence).float().view(-1, 1, 1, 1)
 
@@ -279,13 +279,15 @@ def deep_inversion(
     ``prior`` (the peer's own images) their embeddings are also pulled to the class's text anchor."""
     t0 = time.perf_counter()
     gen = _generator(seed)
-    mean = torch.tensor(fm.mean).view(1, 3, 1, 1)
-    std = torch.tensor(fm.std).view(1, 3, 1, 1)
+    dev = fm.device
+    mean = torch.tensor(fm.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(fm.std, device=dev).view(1, 3, 1, 1)
     lo, hi = (0 - mean) / std, (1 - mean) / std
     size = fm.image_size
     res = cfg.image_res or size
     # bilinear upsampling is a convex combination, so keeping x in [lo, hi] keeps every pixel valid
-    x = (torch.randn(len(labels), 3, res, res, generator=gen) * cfg.init_std).clamp(lo, hi).requires_grad_(True)
+    # (noise is drawn on the CPU generator on every device: the same seed gives the same start)
+    x = (torch.randn(len(labels), 3, res, res, generator=gen).to(dev) * cfg.init_std).clamp(lo, hi).requires_grad_(True)
     targets = None if prior is None or cfg.anchor_weight == 0 else anchor_targets(class_emb, labels, prior, gen)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
     scale = fm.clip.logit_scale.exp().detach()
@@ -343,7 +345,7 @@ def anchor_prior(fm: Foundation, images: torch.Tensor, labels: torch.Tensor, cla
 def anchor_targets(class_emb: torch.Tensor, labels: torch.Tensor, prior: AnchorPrior, gen: torch.Generator) -> torch.Tensor:
     """Per-sample unit targets ``normalise(normalise(t_c + gap) + spread * xi)``, ``xi ~ N(0, I)``."""
     anchors = F.normalize(class_emb[labels] + prior.gap, dim=-1)
-    return F.normalize(anchors + prior.spread * torch.randn(anchors.shape, generator=gen), dim=-1)
+    return F.normalize(anchors + prior.spread * torch.randn(anchors.shape, generator=gen).to(anchors.device), dim=-1)
 
 
 # ---------------------------------------------------------------- feature space (LayerNorm towers)
@@ -354,7 +356,7 @@ def patches_injected(fm: Foundation, patches: torch.Tensor) -> Iterator[torch.Te
     """Within the block, ``visual.conv1`` returns ``patches``; yields dummy images of the batch size."""
     handle = fm.clip.visual.conv1.register_forward_hook(lambda _m, _i, _o: patches)
     try:
-        yield torch.zeros(len(patches), 3, fm.image_size, fm.image_size)
+        yield torch.zeros(len(patches), 3, fm.image_size, fm.image_size, device=patches.device)
     finally:
         handle.remove()
 
@@ -400,7 +402,7 @@ def feature_synthesis(
     width = visual.conv1.out_channels
     grid = fm.image_size // visual.conv1.kernel_size[0]
     mu, sigma = prior.mu.view(1, -1, 1, 1), prior.sigma.view(1, -1, 1, 1)
-    e = (mu + sigma * torch.randn(len(labels), width, grid, grid, generator=gen)).requires_grad_(True)
+    e = (mu + sigma * torch.randn(len(labels), width, grid, grid, generator=gen).to(mu.device)).requires_grad_(True)
     targets = anchor_targets(class_emb, labels, prior.anchor, gen)
     opt = torch.optim.Adam([e], lr=cfg.lr)
     scale = fm.clip.logit_scale.exp().detach()
@@ -445,9 +447,9 @@ def synthesize(
     ``own_images``/``own_labels`` (the peer's training data) feed the text anchors (both methods;
     without them DeepInversion runs unanchored) and the feature-space statistics.
     """
-    labels = torch.tensor([c for c in classes for _ in range(cfg.per_class)], dtype=torch.long)
+    labels = torch.tensor([c for c in classes for _ in range(cfg.per_class)], dtype=torch.long, device=fm.device)
     if len(labels) == 0:
-        empty = torch.zeros(0, 3, fm.image_size, fm.image_size)
+        empty = torch.zeros(0, 3, fm.image_size, fm.image_size, device=fm.device)
         return SyntheticSet("image", empty, labels, 0.0, {})
     t0 = time.perf_counter()  # the reported cost includes the priors measured on the peer's images
     own = own_images is not None and own_labels is not None and len(own_labels) > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,43 @@ def _take(split: Split, idx: np.ndarray) -> Split:
     return replace(split, images=split.images[t], labels=split.labels[t])
 
 
+# What every peer of a run (or planted group) computes identically: cached per process, so peers
+# hosted together hold the global test set and the pool once and regenerate nothing. Callers
+# must not modify what these return.
+_CACHE_SIZE = 8
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _shapes_shares(task: str, domain: str, n: int, seed: int, members: int, scheme: str) -> tuple[shapes.Scenes, np.ndarray, tuple[np.ndarray, ...]]:
+    """The scene pool, its labels and every member's share of it."""
+    scenes, labels = shapes_pool(task, domain, n, seed)
+    return scenes, labels, tuple(partition(labels, members, scheme, seed))
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _shapes_global(task: str, domain: str, n: int, seed: int, render_seed: int) -> Split:
+    scenes, labels = shapes_pool(task, domain, n, seed)
+    return shapes_split(scenes, labels, task, domain, render_seed)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _digits_shares(domain: str, seed: int, size: int, global_test_size: int, members: int, scheme: str,
+                   part_seed: int) -> tuple[Split, Split, tuple[np.ndarray, ...]]:
+    """All digits, the global test split and every member's share (indices into all digits)."""
+    images, labels = digits_arrays(domain, seed, size)
+    perm = rng_for(seed, "digits-global").permutation(len(labels))
+    n_global = min(global_test_size, len(labels) // 2)  # the rest is shared out among peers
+    g_idx, pool = np.sort(perm[:n_global]), np.sort(perm[n_global:])
+    full = Split(images, torch.from_numpy(labels), DIGIT_NAMES, DIGIT_TEMPLATES)
+    return full, _take(full, g_idx), tuple(pool[p] for p in partition(labels[pool], members, scheme, part_seed))
+
+
+def clear_caches() -> None:
+    """Drop the per-process pools and global test sets (peers holding them keep theirs)."""
+    for f in (_shapes_shares, _shapes_global, _digits_shares):
+        f.cache_clear()
+
+
 def load_peer_data(
     dataset: str,
     task: str,
@@ -233,8 +271,13 @@ def load_peer_data(
     test_fraction: float = 0.25,
     global_test_size: int = 500,
     image_size: int = shapes.IMAGE_SIZE,
+    cache: bool = True,
 ) -> PeerData:
-    """This peer's train/test share plus the global test set, from (seed, peer id, n peers) alone."""
+    """This peer's train/test share plus the global test set, from (seed, peer id, n peers) alone.
+
+    With ``cache`` what all peers share comes from (and stays in) the process cache; without it
+    everything is computed afresh and held by this peer alone.
+    """
     if not 0 <= peer_id < n_peers:
         raise DataError(f"peer_id: {peer_id} not in [0, {n_peers})")
     domain = domain or DEFAULT_DOMAIN.get(dataset.split(":")[0], "clean")
@@ -250,26 +293,23 @@ def load_peer_data(
     if dataset.startswith("folder:"):
         return _folder_peer(dataset.removeprefix("folder:"), peer_id, seed, test_fraction, image_size, task, domain)
     if dataset == "shapes":
-        scenes, labels = shapes_pool(task, domain, samples_per_peer * members, seed + 1000 * group)
-        share = partition(labels, members, scheme, seed + 1000 * group)[rank]
+        shares, global_split = (_shapes_shares, _shapes_global) if cache else (_shapes_shares.__wrapped__, _shapes_global.__wrapped__)
+        scenes, labels, parts = shares(task, domain, samples_per_peer * members, seed + 1000 * group, members, scheme)
+        share = parts[rank]
         tr, te = train_test_split(share, test_fraction, seed, peer_id)
-        g_scenes, g_labels = shapes_pool(task, domain, global_test_size, seed + 7919 + 1000 * group)
         rs = int(rng_for(seed, "render", peer_id).integers(2**31))
         return PeerData(
             shapes_split(scenes.subset(tr), labels[tr], task, domain, rs),
             shapes_split(scenes.subset(te), labels[te], task, domain, rs + 1),
-            shapes_split(g_scenes, g_labels, task, domain, seed + 7919),
+            global_split(task, domain, global_test_size, seed + 7919 + 1000 * group, seed + 7919),
             task, domain, group, share,
         )
     if dataset == "digits":
-        images, labels = digits_arrays(domain, seed, image_size)
-        perm = rng_for(seed, "digits-global").permutation(len(labels))
-        n_global = min(global_test_size, len(labels) // 2)  # the rest is shared out among peers
-        g_idx, pool = np.sort(perm[:n_global]), np.sort(perm[n_global:])
-        share = pool[partition(labels[pool], members, scheme, seed + 1000 * group)[rank]]
+        digits = _digits_shares if cache else _digits_shares.__wrapped__
+        full, global_test, parts = digits(domain, seed, image_size, global_test_size, members, scheme, seed + 1000 * group)
+        share = parts[rank]
         tr, te = train_test_split(share, test_fraction, seed, peer_id)
-        full = Split(images, torch.from_numpy(labels), DIGIT_NAMES, DIGIT_TEMPLATES)
-        return PeerData(_take(full, tr), _take(full, te), _take(full, g_idx), "digit", domain, group, share)
+        return PeerData(_take(full, tr), _take(full, te), global_test, "digit", domain, group, share)
     raise DataError(f"dataset: {dataset!r} is not shapes, digits or folder:PATH")
 
 

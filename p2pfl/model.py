@@ -13,7 +13,10 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -102,12 +105,17 @@ class Foundation:
     name: str = SHAPES_CLIP
     templates: tuple[str, ...] = GENERIC_TEMPLATES
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images (n, 3, h, w) of any size -> normalised model input."""
+        """[0, 1] images (n, 3, h, w) of any size, on any device -> normalised model input on the model's device."""
+        images = images.to(self.device)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
-        mean = torch.tensor(self.mean, dtype=images.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
         return (images - mean) / std
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -115,7 +123,7 @@ class Foundation:
         return F.normalize(self.clip.encode_image(self.preprocess(images)), dim=-1)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return F.normalize(self.clip.encode_text(self.tokenizer(list(texts))), dim=-1)
+        return F.normalize(self.clip.encode_text(self.tokenizer(list(texts)).to(self.device)), dim=-1)
 
     def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """(C, D) unit-norm class prototypes: prompt embeddings averaged over templates."""
@@ -143,7 +151,7 @@ def zero_shot_accuracy(
     correct = 0
     for i in range(0, len(images), batch_size):
         pred = fm.logits(images[i : i + batch_size], protos).argmax(dim=1)
-        correct += int((pred == labels[i : i + batch_size]).sum())
+        correct += int((pred == labels[i : i + batch_size].to(pred.device)).sum())
     return correct / max(1, len(images))
 
 
@@ -318,11 +326,19 @@ def _seeded_uniform(seed: int, name: str, shape: torch.Size, bound: float) -> to
     return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
 
 
-class AdaptedClip(nn.Module):
-    """A foundation CLIP with peft LoRA on its image tower (and optionally its text tower)."""
+class LoraHost:
+    """A foundation CLIP wrapped by peft once, whose LoRA layers the peers' adapters take turns in.
+
+    peft injects LoRA into the CLIP in place, so the frozen weights, the frozen A matrices (the
+    same seeded tensors on every peer under FFA-LoRA) and the frozen text prototypes (``heads``)
+    can exist once per process however many peers it hosts. Each peer's travelling tensors are its
+    own Parameters (see `AdaptedClip`), swapped into the LoRA layers by pointer before the model
+    runs, so gradients land in the peer's tensors and nothing is copied. ``lock`` serialises
+    co-hosted peers: the bound adapter is process state.
+    """
 
     def __init__(self, foundation: Foundation, spec: LoraSpec) -> None:
-        super().__init__()
+        self.requested = spec
         spec = resolve_targets(foundation.clip, spec)
         self.foundation, self.spec = foundation, spec
         modules, params = _target_names(foundation.clip, spec)
@@ -336,27 +352,107 @@ class AdaptedClip(nn.Module):
         )
         self.peft = get_peft_model(foundation.clip, cfg)
         self.clip = self.peft.base_model.model
-        self.lora: dict[str, nn.Parameter] = {
-            _short(n): p for n, p in self.peft.named_parameters() if ".lora_A." in n or ".lora_B." in n
+        # adapter key -> the nn.Linear / nn.Conv2d of peft's whose ``weight`` that tensor is
+        self.slots: dict[str, nn.Module] = {
+            _short(f"{n}.weight"): m for n, m in self.peft.named_modules() if n.endswith((".lora_A.default", ".lora_B.default"))
         }
-        with torch.no_grad():
-            for key, p in sorted(self.lora.items()):
-                if key.endswith("lora_A"):  # same A on every peer: kaiming-uniform bound from a shared seed
-                    p.copy_(_seeded_uniform(spec.seed, key, p.shape, 1.0 / math.sqrt(p[0].numel())))
-                else:
-                    p.zero_()
-                p.requires_grad_(spec.train_a or key.endswith("lora_B"))
-        self.travelling = sorted(k for k in self.lora if spec.train_a or k.endswith("lora_B"))
+        self.travelling = sorted(k for k in self.slots if spec.train_a or k.endswith("lora_B"))
+        self.frozen: dict[str, nn.Parameter] = {}
+        for key in sorted(set(self.slots) - set(self.travelling)):
+            self.frozen[key] = nn.Parameter(self.initial(key), requires_grad=False)
+            self.slots[key].weight = self.frozen[key]
+        self.heads = HeadCache()
+        self.lock = threading.RLock()
+        self._owner: weakref.ref[AdaptedClip] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.foundation.device
+
+    def initial(self, key: str) -> torch.Tensor:
+        """A tensor's starting value: A from the spec's seed (kaiming-uniform bound), B zero."""
+        shape = self.slots[key].weight.shape
+        if key.endswith("lora_A"):  # same A on every peer, from the shared seed
+            return _seeded_uniform(self.spec.seed, key, shape, 1.0 / math.sqrt(shape[1:].numel())).to(self.device)
+        return torch.zeros(shape, device=self.device)
+
+    def bind(self, adapter: AdaptedClip) -> None:
+        """Make ``adapter``'s travelling tensors the ones the LoRA layers use (no copy)."""
+        with self.lock:
+            if self._owner is not None and self._owner() is adapter:
+                return
+            for key in self.travelling:
+                self.slots[key].weight = adapter.lora[key]
+            self._owner = weakref.ref(adapter)
+
+
+_HOSTS: dict[tuple, LoraHost] = {}
+_HOSTS_LOCK = threading.Lock()
+
+
+def shared_host(model: str, pretrained: str | None, spec: LoraSpec, device: torch.device) -> LoraHost:
+    """The process's one `LoraHost` for (model, weights, LoRA spec, device), built on first use."""
+    key = (model, pretrained, spec, str(device))
+    with _HOSTS_LOCK:
+        if key not in _HOSTS:
+            fm = load_foundation(model, pretrained)
+            fm.clip.to(device)
+            _HOSTS[key] = LoraHost(fm, spec)
+        return _HOSTS[key]
+
+
+def clear_shared_hosts() -> None:
+    """Forget the process's hosts: later trainers load their own foundation (peers still holding
+    an old host keep it)."""
+    with _HOSTS_LOCK:
+        _HOSTS.clear()
+
+
+class AdaptedClip:
+    """One peer's LoRA adapter on a foundation CLIP (image tower, optionally the text tower).
+
+    The peer owns its travelling tensors (``lora`` holds them and the host's frozen ones); the
+    CLIP and its LoRA layers belong to ``host``, private unless one is passed to share it.
+    Everything here that runs the model binds this adapter first; code running ``clip`` or
+    ``foundation`` directly calls `bind` (or holds `bound`) itself.
+    """
+
+    def __init__(self, foundation: Foundation, spec: LoraSpec, host: LoraHost | None = None) -> None:
+        if host is None:
+            host = LoraHost(foundation, spec)
+        elif host.foundation is not foundation or host.requested != spec:
+            raise ModelError("adapter: the host was built from another foundation or LoRA spec")
+        self.host, self.foundation, self.spec = host, host.foundation, host.spec
+        self.travelling = host.travelling
+        self.lora: dict[str, nn.Parameter] = {**host.frozen, **{k: nn.Parameter(host.initial(k)) for k in host.travelling}}
         self.tokenizer = foundation.tokenizer
+        self.bind()
+
+    @property
+    def clip(self) -> nn.Module:
+        """The host's peft-wrapped CLIP (shared; bind before running it)."""
+        return self.host.clip
+
+    def bind(self) -> None:
+        self.host.bind(self)
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        """Hold the host and keep this adapter bound in it for the block."""
+        with self.host.lock:
+            self.bind()
+            yield
 
     def trainable(self) -> list[nn.Parameter]:
         return [self.lora[k] for k in self.travelling]
 
     def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
-        return self.foundation.class_embeddings(class_names, templates)
+        with self.bound():
+            return self.foundation.class_embeddings(class_names, templates)
 
     def logits(self, images: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
-        return self.foundation.logits(images, class_emb)
+        with self.bound():
+            return self.foundation.logits(images, class_emb)
 
     # -- adapter state: what travels between peers
 
@@ -368,9 +464,9 @@ class AdaptedClip(nn.Module):
         """All LoRA tensors, A included (for tests and checkpoints)."""
         return {k: self.lora[k].detach().to("cpu", torch.float32).clone().contiguous() for k in sorted(self.lora)}
 
-    def load_adapter_state(self, state: dict[str, torch.Tensor], full: bool = False) -> None:
-        """Replace the travelling (or, with ``full``, all) LoRA tensors; names and shapes must match."""
-        expected = sorted(self.lora) if full else self.travelling
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the travelling LoRA tensors (CPU or device tensors); names and shapes must match."""
+        expected = self.travelling
         missing = [k for k in expected if k not in state]
         extra = [k for k in state if k not in expected]
         if missing or extra:

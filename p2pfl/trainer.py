@@ -20,10 +20,11 @@ from p2pfl.data import PeerData, Split, load_peer_data, rng_for
 from p2pfl.model import (
     AdaptedClip,
     Foundation,
-    HeadCache,
+    LoraHost,
     LoraSpec,
     freeze_norm_statistics,
     load_foundation,
+    shared_host,
     zero_shot_accuracy,
 )
 
@@ -70,6 +71,7 @@ class TrainerConfig:
     augment_teachers: str = "neighbours"  # synthesise with: "self" | "neighbours" (replicas set by set_teachers)
     augment_distill: float = 0.0  # synthetic targets: (1 - d) * one-hot + d * the teacher's soft labels
     augment_claim: float | None = None  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip; None: the method's)
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto" (cuda if available); adapters travel as CPU tensors either way
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainerConfig:
@@ -104,10 +106,36 @@ def parse_lr_schedule(spec: str) -> int:
     return int(rounds)
 
 
-class Trainer:
-    """One peer's adapter, data and optimizer."""
+def resolve_device(spec: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` -> a device that exists here, else TrainerError."""
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise TrainerError(f"trainer config: device {spec!r} is not cpu, cuda, cuda:N or auto")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainerError(f"trainer config: device {spec!r} asked for but CUDA is not available here")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise TrainerError(f"trainer config: device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device("cuda", index)
 
-    def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int) -> None:
+
+class Trainer:
+    """One peer's adapter, data and optimizer.
+
+    Trainers in one process with the same model, weights, LoRA spec and device share one frozen
+    foundation and its LoRA layers (`p2pfl.model.LoraHost`) and the data every peer computes
+    alike (global test set, pool, partition); each owns its travelling tensors, optimizer state,
+    data share and step. ``share=False`` gives a trainer private copies of everything.
+    """
+
+    def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int, share: bool = True) -> None:
         if cfg.optimizer not in ("adamw", "sgd"):
             raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
         # Augmentation and adjustment are one method: the adjusted prior counts the synthetic samples.
@@ -130,13 +158,20 @@ class Trainer:
                 f"{cfg.augment_weight} (>= 0) / augment_batch {cfg.augment_batch} (>= 1) invalid"
             )
         self.cfg, self.peer_id, self.n_peers = cfg, peer_id, n_peers
-        self.foundation: Foundation = load_foundation(cfg.model, cfg.pretrained)
-        self.model = AdaptedClip(self.foundation, cfg.lora_spec())
+        self.device = resolve_device(cfg.device)
+        if share:
+            host = shared_host(cfg.model, cfg.pretrained, cfg.lora_spec(), self.device)
+        else:
+            fm = load_foundation(cfg.model, cfg.pretrained)
+            fm.clip.to(self.device)
+            host = LoraHost(fm, cfg.lora_spec())
+        self.foundation: Foundation = host.foundation
+        self.model = AdaptedClip(self.foundation, cfg.lora_spec(), host)
         self.data: PeerData = load_peer_data(
             cfg.dataset, cfg.task, cfg.domain, cfg.partition, peer_id, n_peers, cfg.seed,
-            cfg.samples_per_peer, cfg.test_fraction, cfg.global_test_size, self.foundation.image_size,
+            cfg.samples_per_peer, cfg.test_fraction, cfg.global_test_size, self.foundation.image_size, cache=share,
         )
-        self.heads = HeadCache()
+        self.heads = host.heads  # frozen text prototypes: the same for every adapter unless the text tower adapts
         params = self.model.trainable()
         if cfg.optimizer == "adamw":
             self.opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -145,8 +180,9 @@ class Trainer:
         self.step = 0  # optimizer steps taken; also positions the batch stream
         self.decay_steps = parse_lr_schedule(cfg.lr_schedule) * cfg.local_steps
         n_classes = len(self.data.train.class_names)
-        self.label_prior = torch.bincount(self.data.train.labels, minlength=n_classes).float() / max(1, len(self.data.train))
-        self.unseen_classes = [c for c in range(n_classes) if self.label_prior[c] == 0]  # never in this peer's training data
+        prior = torch.bincount(self.data.train.labels, minlength=n_classes).float() / max(1, len(self.data.train))
+        self.unseen_classes = [c for c in range(n_classes) if prior[c] == 0]  # never in this peer's training data
+        self.label_prior = prior.to(self.device)
         self.logit_offset = self._logit_offset(self.label_prior)
         self.augment_classes: list[int] = []
         self.synthesis = augment.SynthesisConfig()
@@ -225,6 +261,10 @@ class Trainer:
         train = self.data.train
         if len(train) == 0 or self.cfg.local_steps == 0:
             return {"train_loss": float("nan"), "train_accuracy": float("nan"), "steps": 0.0}
+        with self.model.bound():
+            return self._train_round(train)
+
+    def _train_round(self, train: Split) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.augment_classes:
             self.synthetic = self._synthesize()
@@ -235,7 +275,7 @@ class Trainer:
         losses, correct, seen = [], 0, 0
         for _ in range(self.cfg.local_steps):
             idx = torch.from_numpy(self._batch(self.step))
-            images, labels = train.images[idx], train.labels[idx]
+            images, labels = train.images[idx].to(self.device), train.labels[idx].to(self.device)
             logits = self.model.logits(images, self._head(train))
             loss = F.cross_entropy(logits if self.logit_offset is None else logits + self.logit_offset, labels)
             if self.synthetic is not None and len(self.synthetic) and self.cfg.augment_weight > 0:
@@ -249,6 +289,7 @@ class Trainer:
             losses.append(loss.item())
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
+        self.opt.zero_grad(set_to_none=True)  # every step starts from none: no need to hold them between rounds
         self.model.clip.eval()
         return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / seen, "steps": float(len(losses)), **out}
 
@@ -289,7 +330,7 @@ class Trainer:
         finally:
             self.model.load_adapter_state(own)
         if not sets:  # no neighbour knows any of these classes better than this peer: nothing this round
-            return augment.SyntheticSet("feature", torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.0, {})
+            return augment.SyntheticSet("feature", torch.zeros(0, device=self.device), torch.zeros(0, dtype=torch.long, device=self.device), 0.0, {})
         return augment.concat_sets(sets)
 
     def _round_prior(self) -> torch.Tensor:
@@ -309,7 +350,7 @@ class Trainer:
         assert syn is not None
         n = len(syn)
         pos = rng_for(self.cfg.seed, "augment-batches", self.peer_id, self.step).permutation(n)[: self.cfg.augment_batch]
-        idx = torch.from_numpy(pos)
+        idx = torch.from_numpy(pos).to(self.device)
         logits = augment.synthetic_logits(self.foundation, syn, idx, self._head(train))
         if self.logit_offset is not None:
             logits = logits + self.logit_offset
@@ -335,19 +376,20 @@ class Trainer:
         correct, loss = 0, 0.0
         for i in range(0, len(split), 256):
             logits = self.model.logits(split.images[i : i + 256], protos)
-            labels = split.labels[i : i + 256]
+            labels = split.labels[i : i + 256].to(self.device)
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(1) == labels).sum())
         return correct / len(split), loss / len(split)
 
     def evaluate(self, global_eval: bool = False) -> dict[str, float]:
         """Local held-out accuracy (and loss); with ``global_eval`` also on the global test set."""
-        self.model.clip.eval()
-        acc, loss = self._accuracy(self.data.test)
-        out = {"accuracy": acc, "test_loss": loss}
-        if global_eval:
-            out["global_accuracy"], out["global_loss"] = self._accuracy(self.data.global_test)
-            out["unseen_accuracy"] = self._unseen_accuracy()
+        with self.model.bound():
+            self.model.clip.eval()
+            acc, loss = self._accuracy(self.data.test)
+            out = {"accuracy": acc, "test_loss": loss}
+            if global_eval:
+                out["global_accuracy"], out["global_loss"] = self._accuracy(self.data.global_test)
+                out["unseen_accuracy"] = self._unseen_accuracy()
         return out
 
     def _unseen_accuracy(self) -> float:

@@ -12,6 +12,7 @@ from PIL import Image
 from p2pfl import shapes
 from p2pfl.data import (
     DataError,
+    clear_caches,
     group_of,
     label_entropy,
     load_image_folder,
@@ -156,6 +157,34 @@ def test_digits_partition():
     assert set(p.global_test.labels.tolist()) == set(range(10))
     with pytest.raises(DataError, match="digits"):
         load_peer_data("digits", "digit", "rotation", "iid", 0, 2, 0)
+
+
+def _same_split(a, b) -> bool:
+    return (torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+            and (a.class_names, a.templates) == (b.class_names, b.templates))
+
+
+@pytest.mark.parametrize("args", [
+    ("shapes", "shape", "noise", "dirichlet:0.5", 6),
+    ("shapes", "shape", "clean", "groups:task=shape,colour", 6),  # one cache entry per group
+    ("digits", "digit", "clean", "classes:3", 5),
+])
+def test_process_cache_gives_the_uncached_splits_and_holds_shared_parts_once(args):
+    dataset, task, domain, scheme, n = args
+    kw = dict(samples_per_peer=24, global_test_size=40)
+    clear_caches()
+    cached = [load_peer_data(dataset, task, domain, scheme, p, n, 7, **kw) for p in range(n)]
+    fresh = [load_peer_data(dataset, task, domain, scheme, p, n, 7, **kw, cache=False) for p in range(n)]
+    for c, f in zip(cached, fresh, strict=True):
+        assert _same_split(c.train, f.train) and _same_split(c.test, f.test) and _same_split(c.global_test, f.global_test)
+        assert np.array_equal(c.share, f.share) and (c.task, c.domain, c.group) == (f.task, f.domain, f.group)
+    for c in cached:  # peers of a group hold one global test set; uncached peers each their own
+        first = next(o for o in cached if o.group == c.group)
+        assert c.global_test is first.global_test
+    assert fresh[0].global_test is not fresh[1].global_test
+    group0 = np.concatenate([c.share for c in cached if c.group == 0])
+    assert len(np.unique(group0)) == len(group0)  # each peer took its own share of the cached partition
+    clear_caches()
 
 
 def test_image_folder_loader(tmp_path):

@@ -16,6 +16,7 @@ from p2pfl import shapes
 from p2pfl.model import (
     AdaptedClip,
     CompactTokenizer,
+    LoraHost,
     LoraSpec,
     ModelError,
     compact_token_spec,
@@ -217,3 +218,30 @@ def test_shipped_model_card_and_zero_shot_far_above_chance():
     assert report["unseen_colour"] > chance_colour + 0.75  # unseen shape x colour compositions
     assert report["unseen_pair"] > chance_pair + 0.25  # card: .40
     assert report["unseen_shape"] > chance_shape + 0.1  # card: .36
+
+
+# ---------------------------------------------------------------- adapters sharing one host
+
+
+def test_adapters_on_one_host_run_as_their_own_private_models():
+    fm = tiny_foundation()
+    host = LoraHost(fm, LoraSpec(rank=2, seed=3))
+    views = [AdaptedClip(fm, LoraSpec(rank=2, seed=3), host) for _ in range(2)]
+    privates = [AdaptedClip(tiny_foundation(), LoraSpec(rank=2, seed=3)) for _ in range(2)]
+    for i, (v, p) in enumerate(zip(views, privates, strict=True)):
+        randomise(v, seed=30 + i, only_b=True)
+        p.load_adapter_state(v.adapter_state())
+    images = torch.rand(4, 3, 16, 16)
+    protos = privates[0].class_embeddings(["a red circle", "a photo"])
+    for v, p in zip(views[::-1] + views, privates[::-1] + privates, strict=True):  # alternate the bound adapter
+        loss = v.logits(images, protos).logsumexp(1).sum()
+        loss.backward()
+        assert torch.equal(v.logits(images, protos), p.logits(images, protos).detach())
+    assert all(p.grad is not None for v in views for p in v.trainable())  # gradients land in each view's own tensors
+    assert not torch.equal(views[0].trainable()[0].grad, views[1].trainable()[0].grad)
+    a_key = next(k for k in host.frozen)
+    assert views[0].lora[a_key] is views[1].lora[a_key] and torch.equal(views[0].lora[a_key], privates[0].lora[a_key])
+    with pytest.raises(ModelError, match="another foundation or LoRA spec"):
+        AdaptedClip(fm, LoraSpec(rank=4, seed=3), host)
+    with pytest.raises(ModelError, match="another foundation or LoRA spec"):
+        AdaptedClip(tiny_foundation(), LoraSpec(rank=2, seed=3), host)
