@@ -40,13 +40,14 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
-def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], base_port: int, timeout: float) -> dict:
+def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], base_port: int, timeout: float,
+             threads: int = 0) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="p2pfl-scale-"))
     path = tmp / "ring.yaml"
     T.generate("ring", n, base_port=base_port).dump(path)
     run = tmp / "run"
     args = ["--topology", str(path), "--run-dir", str(run), "--rounds", str(rounds), "--round-timeout", "3600",
-            "--peer-timeout", "600", "--startup-timeout", "600", "--log-level", "WARNING"]
+            "--peer-timeout", "600", "--startup-timeout", "600", "--log-level", "WARNING", "--threads", str(threads)]
     args += ["--no-train"] if not train else [a for s in sets for a in ("--set", s)]
     blocks = [list(range(n))[i * n // processes : (i + 1) * n // processes] for i in range(processes)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option of every training case")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of co-hosting processes (0: every core)")
     args = ap.parse_args()
     results: dict[str, dict] = {}
     port = 26000
@@ -96,10 +98,10 @@ def main() -> None:
         elif case.startswith("notrain"):
             results[case] = run_case(int(case.removeprefix("notrain")), 1, args.rounds, False, args.set, port, args.timeout)
         else:
-            results[case] = run_case(int(case), 1, args.rounds, True, args.set, port, args.timeout)
+            results[case] = run_case(int(case), 1, args.rounds, True, args.set, port, args.timeout, args.threads)
         port += 1100
         print(json.dumps({case: results[case]}), file=sys.stderr, flush=True)
-    out: dict = {"bench": "scale", "rounds": args.rounds, "set": args.set, "cases": results}
+    out: dict = {"bench": "scale", "rounds": args.rounds, "set": args.set, "threads": args.threads, "cases": results}
     one = results.get("1", {}).get("peak_pss_mb")
     for case, r in results.items():
         if one and case.isdigit() and int(case) > 1 and "peak_pss_mb" in r:

@@ -44,6 +44,7 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
     p.add_argument("--secret-key", type=Path, help="CurveZMQ secret key file (default <topology dir>/keys/peer-<id>.key_secret)")
     p.add_argument("--round-period", type=float, help="pace rounds: each lasts at least this many seconds (default 0)")
+    p.add_argument("--threads", type=int, help="training worker threads, each with its own model copy (default 0: one per core, at most one per peer)")
     p.add_argument("--max-lag", type=int, help="neighbours this many rounds behind are not waited for (default 10)")
     g = p.add_argument_group("PPFM meta-levels (clusters of peers, cluster and global meta models)")
     g.add_argument("--clusters", help="off (default), auto (number chosen by silhouette) or a fixed number of clusters")

@@ -51,7 +51,17 @@ class PeerConfig:
     cluster_beta: float = 1.0  # Reptile step of the cluster model toward its members' task models
     cluster_margin: float = 0.1  # hysteresis: silhouette gain a new clustering needs
     fingerprint_dim: int = 256  # rows of the fingerprint sketch
+    threads: int = 0  # training worker threads (each its own model copy); 0: one per core, at most one per peer
     trainer: dict[str, Any] = field(default_factory=dict)
+
+
+def worker_threads(threads: int, peers: int, cores: int) -> int:
+    """Training workers of a process. Each trains its share of the co-hosted peers one at a time
+    on its own copy of the frozen model, with single-threaded torch ops: small-batch steps gain
+    little from intra-op threads, and separate workers keep every core busy."""
+    if threads < 0:
+        raise ConfigError(f"--threads: expected 0 (auto) or a positive count, got {threads}")
+    return max(1, min(peers, threads or cores))
 
 
 def parse_ids(spec: str, ids: list[int], local: set[int] | None = None) -> list[int]:

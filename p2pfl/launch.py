@@ -97,13 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--rounds", str(args.rounds)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     blocks = spread(topo.ids, args.processes or os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // len(blocks))  # training workers: the cores, shared out among the processes
     procs: dict[int, subprocess.Popen[bytes]] = {}  # first id of a block -> its process
     print(f"launch: {topo.n} peers of {args.topology} in {len(blocks)} processes -> {run_dir} (logs in {run_dir / 'logs'})", flush=True)
     for block in blocks:
         ids = f"{block[0]}-{block[-1]}" if block == list(range(block[0], block[-1] + 1)) else ",".join(map(str, block))
         with open(run_dir / "logs" / f"process-{block[0]}.stdout", "wb") as out:  # the child keeps its own handle
             procs[block[0]] = subprocess.Popen(
-                [sys.executable, "-m", "p2pfl.cli_peer", *common, "--id", ids, *extra],
+                [sys.executable, "-m", "p2pfl.cli_peer", *common, "--id", ids, "--threads", str(threads), *extra],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
 

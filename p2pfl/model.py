@@ -390,9 +390,10 @@ _HOSTS: dict[tuple, LoraHost] = {}
 _HOSTS_LOCK = threading.Lock()
 
 
-def shared_host(model: str, pretrained: str | None, spec: LoraSpec, device: torch.device) -> LoraHost:
-    """The process's one `LoraHost` for (model, weights, LoRA spec, device), built on first use."""
-    key = (model, pretrained, spec, str(device))
+def shared_host(model: str, pretrained: str | None, spec: LoraSpec, device: torch.device, replica: int = 0) -> LoraHost:
+    """The process's `LoraHost` for (model, weights, LoRA spec, device), built on first use;
+    `replica` > 0 gives another copy, so several worker threads can train at once."""
+    key = (model, pretrained, spec, str(device), replica)
     with _HOSTS_LOCK:
         if key not in _HOSTS:
             fm = load_foundation(model, pretrained)

@@ -716,6 +716,7 @@ class Node:
             "peer": self.me,
             "round": rnd,
             "round_s": now - self._t0,
+            "at": now,  # when the round ended, on the host's clock; the host turns it into wall time
             "wait_s": self._waited,
             "late_neighbors": self._late,
             "neighbor_distance": mixing.neighbor_distance(self.live if self.levels is None else self._overlay_live(rnd)),

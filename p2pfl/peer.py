@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import socket
 import time
@@ -26,7 +27,7 @@ from p2pfl import checkpoint as ckpt
 from p2pfl import node as N
 from p2pfl import topology as topo_mod
 from p2pfl.alloc import keep_message_memory
-from p2pfl.config import PeerConfig
+from p2pfl.config import PeerConfig, worker_threads
 from p2pfl.metrics import JsonlWriter, PromExporter, read_jsonl
 from p2pfl.state import save_state, synthetic_state
 from p2pfl.transport import CurveKeys, SharedContext, Transport, curve_keys
@@ -72,7 +73,10 @@ class Host:
         self.failed: dict[int, str] = {}
         self.curve: dict[int, CurveKeys | None] = {p: curve_keys(self.topo, p, cfg.topology, cfg.secret_key if len(ids) == 1 else None)
                                                    for p in ids}
-        self.work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pfl-work")  # co-hosted peers share one model
+        workers = worker_threads(cfg.threads, len(ids), os.cpu_count() or 1)
+        # One thread per model copy: the peers of a worker share its model and train one at a time.
+        self.work = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"p2pfl-work{k}") for k in range(workers)]
+        self.worker_of = {p: k % workers for k, p in enumerate(ids)}
         self.prom = PromExporter(cfg.metrics_port, ids[0], cfg.metrics_host) if cfg.metrics_port else None
         self.shared: SharedContext | None = None
         self.done = asyncio.Event()
@@ -91,7 +95,8 @@ class Host:
         else:
             from p2pfl.trainer import Trainer, TrainerConfig
 
-            trainer = Trainer(TrainerConfig.from_dict({"seed": cfg.seed, **cfg.trainer}), cfg.id, self.topo.n)
+            trainer = Trainer(TrainerConfig.from_dict({"seed": cfg.seed, **cfg.trainer}), cfg.id, self.topo.n,
+                              replica=self.worker_of[cfg.id])
             x0 = trainer.adapter_state()
         spec = N.NodeSpec(x0=x0, inc=time.time_ns() // 1000, train=trainer is not None,
                           augment=trainer is not None and trainer.cfg.augment != "off",
@@ -159,7 +164,8 @@ class Host:
                 self.shared.close()
             if self.prom is not None:
                 self.prom.close()
-            self.work.shutdown(wait=True)
+            for w in self.work:
+                w.shutdown(wait=True)
         bad = sorted(set(self.failed) | {p for p, h in self.peers.items() if h.code != 0})
         if bad:
             logging.getLogger("p2pfl").error("peers %s failed: %s", bad, {p: self.failed.get(p, "see its log") for p in bad})
@@ -262,13 +268,15 @@ class Host:
                 return
             self._run(h, h.node.trained(metrics, out, now) if isinstance(a, N.Train) else h.node.evaluated(metrics, now))
 
-        loop.run_in_executor(self.work, job).add_done_callback(answer)
+        loop.run_in_executor(self.work[self.worker_of[h.cfg.id]], job).add_done_callback(answer)
 
     def _write(self, h: Hosted, rec: dict[str, Any]) -> None:
         c, t = h.counters, h.transport
         sent = c.sent + (t.stats.bytes_sent if t else 0)
         received = c.received + (t.stats.bytes_received if t else 0)
-        rec.update(time=time.time(), bytes_sent=sent - c.at_record[0], bytes_received=received - c.at_record[1],
+        at = rec.pop("at", None)  # records wait for their consensus estimate: stamp the round's end, not the write
+        wall = time.time() - (asyncio.get_running_loop().time() - at if at is not None else 0.0)
+        rec.update(time=wall, bytes_sent=sent - c.at_record[0], bytes_received=received - c.at_record[1],
                    dropped_messages=c.dropped + (t.stats.dropped if t else 0))
         c.at_record = (sent, received)
         h.writer.write(rec)

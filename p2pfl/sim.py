@@ -72,6 +72,7 @@ class Simulation:
                 else:
                     self._work(p, a)
             elif isinstance(a, N.Record):
+                a.record["time"] = a.record.pop("at", self.now)  # virtual seconds
                 self.records[p].append(a.record)
             elif isinstance(a, N.Finish):
                 self.codes[p] = a.code

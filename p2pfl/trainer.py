@@ -135,7 +135,7 @@ class Trainer:
     data share and step. ``share=False`` gives a trainer private copies of everything.
     """
 
-    def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int, share: bool = True) -> None:
+    def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int, share: bool = True, replica: int = 0) -> None:
         if cfg.optimizer not in ("adamw", "sgd"):
             raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
         # Augmentation and adjustment are one method: the adjusted prior counts the synthetic samples.
@@ -160,7 +160,7 @@ class Trainer:
         self.cfg, self.peer_id, self.n_peers = cfg, peer_id, n_peers
         self.device = resolve_device(cfg.device)
         if share:
-            host = shared_host(cfg.model, cfg.pretrained, cfg.lora_spec(), self.device)
+            host = shared_host(cfg.model, cfg.pretrained, cfg.lora_spec(), self.device, replica)
         else:
             fm = load_foundation(cfg.model, cfg.pretrained)
             fm.clip.to(self.device)

@@ -204,7 +204,8 @@ def _close_peer(host) -> None:
     assert not host.failed, host.failed
     for h in host.peers.values():
         h.writer.close()
-    host.work.shutdown()
+    for w in host.work:
+        w.shutdown()
 
 
 def test_plaintext_topology_warns_loudly_and_keys_silence_it(tmp_path, caplog):
