@@ -174,3 +174,22 @@ def test_estimator_payload_that_is_malformed_is_refused_and_the_delta_still_appl
     node.receive([bytes(f) for f in encode(delta)], sender, 0.1)
     assert node.rejected_by_reason.get("estimate") == 1
     assert 0 in node.engine.replicas[sender].pending  # the CHOCO delta was kept (held for round 0)
+
+
+def test_sign_compressed_choco_in_the_simulator_reaches_the_exact_gossip_target_with_bit_identical_replicas():
+    """The 420-round one-scale sign run of tests/test_cluster.py, on the same nodes in process."""
+    topo = T.generate("ring", 8)
+    dim, rounds = 16384, 420
+    sim = Simulation(topo, cfg(rounds=rounds, dim=dim, compress="sign", gamma=0.7, estimator="flood"))
+    sim.run()
+    x0 = [synthetic_state(0, p, dim) for p in topo.ids]
+    xT = list(sim.models().values())
+    assert exact_distance(xT) < 1e-2 * exact_distance(x0)  # exact gossip: 22 rounds to 1e-2 on ring-8
+    m0, mT = network_mean(x0), network_mean(xT)
+    assert float((mT - m0).norm() / m0.norm()) < 1e-4
+    for p in topo.ids:
+        for j in topo.neighbors(p):
+            mine, theirs = sim.nodes[p].engine.replicas[j].xhat, sim.nodes[j].engine.xhat
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs), (p, j)
+    last = sim.records[0][-1]
+    assert last["compression_ratio"] > 25 and 0 < last["compression_error"] < 1
