@@ -110,7 +110,8 @@ def peer_main(argv: list[str] | None = None) -> int:
     except (topo_mod.TopologyError, ConfigError, TypeError) as e:
         print(f"p2pfl-peer: {e}", file=sys.stderr)
         return 2
-    from p2pfl.peer import run_peers, setup_logging
+    from p2pfl.logs import setup_logging
+    from p2pfl.peer import run_peers
 
     setup_logging(cfg.run_dir, ids, level)
     return run_peers(cfg, ids)

@@ -74,7 +74,7 @@ class PromExporter:
                 continue
             if key not in self.gauges:
                 self.gauges[key] = self._gauge_cls(f"p2pfl_{key}", f"p2pfl per-round metric {key}", ["peer"], registry=self.registry)
-            self.gauges[key].labels(peer=self.peer).set(value)
+            self.gauges[key].labels(peer=str(record.get("peer", self.peer))).set(value)  # co-hosted peers: one exporter
 
     def close(self) -> None:
         self.server.shutdown()

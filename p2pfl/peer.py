@@ -18,7 +18,6 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from p2pfl.metrics import JsonlWriter, PromExporter, read_jsonl
 from p2pfl.state import save_state, synthetic_state
 from p2pfl.transport import CurveKeys, SharedContext, Transport, curve_keys
 from p2pfl.wire import encode, frames_nbytes
+from p2pfl.work import copy_inputs, perform
 
 
 @dataclass
@@ -240,23 +240,9 @@ class Host:
         (t.offer if a.offer else t.send)(a.dest, encode(a.msg))
 
     def _submit(self, h: Hosted, a: N.Train | N.Evaluate) -> None:
-        """Run the work in the shared worker thread; its answer goes back to the node on the loop.
-        States are copied here: the node's tensors keep changing while the work waits its turn."""
+        """Run the work on the peer's worker thread; the answer goes back to the node on the loop."""
         loop = asyncio.get_running_loop()
-        state = {k: v.clone() for k, v in a.state.items()} if isinstance(a, N.Evaluate) else {k: v.clone() for k, v in a.start.items()}
-        teachers = [{k: v.clone() for k, v in t.items()} for t in a.teachers] if isinstance(a, N.Train) else []
-        tr = h.trainer
-
-        def job() -> tuple[dict[str, Any], Any]:
-            tr.load_adapter_state(state)
-            if isinstance(a, N.Evaluate):
-                return tr.evaluate(a.global_eval), None
-            if h.node.spec.augment:
-                tr.set_teachers(teachers)
-            t0 = time.perf_counter()
-            metrics = tr.train_round()
-            metrics["train_s"] = time.perf_counter() - t0
-            return metrics, tr.adapter_state()
+        work = copy_inputs(a)  # the node's tensors keep changing while the work waits its turn
 
         def answer(fut: asyncio.Future[tuple[dict[str, Any], Any]]) -> None:
             now = loop.time()
@@ -268,7 +254,8 @@ class Host:
                 return
             self._run(h, h.node.trained(metrics, out, now) if isinstance(a, N.Train) else h.node.evaluated(metrics, now))
 
-        loop.run_in_executor(self.work[self.worker_of[h.cfg.id]], job).add_done_callback(answer)
+        fut = loop.run_in_executor(self.work[self.worker_of[h.cfg.id]], perform, h.trainer, work, h.node.spec.augment)
+        fut.add_done_callback(answer)
 
     def _write(self, h: Hosted, rec: dict[str, Any]) -> None:
         c, t = h.counters, h.transport
@@ -291,34 +278,6 @@ class Host:
         if h.trainer is not None:
             meta["optimizer"] = ckpt.split_plain(h.trainer.optimizer_state(), "opt", tensors)
         ckpt.save(peer_dir, rnd, tensors, meta)
-
-
-class PeerFilter(logging.Filter):
-    """Route a co-hosted peer's records (loggers `p2pfl.peer.<id>`) to its own log file."""
-
-    def __init__(self, peer: int | None) -> None:
-        super().__init__()
-        self.peer = peer
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        tail = record.name.rsplit(".", 1)[-1]
-        record.peer = tail if record.name.startswith("p2pfl.peer.") else "-"
-        return self.peer is None or tail == str(self.peer)
-
-
-def setup_logging(run_dir: Path, peers: list[int], level: str = "INFO") -> None:
-    """One log file per peer (`logs/peer-<id>.log`, its id in every line), and stderr."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s peer=%(peer)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.setLevel(level)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handlers: list[tuple[logging.Handler, int | None]] = [(logging.StreamHandler(), None)]
-    for p in peers:  # a single peer's file also gets the process's other records, as before
-        handlers.append((logging.FileHandler(run_dir / "logs" / f"peer-{p}.log"), p if len(peers) > 1 else None))
-    for h, p in handlers:
-        h.setFormatter(fmt)
-        h.addFilter(PeerFilter(p))
-        root.addHandler(h)
 
 
 def run_peers(cfg: PeerConfig, ids: list[int]) -> int:
