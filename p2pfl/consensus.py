@@ -15,6 +15,7 @@ of nearly equal models keep their digits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 
@@ -71,6 +72,13 @@ class Sketcher:
         padded = torch.zeros(self.m, dtype=torch.float64)
         padded[: self.dim] = v.double()
         return _fwht(padded * self.signs)[self.rows] * self.scale
+
+
+@functools.lru_cache(maxsize=8)
+def shared_sketcher(dim: int, k: int, seed: int) -> Sketcher:
+    """One Sketcher per (dim, k, seed) in a process: co-hosted peers use the same S, and its
+    sign vector alone is 8 bytes per padded coordinate."""
+    return Sketcher(dim, k, seed)
 
 
 def sketch_distance(sketches: Iterable[torch.Tensor]) -> float:

@@ -23,7 +23,7 @@ import torch
 
 from p2pfl import topology as topo_mod
 from p2pfl.config import ConfigError, PeerConfig
-from p2pfl.consensus import SketchBook, Sketcher, flatten
+from p2pfl.consensus import SketchBook, flatten, shared_sketcher
 from p2pfl.estimate import WINDOW, EstimatorConfig, EstimatorError, GossipEstimator
 from p2pfl.gossip import ChocoEngine, GossipError, State
 from p2pfl.metrics import RecordQueue
@@ -167,7 +167,7 @@ class Node:
                                   robust=cfg.robust, norm_factor=cfg.norm_factor)
         self.attack: Callable[[State, int], State] | None = parse_byzantine(cfg.byzantine)
         dim = flatten(spec.x0).numel()
-        self.sketcher = Sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
+        self.sketcher = shared_sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
         self.diameter = topo.diameter()
         self.book = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
         self.est_cfg = estimator_config(cfg.estimator, topo, cfg.sketch_dim, cfg.rounds)

@@ -102,9 +102,10 @@ class Host:
                           augment=trainer is not None and trainer.cfg.augment != "off",
                           eval_every=trainer.cfg.eval_every if trainer is not None else 1, secure=self.curve[cfg.id] is not None)
         node = N.Node(cfg, self.topo, spec, logging.getLogger(f"p2pfl.peer.{cfg.id}"))
-        if self.curve[cfg.id] is None:
+        if self.curve[cfg.id] is None and cfg.id == min(self.cfgs):  # once per process
             log.warning("peer %d: NO ENCRYPTION OR AUTHENTICATION: the topology lists no public keys, so anyone who can reach "
-                        "port %d can read and inject updates (run p2pfl-topology keygen)", cfg.id, self.topo.peers[cfg.id].port)
+                        "port %s can read and inject updates (run p2pfl-topology keygen)", cfg.id,
+                        ", ".join(str(self.topo.peers[p].port) for p in sorted(self.cfgs)[:4]) + (" ..." if len(self.cfgs) > 4 else ""))
         metrics = cfg.run_dir / "metrics" / f"peer-{cfg.id}.jsonl"
         if cfg.resume:
             found = ckpt.load_latest(cfg.run_dir / f"peer-{cfg.id}")

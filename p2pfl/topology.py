@@ -39,6 +39,7 @@ class Topology:
     graph: nx.Graph
     name: str = "custom"
     settings: dict[str, Any] = field(default_factory=dict)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # whole-graph figures, computed once
 
     @property
     def ids(self) -> list[int]:
@@ -71,14 +72,19 @@ class Topology:
         return w
 
     def mixing_lambda(self) -> float:
-        """lambda = ||W - 11^T/n||_2, the per-round contraction factor of exact gossip."""
-        return second_eigenvalue(self.mixing_matrix())
+        """lambda = ||W - 11^T/n||_2, the per-round contraction factor of exact gossip. Memoised:
+        co-hosted peers share one Topology, and this is O(n^3)."""
+        if "lambda" not in self._memo:
+            self._memo["lambda"] = second_eigenvalue(self.mixing_matrix())
+        return self._memo["lambda"]
 
     def spectral_gap(self) -> float:
         return 1.0 - self.mixing_lambda()
 
     def diameter(self) -> int:
-        return int(nx.diameter(self.graph)) if self.n > 1 else 0
+        if "diameter" not in self._memo:  # all-pairs BFS: memoised like mixing_lambda
+            self._memo["diameter"] = int(nx.diameter(self.graph)) if self.n > 1 else 0
+        return self._memo["diameter"]
 
     def rounds_to(self, reduction: float) -> int:
         """Rounds T with lambda^T <= reduction: the theory's bound on exact gossip."""
