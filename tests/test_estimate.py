@@ -498,13 +498,19 @@ def _run_in_order(t, cfg, sk, rounds, order, delay=None):
     return out, ests
 
 
-def test_neighbour_ahead_gives_the_synchronous_result():
+def _ring8_reference():
+    """ring-8, k = 16, lag 6, every 2: seeded sketches and the synchronous run's estimates."""
     t = topo("ring", 8)
     k = 16
     cfg = EstimatorConfig(k=k, lag=6, every=2)
     g = torch.Generator().manual_seed(4)
     sk = {(i, r): torch.randn(k, generator=g, dtype=torch.float64) for i in t.ids for r in range(0, 14, 2)}
     ref, _ = simulate(rows(t), cfg, lambda i, r: sk[(i, r)], 14)
+    return t, cfg, sk, ref
+
+
+def test_neighbour_ahead_gives_the_synchronous_result():
+    t, cfg, sk, ref = _ring8_reference()
     for order in (t.ids, list(reversed(t.ids)), [3, 0, 6, 1, 7, 2, 5, 4]):
         out, _ = _run_in_order(t, cfg, sk, 14, order)
         for i in t.ids:
@@ -513,12 +519,7 @@ def test_neighbour_ahead_gives_the_synchronous_result():
 
 
 def test_late_payload_is_dropped_not_an_error():
-    t = topo("ring", 8)
-    k = 16
-    cfg = EstimatorConfig(k=k, lag=6, every=2)
-    g = torch.Generator().manual_seed(4)
-    sk = {(i, r): torch.randn(k, generator=g, dtype=torch.float64) for i in t.ids for r in range(0, 14, 2)}
-    ref, _ = simulate(rows(t), cfg, lambda i, r: sk[(i, r)], 14)
+    t, cfg, sk, ref = _ring8_reference()
     out, ests = _run_in_order(t, cfg, sk, 14, t.ids, delay=(1, 2, 5))
     assert ests[2].late == 1 and sum(e.late for e in ests.values()) == 1
     for i in t.ids:
