@@ -40,7 +40,7 @@ Error analysis.  Let D be the n x k matrix of centred sketches (rows s_i - s_bar
         |Xi_i / Xi_hat - 1| <= lambda^t + B_t / (1 - lambda^t).
  B_t is a worst case (all of ||de|| on one peer, M / Xi_hat up to sqrt(n)) and is loose by orders
  of magnitude in practice.  What one sees (tests/test_estimate.py, reproduced by
- `python -m p2pfl.estimate`): near consensus, where the residual x_i - xbar has been filtered onto
+ `python bench/estimator.py`): near consensus, where the residual x_i - xbar has been filtered onto
  the slowest modes of W by the model gossip, the worst peer's error is lambda^t to within a few
  percent (ratio 0.98-1.05 over t = 1..40 on ring-8, exponential-16/64/256, until the float64
  floor below), i.e. the relative error at the default lag is about `target`; with independent
@@ -62,7 +62,7 @@ Slow graphs: for lambda close to 1 no estimator can converge within its diameter
 (lambda 0.970) would need lag 149, ring-256 (lambda 0.9998) about 23,000, and both are capped at
 64.  The estimate is then a *lagging and biased-low* one: (1 - mu^t)^2 is near 0 for the slow
 modes mu of W, so mean e(t) only counts the disagreement in modes with mu^t small, i.e. roughly the
-disagreement between peers within ~sqrt(t) hops on a ring.  Measured (`python -m p2pfl.estimate`,
+disagreement between peers within ~sqrt(t) hops on a ring.  Measured (`python bench/estimator.py`,
 states after 200 gossip rounds): torus-256 reads 0.86 Xi_hat (= 1 - lambda^64), ring-256 0.12 Xi_hat.
 Use it as a trend of local disagreement, not as Xi; keep flooding (`SketchBook`) where n is small
 enough, or raise max_lag.
@@ -71,7 +71,7 @@ Faults.  A live neighbour whose round-rnd payload did not arrive, or a down one,
 that step (its weight moves to the self weight), as the model gossip does.  When only one end of an
 edge used the other's value, W is no longer doubly stochastic for that step: the network means of
 v and y drift and the estimate is biased; it is still produced on time.  Measured on
-exponential-16 at the default lag (`python -m p2pfl.estimate`): no fault 0.8%, one peer down from
+exponential-16 at the default lag (`python bench/estimator.py`): no fault 0.8%, one peer down from
 round 2 1.9%, 10% of messages lost 3.3%, 30% lost 6.4%, one peer down for 4 of the 7 rounds 14%
 (that peer itself barely mixed).  A round whose `mix` is skipped is an identity step.
 Instances are matched by key [sketch round, step]; an instance a receiver does not hold (it joined
@@ -446,80 +446,3 @@ def simulate(
         if observe is not None:
             observe(rnd, ests)
     return out, ests
-
-
-def _measure() -> None:  # python -m p2pfl.estimate
-    import numpy as np
-
-    from p2pfl import consensus, topology
-
-    k, dim = 1024, 4096
-    print(
-        f"k={k}, dim={dim}; states x = W^T0 x0 (near consensus, T0 with lambda^T0 ~ 1e-3), one instance at round 0"
-    )
-    print(
-        "topology         lambda  lag every  lam^lag  worst|est/Xi_hat-1|  worst|est/Xi-1|  |Xi_hat/Xi-1|  max bytes/msg"
-    )
-    for kind, n in (
-        ("ring", 8),
-        ("exponential", 16),
-        ("exponential", 64),
-        ("exponential", 256),
-        ("torus", 256),
-        ("ring", 256),
-    ):
-        topo = topology.generate(kind, n)
-        lam = topo.mixing_lambda()
-        cfg = EstimatorConfig.for_topology(k, lam)
-        t0 = min(200, max(1, math.ceil(math.log(1e-3) / math.log(lam))))
-        x = torch.tensor(np.linalg.matrix_power(topo.mixing_matrix(), t0)) @ (
-            torch.randn(n, dim, generator=torch.Generator().manual_seed(n), dtype=torch.float64) + 1.0
-        )
-        sk = consensus.Sketcher(dim, k, seed=7)
-        s = {i: sk(x[i]) for i in topo.ids}
-        xi_hat = consensus.sketch_distance(s.values())
-        xi = float(((x - x.mean(0)) ** 2).sum(1).mean().sqrt())
-        one = EstimatorConfig(k=k, lag=cfg.lag, every=cfg.lag + 1)  # a single instance: same numbers, faster
-        res, _ = simulate({i: topo.mh_weights(i) for i in topo.ids}, one, lambda i, r, s=s: s[i], cfg.lag)
-        est = [v for i in topo.ids for r, v in res[i] if r == 0]
-        e_hat = max(abs(v / xi_hat - 1) for v in est)
-        e_x = max(abs(v / xi - 1) for v in est)
-        print(
-            f"{topo.name:15s} {lam:7.4f} {cfg.lag:4d} {cfg.every:5d} {lam**cfg.lag:8.2e} {e_hat:20.4f} {e_x:16.4f} "
-            f"{abs(xi_hat / xi - 1):14.4f} {cfg.max_payload_bytes:10d}"
-        )
-
-    import random
-
-    print(
-        "faults on exponential-16, default config (lag 7), k=256, near consensus; worst live peer |est/Xi_hat-1| for round 0"
-    )
-    topo = topology.generate("exponential", 16)
-    lam = topo.mixing_lambda()
-    cfg = EstimatorConfig.for_topology(256, lam)
-    t0 = math.ceil(math.log(1e-3) / math.log(lam))
-    x = torch.tensor(np.linalg.matrix_power(topo.mixing_matrix(), t0)) @ (
-        torch.randn(16, 1024, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 1.0
-    )
-    sk = consensus.Sketcher(1024, 256, 1)
-    s = {i: sk(x[i]) for i in topo.ids}
-    xi_hat = consensus.sketch_distance(s.values())
-    rng = random.Random(0)
-    for name, kw in (
-        ("none", {}),
-        ("peer 3 down from round 2", {"down": lambda i, r: i == 3 and r >= 2}),
-        ("10% of messages lost", {"drop": lambda a, b, r: rng.random() < 0.1}),
-        ("30% of messages lost", {"drop": lambda a, b, r: rng.random() < 0.3}),
-        ("peer 3 down rounds 2-5", {"down": lambda i, r: i == 3 and 2 <= r < 6}),
-    ):
-        res, _ = simulate(
-            {i: topo.mh_weights(i) for i in topo.ids}, cfg, lambda i, r: s[i], cfg.lag + 1, **kw
-        )
-        est = [v for i in topo.ids for r, v in res[i] if r == 0]
-        print(
-            f"  {name:26s} peers with an estimate {len(est):2d}   worst error {max(abs(v / xi_hat - 1) for v in est):.4f}"
-        )
-
-
-if __name__ == "__main__":
-    _measure()
