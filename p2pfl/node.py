@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -28,7 +27,7 @@ from p2pfl.estimate import WINDOW, EstimatorConfig, EstimatorError, GossipEstima
 from p2pfl.gossip import ChocoEngine, GossipError, State
 from p2pfl.metrics import RecordQueue
 from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
-from p2pfl.robust import parse_byzantine
+from p2pfl.robust import Attack, parse_byzantine
 from p2pfl.wire import BASE, CLUSTER, GLOBAL, Kind, Message, TensorPayload, WireError, all_finite, decode
 
 SKETCH_TENSOR = "_sketches"
@@ -165,7 +164,7 @@ class Node:
         self.inc = spec.inc
         self.engine = ChocoEngine(self.me, weights, spec.x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc,
                                   robust=cfg.robust, norm_factor=cfg.norm_factor)
-        self.attack: Callable[[State, int], State] | None = parse_byzantine(cfg.byzantine)
+        self.attack: Attack | None = parse_byzantine(cfg.byzantine)
         dim = flatten(spec.x0).numel()
         self.sketcher = shared_sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
         self.diameter = topo.diameter()
@@ -622,7 +621,8 @@ class Node:
         rnd = self.rnd
         training = rnd < self.cfg.rounds
         if training and self.attack is not None:
-            self.engine.x = self.attack(self.engine.x, rnd)
+            honest = [self.engine.replicas[j].xhat for j in sorted(self.live) if self.engine.replicas[j].synced]
+            self.engine.x = self.attack(self.engine.x, rnd, honest)
         ppfm = training and self.levels is not None
         if ppfm:
             self._ppfm_send(rnd, now)

@@ -111,7 +111,10 @@ class NormGuard:
         return None
 
 
-def parse_byzantine(spec: str | None) -> Callable[[State, int], State] | None:
+Attack = Callable[[State, int, list[State]], State]  # (own model, round, neighbours' public copies) -> model to gossip
+
+
+def parse_byzantine(spec: str | None) -> Attack | None:
     """A model-poisoning fault for robustness experiments: the peer gossips a corrupted model.
 
     scale:F multiplies its model by F every round (an exploding sender); noise:S adds Gaussian
@@ -124,9 +127,9 @@ def parse_byzantine(spec: str | None) -> Callable[[State, int], State] | None:
     except ValueError:
         raise RobustError(f"--byzantine: expected scale:F or noise:S, got {spec!r}") from None
     if name == "scale":
-        return lambda x, rnd: {k: v * value for k, v in x.items()}
+        return lambda x, rnd, seen: {k: v * value for k, v in x.items()}
     if name == "noise":
-        def noisy(x: State, rnd: int) -> State:
+        def noisy(x: State, rnd: int, seen: list[State]) -> State:
             g = torch.Generator().manual_seed(rnd)
             return {k: v + value * torch.randn(v.shape, generator=g) for k, v in x.items()}
         return noisy
