@@ -4,10 +4,11 @@ libzmq reads every message larger than its 8 KiB batch buffer into a fresh ``mal
 I/O thread; the peer frees it once the message is decoded and applied. Under glibc's defaults
 (a dynamic mmap threshold, a trim threshold of twice that) the freed top of the I/O thread's heap
 goes back to the kernel after most messages, and the next message faults its pages back in, zeroed:
-40-60 minor faults a 1 MiB message, about half the receiver's system time, and a cache flush that
-makes the decoding that follows 2-3x slower. Fixed thresholds keep those pages for the next message.
+dozens of minor faults a message, a large share of the receiver's system time, and a cache flush
+that slows the decoding that follows. Fixed thresholds keep those pages for the next message.
 The cost is resident memory: up to ``trim`` bytes of freed heap stay mapped per arena.
-`bench/gossip_throughput.py` measures the difference (``alloc_speedup``).
+`bench/gossip_throughput.py` measures the difference (``alloc_speedup``; figures in
+docs/benchmarks.md).
 """
 
 from __future__ import annotations

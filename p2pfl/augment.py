@@ -26,11 +26,8 @@ Two synthesis methods, chosen by the image tower:
   are optimised at ``image_res`` (8x8) and bilinearly upsampled (a smooth parameterisation, cf.
   Mordvintsev et al., "Differentiable Image Parameterizations", Distill 2018), and they start at
   the normalisation mean (the pretraining data's mean colour) with small noise, not from white
-  noise. Measured on bench/fairness.py (ResNet, seed 1, with logit adjustment): white-noise
-  starts at full resolution gave images a teacher found confident but that were noise with
-  coloured blobs to the eye, and training on them cost 11.6 mean points against plain training;
-  with the smooth, anchored images the mean holds (-0.3) and the std across peers falls 2.2
-  points (README, "Fairness").
+  noise: white-noise starts at full resolution give images a teacher finds confident but that are
+  noise with coloured blobs to the eye, and training on them hurts (docs/experiments.md).
 
 * **LayerNorm towers** (ViT): no running statistics exist, so synthesis happens in feature space,
   anchored on the text embeddings of the class prompts (CLIP's aligned space). The variable is the
@@ -54,14 +51,10 @@ Two synthesis methods, chosen by the image tower:
 In both methods a sample stops moving once the model gives its class probability
 ``confidence`` (1.0 = optimise to convergence as DeepInversion does; the trainer's defaults per
 method are ``METHOD_DEFAULTS``: 0.6 in feature space, 1.0 for images). Samples
-synthesised from the very model that then trains on them carry no gradient when driven to
-certainty: measured on bench/fairness.py (ViT, 10 rounds of 10 local steps), ``confidence=1``
-moved no peer's accuracy by more than 1.6 points even at loss weight 4, and at 5 rounds of 30
-steps (weight 1, seed 0) it cut the std across peers by 0.8 points where ``confidence=0.6`` cut it
-by 1.8; on two other seeds 0.6 widened it instead (README, "Fairness: zero-shot augmentation").
-Samples left near the decision boundary (cf. boundary-supporting samples, Heo et al., AAAI 2019)
-keep each missing class's region from shrinking while local steps pull the adapter towards the
-peer's own labels.
+synthesised from the very model that then trains on them carry almost no gradient when driven to
+certainty (docs/experiments.md has the runs). Samples left near the decision boundary (cf.
+boundary-supporting samples, Heo et al., AAAI 2019) keep each missing class's region from
+shrinking while local steps pull the adapter towards the peer's own labels.
 
 Which model synthesises: samples made by the very model that then trains on them add nothing that
 model does not already hold. In a decentralized run a peer holds exact replicas ``xhat_j`` of its
@@ -86,13 +79,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p2pfl.errors import P2pflError
 from p2pfl.model import Foundation, has_resnet_tower
 
 AUGMENT_MODES = ("off", "zero-shot")
 TEACHER_MODES = ("self", "neighbours")
 
 
-class AugmentError(ValueError):
+class AugmentError(P2pflError, ValueError):
     """Bad augmentation option (names the offending value)."""
 
 
@@ -138,8 +132,8 @@ class MethodDefaults:
 
 # Images are optimised to convergence (as DeepInversion does) over more steps: a boundary sample in
 # pixel space is still mostly its starting noise. On the ResNet a teacher's claim of 2x was right
-# about the class only about half the time (teacher saw class 0.53-0.62 against the ViT's 0.74);
-# at 5x the mean rose 2.9 / 0.8 points and the std fell 2.2 / 1.6 on seeds 0 / 1 (README, "Fairness").
+# about the class only about half the time, so image teachers need a stronger claim (the runs that
+# chose 5x: docs/experiments.md).
 METHOD_DEFAULTS = {"image": MethodDefaults(100, 1.0, 5.0), "feature": MethodDefaults(30, 0.6, 2.0)}
 
 
@@ -199,8 +193,8 @@ def assign_teachers(
 
     With ``claim > 0`` a class goes to a teacher only if that teacher's score is at least ``claim``
     times ``own[c]``, the peer's own model's score: a class no neighbour knows better than the peer
-    itself is left out (measured on bench/fairness.py, seed 0: the chosen neighbour had trained on
-    the class in most cases above a ratio of 2 and in about half below it)."""
+    itself is left out (a neighbour that claims a class well above the peer's own model has mostly
+    trained on it; the diagnostic that chose the ratio is in docs/experiments.md)."""
     out: dict[int, list[int]] = {}
     for c in classes:
         t = int(scores[:, c].argmax())

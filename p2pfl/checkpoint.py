@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from p2pfl.errors import P2pflError
 from p2pfl.gossip import ChocoEngine, Replica
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ NAME = re.compile(r"^checkpoint-(\d{8})\.safetensors$")
 KEEP = 2
 
 
-class CheckpointError(ValueError):
+class CheckpointError(P2pflError, ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 

@@ -6,55 +6,68 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from p2pfl import topology as topo_mod
+from p2pfl.config import SETTINGS_KEYS, ConfigError, PeerConfig, parse_ids, render, resolve
+from p2pfl.errors import P2pflError
 
 
 def _peer_parser() -> argparse.ArgumentParser:
+    d = PeerConfig  # the defaults shown are the dataclass's own, never restated
     p = argparse.ArgumentParser(prog="p2pfl-peer", description="Run one p2pfl peer of a topology.")
     p.add_argument("--topology", required=True, type=Path, help="topology YAML (peers, edges, optional settings)")
-    p.add_argument("--id", required=True, help="the peers this process runs: an id, a range 0-63, a list 1,5,7-9, or local "
-                   "(every peer of the file whose host is an address of this machine)")
-    p.add_argument("--rounds", type=int, help="gossip rounds (default 50)")
-    p.add_argument("--run-dir", type=Path, help="where metrics, logs and adapters go (default runs/default)")
-    p.add_argument("--seed", type=int, help="run seed shared by all peers (default 0)")
+    p.add_argument("--id", help="the peers this process runs: an id, a range 0-63, a list 1,5,7-9, or local "
+                   "(every peer of the file whose host is an address of this machine); required unless --print-config")
+    p.add_argument("--print-config", action="store_true", help="print the effective settings (defaults < the topology's "
+                   "settings < flags) as YAML, marking where each came from, and exit")
+    p.add_argument("--rounds", type=int, help=f"gossip rounds (default {d.rounds})")
+    p.add_argument("--run-dir", type=Path, help=f"where metrics, logs and adapters go (default {d.run_dir})")
+    p.add_argument("--seed", type=int, help=f"run seed shared by all peers (default {d.seed})")
     p.add_argument("--no-train", action="store_true", default=None, help="gossip a random state of --dim floats, no model")
-    p.add_argument("--dim", type=int, help="state size in --no-train mode (default 131072)")
-    p.add_argument("--compress", help="codec spec, e.g. none, fp16, int8, sign, topk:0.05, topk:0.05+int8")
+    p.add_argument("--dim", type=int, help=f"state size in --no-train mode (default {d.dim})")
+    p.add_argument("--compress", help=f"codec spec, e.g. none, fp16, int8, sign, sign:2048, topk:0.05+int8 (default {d.compress})")
     p.add_argument("--gamma", type=float, help="CHOCO consensus step size (default: the codec's)")
-    p.add_argument("--sketch-dim", type=int, help="rows of the consensus sketch; 0 turns estimation off (default 1024)")
+    p.add_argument("--sketch-dim", type=int, help=f"rows of the consensus sketch; 0 turns estimation off (default {d.sketch_dim})")
     p.add_argument("--estimator", choices=("auto", "flood", "gossip"), help="consensus estimate: flood every sketch (exact set, "
-                   "O(n) per message), gossip-average them (O(1) per message, a lag), auto: flood up to 32 peers (default)")
-    p.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1)")
-    p.add_argument("--peer-timeout", type=float, help="mark a silent neighbour down after this many seconds (default 10)")
-    p.add_argument("--min-wait", type=float, help="floor of the adaptive round deadline in seconds (default 2)")
-    p.add_argument("--round-timeout", type=float, help="ceiling of the adaptive round deadline in seconds (default 120)")
-    p.add_argument("--startup-timeout", type=float, help="how long to wait for neighbours at start (default 60)")
-    p.add_argument("--max-frame", type=int, help="largest accepted frame in bytes (default 256 MiB)")
+                   "O(n) per message), gossip-average them (O(1) per message, a lag), auto: flood up to 32 peers "
+                   f"(default {d.estimator})")
+    p.add_argument("--heartbeat", type=float, help=f"seconds between heartbeats (default {d.heartbeat:g})")
+    p.add_argument("--peer-timeout", type=float, help=f"mark a silent neighbour down after this many seconds (default {d.peer_timeout:g})")
+    p.add_argument("--min-wait", type=float, help=f"floor of the adaptive round deadline in seconds (default {d.min_wait:g})")
+    p.add_argument("--round-timeout", type=float, help=f"ceiling of the adaptive round deadline in seconds (default {d.round_timeout:g})")
+    p.add_argument("--startup-timeout", type=float, help=f"how long to wait for neighbours at start (default {d.startup_timeout:g})")
+    p.add_argument("--max-frame", type=int, help=f"largest accepted frame in bytes (default {d.max_frame >> 20} MiB)")
     p.add_argument("--default-malloc", dest="keep_memory", action="store_false", default=None, help="keep glibc's allocator thresholds (default: fixed ones, see p2pfl/alloc.py)")
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every K rounds (default 0: at exit only)")
+    p.add_argument("--checkpoint-every", type=int, help=f"checkpoint every K rounds, and at exit; 0: at exit only (default {d.checkpoint_every})")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last good checkpoint in RUN_DIR/peer-<id>/")
-    p.add_argument("--robust", help="robust mixing: off (default), clip[:TAU], trimmed:B, median")
-    p.add_argument("--norm-factor", type=float, help="reject deltas over this many times the recent median norm (default 0: off)")
-    p.add_argument("--byzantine", help="fault injection for experiments: this peer gossips a corrupted model (scale:F, noise:S)")
+    p.add_argument("--robust", help=f"robust mixing: off, clip[:TAU], trimmed:B, median (default {d.robust})")
+    p.add_argument("--norm-factor", type=float, help=f"reject deltas over this many times the recent median norm; 0: off (default {d.norm_factor:g})")
+    p.add_argument("--byzantine", help="fault injection for experiments: this peer misbehaves (scale:F, noise:S, labelflip, signflip[:F], "
+                   "alie[:Z], ipm[:EPS], abuse[:RATE]; docs/attacks.md)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
-    p.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
+    p.add_argument("--metrics-host", help=f"address for --metrics-port (default {d.metrics_host})")
     p.add_argument("--secret-key", type=Path, help="CurveZMQ secret key file (default <topology dir>/keys/peer-<id>.key_secret)")
-    p.add_argument("--round-period", type=float, help="pace rounds: each lasts at least this many seconds (default 0)")
+    p.add_argument("--round-period", type=float, help=f"pace rounds: each lasts at least this many seconds (default {d.round_period:g})")
     p.add_argument("--threads", type=int, help="training worker threads, each with its own model copy (default 0: one per core, at most one per peer)")
-    p.add_argument("--max-lag", type=int, help="neighbours this many rounds behind are not waited for (default 10)")
+    p.add_argument("--max-lag", type=int, help=f"neighbours this many rounds behind are not waited for (default {d.max_lag})")
+    g = p.add_argument_group("hostile insiders (docs/security.md)")
+    g.add_argument("--window", type=int, help=f"deltas buffered per neighbour, and rounds a delta may lead what was applied (default {d.window})")
+    g.add_argument("--claim-ahead", type=int, help=f"rounds a neighbour's claim may lead this peer and its other neighbours (default {d.claim_ahead})")
+    g.add_argument("--strikes", type=int, help=f"refusals (halved each round) that mark a neighbour misbehaving (default {d.strikes})")
+    g.add_argument("--cooloff", type=float, help=f"seconds a misbehaving neighbour is ignored (default {d.cooloff:g})")
     g = p.add_argument_group("PPFM meta-levels (clusters of peers, cluster and global meta models)")
-    g.add_argument("--clusters", help="off (default), auto (number chosen by silhouette) or a fixed number of clusters")
-    g.add_argument("--recluster-every", type=int, help="R: re-evaluate the clusters every R rounds, with hysteresis (default 5)")
-    g.add_argument("--global-every", type=int, help="K: representatives gossip the global model every K rounds (default 5)")
-    g.add_argument("--global-lambda", type=float, help="lambda: pull of each cluster model toward the global model (default 0.05)")
-    g.add_argument("--cluster-beta", type=float, help="beta: Reptile step of the cluster model toward the task models (default 1)")
-    g.add_argument("--cluster-margin", type=float, help="silhouette gain a new clustering needs to replace the current one (default 0.1)")
-    g.add_argument("--fingerprint-dim", type=int, help="rows of the update fingerprint sketch (default 256)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option (repeatable), e.g. --set local_steps=5")
+    g.add_argument("--clusters", help=f"off, auto (number chosen by silhouette) or a fixed number of clusters (default {d.clusters})")
+    g.add_argument("--recluster-every", type=int, help=f"R: re-evaluate the clusters every R rounds, with hysteresis (default {d.recluster_every})")
+    g.add_argument("--global-every", type=int, help=f"K: representatives gossip the global model every K rounds (default {d.global_every})")
+    g.add_argument("--global-lambda", type=float, help=f"lambda: pull of each cluster model toward the global model (default {d.global_lambda:g})")
+    g.add_argument("--cluster-beta", type=float, help=f"beta: Reptile step of the cluster model toward the task models (default {d.cluster_beta:g})")
+    g.add_argument("--cluster-margin", type=float, help=f"silhouette gain a new clustering needs to replace the current one (default {d.cluster_margin:g})")
+    g.add_argument("--fingerprint-dim", type=int, help=f"rows of the update fingerprint sketch (default {d.fingerprint_dim})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option (repeatable), e.g. --set local_steps=5; "
+                   "values are typed by p2pfl.config.TrainerConfig")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -66,54 +79,39 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def build_peer_config(argv: list[str] | None = None) -> tuple[Any, str, list[int]]:
-    """Defaults < topology `settings:` < command line; and the ids this process hosts."""
-    from p2pfl.config import PeerConfig, parse_ids
-
+def build_peer_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Namespace, list[int], dict[str, str]]:
+    """Defaults < topology `settings:` < command line, all checked (trainer options included)
+    before anything heavy is imported; the ids this process hosts; where each value came from."""
     args = _peer_parser().parse_args(argv)
+    if args.id is None and not args.print_config:
+        raise ConfigError("--id: required (an id, a range 0-63, a list 1,5,7-9, or local)")
     topo = topo_mod.load(args.topology)
+    flags = {k: v for k in SETTINGS_KEYS if (v := getattr(args, k, None)) is not None}
+    cfg, origin = resolve(args.topology, topo.ids[0], topo.settings, flags, args.set, str(args.topology))
+    if args.id is None:
+        return cfg, args, topo.ids, origin
     local = None
     if args.id.strip() == "local":
         from p2pfl.peer import local_ids
 
         local = local_ids(topo)
     ids = parse_ids(args.id, topo.ids, local)
-    known = {f.name for f in fields(PeerConfig)}
-    settings = dict(topo.settings)
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise topo_mod.TopologyError(f"{args.topology}: unknown settings {unknown}; known: {sorted(known - {'topology', 'id'})}")
-    trainer = dict(settings.pop("trainer", {}) or {})
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"p2pfl-peer: --set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        trainer[k.strip()] = _parse_value(v)
-    values: dict[str, Any] = {**settings, "trainer": trainer}
-    values["id"] = ids[0]
-    for f in fields(PeerConfig):
-        if f.name == "id":
-            continue
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
-    if "run_dir" in values:
-        values["run_dir"] = Path(values["run_dir"])
-    return PeerConfig(**values), args.log_level, ids
+    return replace(cfg, id=ids[0]), args, ids, origin
 
 
 def peer_main(argv: list[str] | None = None) -> int:
-    from p2pfl.config import ConfigError
-
     try:
-        cfg, level, ids = build_peer_config(argv)
-    except (topo_mod.TopologyError, ConfigError, TypeError) as e:
+        cfg, args, ids, origin = build_peer_config(argv)
+    except P2pflError as e:
         print(f"p2pfl-peer: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(render(cfg, origin, ids), end="")
+        return 0
     from p2pfl.logs import setup_logging
     from p2pfl.peer import run_peers
 
-    setup_logging(cfg.run_dir, ids, level)
+    setup_logging(cfg.run_dir, ids, args.log_level)
     return run_peers(cfg, ids)
 
 
@@ -154,7 +152,7 @@ def topology_main(argv: list[str] | None = None) -> int:
                 print(yaml.safe_dump(t.to_dict(), sort_keys=False, default_flow_style=None), end="")
             return 0
         t = topo_mod.load(args.file)
-    except topo_mod.TopologyError as e:
+    except P2pflError as e:
         print(f"p2pfl-topology: {e}", file=sys.stderr)
         return 2
     info = {

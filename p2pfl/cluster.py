@@ -39,6 +39,8 @@ import networkx as nx
 import numpy as np
 import torch
 
+from p2pfl.config import PeerConfig
+from p2pfl.errors import P2pflError
 from p2pfl.topology import PeerSpec, Topology
 
 Fingerprints = Mapping[int, torch.Tensor | np.ndarray]
@@ -50,9 +52,13 @@ GRID = 1 << 16  # similarities are compared in units of 2^-16
 MIN_SILHOUETTE = 0.25  # floor of the "auto" acceptance bar; see the module docstring
 
 
+class ClusterError(P2pflError, ValueError):
+    """Fingerprints, labels, states or settings the clustering cannot use; the message says which."""
+
+
 def _check_k(k: K) -> None:
     if k != "auto" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise ValueError(f"cluster: k must be a positive int or 'auto', got {k!r}")
+        raise ClusterError(f"cluster: k must be a positive int or 'auto', got {k!r}")
 
 
 def split_bar(dim: int, min_silhouette: float = MIN_SILHOUETTE) -> float:
@@ -75,11 +81,11 @@ def similarity_grid(fps: Fingerprints) -> tuple[list[int], np.ndarray, int]:
         rows.append(a.reshape(-1))
     dims = {r.size for r in rows}
     if len(dims) != 1:
-        raise ValueError(f"cluster: fingerprints of different lengths {sorted(dims)}")
+        raise ClusterError(f"cluster: fingerprints of different lengths {sorted(dims)}")
     u = np.stack(rows)
     if not np.isfinite(u).all():
         bad = [p for p, r in zip(ids, rows, strict=True) if not np.isfinite(r).all()]
-        raise ValueError(f"cluster: non-finite fingerprint from peers {bad}")
+        raise ClusterError(f"cluster: non-finite fingerprint from peers {bad}")
     norms = np.linalg.norm(u, axis=1)
     u = np.divide(u, norms[:, None], out=np.zeros_like(u), where=norms[:, None] > 0)
     c = np.clip(u @ u.T, -1.0, 1.0)
@@ -188,7 +194,7 @@ def quality(labels: Mapping[int, int], fps: Fingerprints, min_silhouette: float 
     """
     ids, s, dim = similarity_grid(fps)
     if set(ids) != set(labels):
-        raise ValueError("cluster: labels and fingerprints cover different peers")
+        raise ClusterError("cluster: labels and fingerprints cover different peers")
     lab = canonical(labels)
     arr = np.array([lab[p] for p in ids], dtype=np.int64)
     if len(ids) == 0 or arr.max() == 0:
@@ -211,8 +217,8 @@ class ClusterState:
     """
 
     k: K = "auto"
-    every: int = 10
-    margin: float = 0.1
+    every: int = PeerConfig.recluster_every
+    margin: float = PeerConfig.cluster_margin
     max_k: int = 8
     min_silhouette: float = MIN_SILHOUETTE
     labels: Labels = field(default_factory=dict)
@@ -222,7 +228,7 @@ class ClusterState:
     def __post_init__(self) -> None:
         _check_k(self.k)
         if self.every < 1 or self.margin < 0:
-            raise ValueError(f"cluster: need every >= 1 and margin >= 0, got {self.every}, {self.margin}")
+            raise ClusterError(f"cluster: need every >= 1 and margin >= 0, got {self.every}, {self.margin}")
 
     def due(self, rnd: int) -> bool:
         """On the global round grid (not "since my last evaluation"), so all peers agree."""
@@ -270,7 +276,7 @@ def representative(labels: Mapping[int, int], cluster: int) -> int:
     representatives' overlay does not churn with fingerprint noise."""
     m = members(labels, cluster)
     if not m:
-        raise ValueError(f"cluster: no peer has label {cluster}")
+        raise ClusterError(f"cluster: no peer has label {cluster}")
     return m[0]
 
 
@@ -330,14 +336,14 @@ def mh_weights(graph: nx.Graph, peer: int) -> dict[int, float]:
 
 def _lerp(a: StateDict, b: StateDict, w: float, what: str) -> dict[str, torch.Tensor]:
     if not 0.0 <= w <= 1.0:
-        raise ValueError(f"cluster: {what} must be in [0, 1], got {w}")
+        raise ClusterError(f"cluster: {what} must be in [0, 1], got {w}")
     if set(a) != set(b):
-        raise ValueError(f"cluster: states differ in keys: {sorted(set(a) ^ set(b))}")
+        raise ClusterError(f"cluster: states differ in keys: {sorted(set(a) ^ set(b))}")
     out = {}
     for name in sorted(a):
         x, y = a[name], b[name]
         if x.shape != y.shape:
-            raise ValueError(f"cluster: {name}: shapes {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ClusterError(f"cluster: {name}: shapes {tuple(x.shape)} and {tuple(y.shape)}")
         work = torch.promote_types(x.dtype, torch.float32)
         out[name] = torch.lerp(x.to(work), y.to(work), w).to(x.dtype)
     return out

@@ -5,17 +5,21 @@ bytes to bit-identical tensors and CHOCO replicas never drift. Every lossy codec
 *contraction*, ``||x - Q(x)||^2 <= (1 - delta) ||x||^2`` with ``delta > 0`` (in expectation for
 random-k), which is what CHOCO-Gossip needs to reach exact consensus anyway.
 
-Specs: ``none``, ``fp16``, ``bf16``, ``int8[:BLOCK]``, ``sign[:BLOCK]``, ``topk:FRACTION``,
-``randk:FRACTION`` and ``SPARSIFIER+QUANTIZER`` (e.g. ``topk:0.05+int8``), where the quantizer
-(``fp16``, ``bf16``, ``int8[:B]``, ``sign[:B]``) compresses the values the sparsifier kept.
+Specs: ``none``, ``fp16``, ``bf16``, ``int8[:BLOCK]``, ``sign[:BLOCK]``, ``sign:tensor``,
+``topk:FRACTION``, ``randk:FRACTION`` and ``SPARSIFIER+QUANTIZER`` (e.g. ``topk:0.05+int8``),
+where the quantizer (``fp16``, ``bf16``, ``int8[:B]``, ``sign[:B]``, ``sign:tensor``) compresses
+the values the sparsifier kept. ``int8`` means ``int8:256`` and ``sign`` means ``sign:128``.
 A plan is ``DEFAULT`` or ``DEFAULT,PATTERN=SPEC,...`` with fnmatch patterns, first match wins.
 
-Choosing one (CHOCO on ring-16, bytes to cut consensus distance 1e4-fold vs exact fp32 gossip,
-bench/compression.py): ``sign:64`` keeps exact gossip's pace at 1.5 bits/value, ~4.6% of the
-bytes; ``int8`` ~25%; ``fp16``/``bf16`` 50%. Sparsifiers pay for int32 indices and need a step
-size ~ their fraction (``default_gamma``), so they need proportionally more rounds. One scale
-per tensor (``sign``) barely converges: see ``SignCodec``. In training (ring-8, shapes task,
-``bench/compression.py --train``), ``sign:2048`` sends 30x fewer bytes than fp32 at equal accuracy.
+Choosing one (bench/compression.py measures bytes to a consensus target and accuracy in
+training; docs/benchmarks.md has the figures): under CHOCO, blockwise ``sign:B`` with small blocks
+(plain ``sign``, or ``sign:64``) keeps exact gossip's pace per round at 1 + 32/B bits a value, so
+it needs the fewest bytes to a consensus target;
+``int8`` and ``fp16``/``bf16`` keep pace at 8 and 16 bits. Sparsifiers pay for int32 indices
+and need a step size ~ their fraction (``default_gamma``), so they need proportionally more
+rounds. One scale per tensor (``sign:tensor``) barely converges: see ``SignCodec``. Training
+deltas are close to Gaussian, so there long blocks (``sign:2048``) cost no accuracy and send the
+least.
 
 Part naming: a dense codec's main part is ``data``; under a sparsifier it is ``values`` and the
 sparsifier adds ``indices`` (top-k only; random-k ships a seed instead).
@@ -35,6 +39,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from p2pfl.errors import P2pflError
 from p2pfl.wire import all_finite
 
 __all__ = ["Codec", "CodecError", "CompressionPlan", "Encoded", "encoded_nbytes", "get_codec"]
@@ -43,7 +48,7 @@ MAX_SPARSE_NUMEL = 2**31 - 1  # indices travel as int32
 _MAX_SEED = 2**64 - 1
 
 
-class CodecError(ValueError):
+class CodecError(P2pflError, ValueError):
     """A bad codec spec, bad input to encode, or encoded parts/meta that do not fit together."""
 
 
@@ -290,16 +295,23 @@ class Int8Codec(_Quantizer):
 class SignCodec(_Quantizer):
     """Scaled sign: one bit per value (np.packbits, zeros count as +) times scale = mean|x|.
 
-    ``sign`` has one scale per tensor (meta 'scale'); ``sign:B`` one per block of B values (a
-    float32 part 'scales', +32/B bits/value). Decodes to ``scale * sign(x)``, the best L2 fit
-    with that scale, so it contracts with delta = ||x||_1^2 / (d ||x||_2^2) exactly (per block
-    for ``sign:B``): ~2/pi on Gaussian data but down to 1/d on heavy-tailed data. Under CHOCO the
-    residual x - xhat turns heavy-tailed (a few large coordinates move by only mean|x| per round
-    and get stranded), so one scale per tensor converges very slowly; ``sign:64`` keeps pace
-    with exact gossip at 1.5 bits/value (see bench/compression.py)."""
+    ``sign:B`` has one scale per block of B values (a float32 part 'scales', +32/B bits/value);
+    plain ``sign`` is ``sign:128``. ``sign:tensor`` has one scale for all the values it is given
+    (meta 'scale'): a whole tensor, or what a sparsifier kept. Decodes to ``scale * sign(x)``,
+    the best L2 fit with that scale, so it contracts with delta = ||x||_1^2 / (d ||x||_2^2)
+    exactly (per block for ``sign:B``): ~2/pi on Gaussian data but down to 1/d on heavy-tailed
+    data. Under CHOCO the residual x - xhat turns heavy-tailed (a few large coordinates move by
+    only mean|x| per round and get stranded), so one scale per tensor converges very slowly,
+    while small blocks keep pace with exact gossip (bench/compression.py): that is why the plain
+    name means blocks. ``sign:tensor`` stays, under a name that says what it does, as the
+    textbook one-scale operator (CHOCO's own paper and error-feedback SGD use it) and the least
+    bits a sign code can send: the reference that shows what the block scales buy."""
 
-    def __init__(self, block: int | None = None, key: str = "data") -> None:
-        super().__init__("sign" if block is None else f"sign:{block}", 0.3 if block is None else 1.0, key)
+    DEFAULT_BLOCK = 128
+
+    def __init__(self, block: int | None = DEFAULT_BLOCK, key: str = "data") -> None:
+        spec = "sign:tensor" if block is None else "sign" if block == self.DEFAULT_BLOCK else f"sign:{block}"
+        super().__init__(spec, 0.3 if block is None else 1.0, key)
         self.block = block
         self.local = block is not None
 
@@ -523,11 +535,14 @@ def _parse_one(token: str) -> Codec:
             raise CodecError(f"{name}: fraction {arg} is outside (0, 1]")
         # Canonical value: the double's shortest decimal, exactly, so k agrees on every peer.
         return _SPARSIFIERS[name](Fraction(repr(f)), NoneCodec())
-    if name == "int8" or (name == "sign" and sep):
+    if name in ("int8", "sign"):
         if not sep:
-            return Int8Codec()
+            return Int8Codec() if name == "int8" else SignCodec()
+        if name == "sign" and arg == "tensor":
+            return SignCodec(None)
         if not arg.isdigit() or not 1 <= int(arg) <= 2**24:
-            raise CodecError(f"{name}: block size must be an integer in [1, 2^24], got {arg!r}")
+            also = " or 'tensor'" if name == "sign" else ""
+            raise CodecError(f"{name}: block size must be an integer in [1, 2^24]{also}, got {arg!r}")
         return Int8Codec(int(arg)) if name == "int8" else SignCodec(int(arg))
     if sep:
         raise CodecError(f"{name}: takes no parameter, got {token!r}")
@@ -535,7 +550,6 @@ def _parse_one(token: str) -> Codec:
         "none": NoneCodec,
         "fp16": lambda: HalfCodec(torch.float16),
         "bf16": lambda: HalfCodec(torch.bfloat16),
-        "sign": SignCodec,
     }[name]()
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from p2pfl import shapes
+from p2pfl.errors import P2pflError
 
 # Shift applied when a config leaves ``domain`` empty: shapes peers start away from pretraining.
 DEFAULT_DOMAIN = {"shapes": "contrast+clutter", "digits": "clean", "folder": "clean"}
@@ -25,7 +26,7 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 DIGIT_TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.", "a picture of a {}.")
 
 
-class DataError(ValueError):
+class DataError(P2pflError, ValueError):
     """Bad dataset, task, domain or partition spec (names the offending value)."""
 
 
@@ -220,6 +221,14 @@ def _rgb_loader(path: str):
 def _take(split: Split, idx: np.ndarray) -> Split:
     t = torch.from_numpy(idx)
     return replace(split, images=split.images[t], labels=split.labels[t])
+
+
+def flipped_labels(data: PeerData) -> PeerData:
+    """``data`` with training labels y -> C-1-y (C classes), test splits untouched: the data of a
+    label-flipping Byzantine peer (`--byzantine labelflip`). The labels are a new tensor, since a
+    split may share its tensors with the process cache."""
+    train = data.train
+    return replace(data, train=replace(train, labels=len(train.class_names) - 1 - train.labels))
 
 
 # What every peer of a run (or planted group) computes identically: cached per process, so peers

@@ -39,14 +39,13 @@ Error analysis.  Let D be the n x k matrix of centred sketches (rows s_i - s_bar
  Together, since |sqrt(max(a + d, 0)) - sqrt(a)| <= |d| / sqrt(a)  (`error_bound`):
         |Xi_i / Xi_hat - 1| <= lambda^t + B_t / (1 - lambda^t).
  B_t is a worst case (all of ||de|| on one peer, M / Xi_hat up to sqrt(n)) and is loose by orders
- of magnitude in practice.  What one sees (tests/test_estimate.py, reproduced by
- `python bench/estimator.py`): near consensus, where the residual x_i - xbar has been filtered onto
- the slowest modes of W by the model gossip, the worst peer's error is lambda^t to within a few
- percent (ratio 0.98-1.05 over t = 1..40 on ring-8, exponential-16/64/256, until the float64
- floor below), i.e. the relative error at the default lag is about `target`; with independent
- random states (energy in every mode) it is far smaller (about 1e-4 at t = 17 on
- exponential-256).  The tests check the exact invariant, the mean part against lambda^t, every
- peer against `error_bound` at every t, and the decay rate against log(lambda).  A float64 floor
+ of magnitude in practice.  What one sees (tests/test_estimate.py, `python bench/estimator.py`;
+ figures in docs/benchmarks.md): near consensus, where the residual x_i - xbar has been filtered
+ onto the slowest modes of W by the model gossip, the worst peer's error is close to lambda^t
+ (until the float64 floor below), i.e. the relative error at the default lag is about `target`;
+ with independent random states (energy in every mode) it is far smaller.  The tests check the
+ exact invariant, the mean part against lambda^t, every peer against `error_bound` at every t,
+ and the decay rate against log(lambda).  A float64 floor
  of about eps * ||s|| / Xi_hat appears once Xi_hat / ||s|| < 1e-9.
 
 Defaults (`EstimatorConfig.for_topology`).  lag = smallest L >= 2 with lambda^L <= target
@@ -62,18 +61,16 @@ Slow graphs: for lambda close to 1 no estimator can converge within its diameter
 (lambda 0.970) would need lag 149, ring-256 (lambda 0.9998) about 23,000, and both are capped at
 64.  The estimate is then a *lagging and biased-low* one: (1 - mu^t)^2 is near 0 for the slow
 modes mu of W, so mean e(t) only counts the disagreement in modes with mu^t small, i.e. roughly the
-disagreement between peers within ~sqrt(t) hops on a ring.  Measured (`python bench/estimator.py`,
-states after 200 gossip rounds): torus-256 reads 0.86 Xi_hat (= 1 - lambda^64), ring-256 0.12 Xi_hat.
-Use it as a trend of local disagreement, not as Xi; keep flooding (`SketchBook`) where n is small
-enough, or raise max_lag.
+disagreement between peers within ~sqrt(t) hops on a ring (`python bench/estimator.py` measures
+how low it reads; docs/benchmarks.md).  Use it as a trend of local disagreement, not as Xi; keep
+flooding (`SketchBook`) where n is small enough, or raise max_lag.
 
 Faults.  A live neighbour whose round-rnd payload did not arrive, or a down one, gets weight 0 in
 that step (its weight moves to the self weight), as the model gossip does.  When only one end of an
 edge used the other's value, W is no longer doubly stochastic for that step: the network means of
-v and y drift and the estimate is biased; it is still produced on time.  Measured on
-exponential-16 at the default lag (`python bench/estimator.py`): no fault 0.8%, one peer down from
-round 2 1.9%, 10% of messages lost 3.3%, 30% lost 6.4%, one peer down for 4 of the 7 rounds 14%
-(that peer itself barely mixed).  A round whose `mix` is skipped is an identity step.
+v and y drift and the estimate is biased, more so the more messages are lost; it is still produced
+on time (`python bench/estimator.py` measures the bias under faults; docs/benchmarks.md).  A round
+whose `mix` is skipped is an identity step.
 Instances are matched by key [sketch round, step]; an instance a receiver does not hold (it joined
 late, or missed `add_own`) is ignored, and a peer that missed `add_own(r)` simply produces no
 estimate for r (`complete(r)` then turns true once r is past).  Other alternatives, not used:
@@ -104,11 +101,13 @@ from dataclasses import dataclass
 
 import torch
 
+from p2pfl.errors import P2pflError
+
 WINDOW = 3  # rounds a neighbour's message may be ahead of / behind this peer's round
 READY_KEEP = 256  # finished estimates kept until `ready()` collects them
 
 
-class EstimatorError(ValueError):
+class EstimatorError(P2pflError, ValueError):
     """A malformed payload from a neighbour: the message names the field and value."""
 
 

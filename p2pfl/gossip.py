@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from p2pfl.compress import CodecError, CompressionPlan, Encoded, get_codec
+from p2pfl.errors import P2pflError
 from p2pfl.robust import NormGuard, RobustSpec, robust_step
 from p2pfl.wire import Kind, Message, TensorPayload
 
@@ -27,8 +28,19 @@ Action = tuple[int, Message]  # (destination peer, message)
 FLAT = "_flat"  # name of the single tensor a flat delta carries
 
 
-class GossipError(ValueError):
+class GossipError(P2pflError, ValueError):
     """A message that the protocol cannot use (unknown peer, wrong layout, bad codec data)."""
+
+
+class Refused(GossipError):
+    """A well-formed message outside what this peer keeps for a neighbour (a sequence number or
+    round beyond the window, a full-state request over the rate). `reason` names the rule for
+    counting; `replies` (at most one resync) still go out."""
+
+    def __init__(self, reason: str, detail: str, replies: list[Action] | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.replies = replies or []
 
 
 def zeros_like_state(state: State) -> State:
@@ -50,6 +62,8 @@ class Replica:
     synced: bool = True
     resync_asked: bool = False
     pending: dict[int, tuple[int, State]] = field(default_factory=dict)  # seq -> (round, decoded q)
+    state_round: int | None = None  # our round when this neighbour last got our full state
+    state_owed: bool = False  # it asked again in that round: the answer waits for our next round
 
 
 @dataclass
@@ -72,10 +86,17 @@ class ChocoEngine:
         inc: int = 0,
         robust: RobustSpec | str = "off",
         norm_factor: float = 0.0,
+        window: int = 8,
     ) -> None:
+        """`window`: deltas kept per neighbour beyond the next one in sequence, and rounds a delta
+        may run ahead of what was applied; it bounds a neighbour's buffered state at `window`
+        decoded models."""
         if me in weights:
             raise GossipError(f"weights: peer {me} must not list itself as a neighbour")
+        if window < 1:
+            raise GossipError(f"window: at least one buffered delta per neighbour, got {window}")
         self.me = me
+        self.window = window
         self.weights = dict(weights)
         self.plan = CompressionPlan.parse(plan) if isinstance(plan, str) else plan
         self.gamma = gamma if gamma is not None else min(self.plan.codec_for(k).default_gamma for k in x)
@@ -85,10 +106,11 @@ class ChocoEngine:
         self.layout = {k: tuple(v.shape) for k, v in self.x.items()}
         self.order = sorted(self.layout)  # flat deltas concatenate the tensors in this order
         self.numel = sum(math.prod(s) for s in self.layout.values())
-        # One block-local codec for every tensor: send the whole delta as one flat tensor. A
-        # 12-tensor adapter's per-tensor descriptors cost ~1.3 KB of header, 20% of a sign:64
-        # delta. Per-tensor plans, and codecs driven by whole-tensor statistics (one-scale sign,
-        # top-k, random-k) whose behaviour flattening would change, keep one payload per tensor.
+        # One block-local codec for every tensor: send the whole delta as one flat tensor, since
+        # per-tensor descriptors are a sizeable share of a small compressed delta's bytes
+        # (docs/benchmarks.md). Per-tensor plans, and codecs driven by whole-tensor statistics
+        # (sign:tensor, top-k, random-k) whose behaviour flattening would change, keep one payload
+        # per tensor.
         self.flat = not self.plan.overrides and self.plan.default.local
         self.xhat: State = zeros_like_state(self.x)
         self.out_seq = 0
@@ -182,8 +204,34 @@ class ChocoEngine:
         elif msg.kind == Kind.STATE:
             self._on_state(rep, msg)
         elif msg.kind == Kind.RESYNC:
-            actions.append((msg.sender, self.state_message()))
+            actions += self._give_state(msg.sender, rep)
         return actions
+
+    def _give_state(self, peer: int, rep: Replica) -> list[Action]:
+        """At most one full state per neighbour per round of ours: a small request must not buy
+        a whole model each time. A second request waits for the next round (`take_owed`)."""
+        if rep.state_round == self.round:
+            if rep.state_owed:
+                raise Refused("state-rate", f"peer {peer}: another full-state request in round {self.round}; one is already owed")
+            rep.state_owed = True
+            return []
+        rep.state_round, rep.state_owed = self.round, False
+        return [(peer, self.state_message())]
+
+    def take_owed(self) -> list[Action]:
+        """The full states deferred by the rate limit, due now that our round has moved on."""
+        out: list[Action] = []
+        for j, rep in sorted(self.replicas.items()):
+            if rep.state_owed and rep.state_round != self.round:
+                out += self._give_state(j, rep)
+        return out
+
+    def forget(self, peer: int) -> Action:
+        """Drop what we hold of a neighbour (after ignoring it for a while) and ask for its state."""
+        rep = self.replicas[peer]
+        rep.pending.clear()
+        rep.synced = False
+        return self._ask_resync(peer, rep)
 
     def _check_incarnation(self, rep: Replica, msg: Message) -> list[Action]:
         """Every message carries seq = number of deltas its sender had sent before it, so the
@@ -207,7 +255,11 @@ class ChocoEngine:
                 actions.append(self._ask_resync(msg.sender, rep))
         if not first_contact or self.out_seq > 0:
             # Its replica of us is fresh (or stale): give it our exact xhat.
-            actions.append((msg.sender, self.state_message()))
+            try:
+                actions += self._give_state(msg.sender, rep)
+            except Refused as e:
+                e.replies = actions + e.replies
+                raise
         return actions
 
     def _ask_resync(self, peer: int, rep: Replica) -> Action:
@@ -243,24 +295,48 @@ class ChocoEngine:
             raise GossipError(f"tensors from peer {msg.sender}: layout mismatch (missing {missing}, unexpected {extra})")
         return {name: self._decode_one(msg, name, self.layout[name]) for name in msg.tensors}
 
+    def _admit(self, rep: Replica, msg: Message) -> None:
+        """Refuse, before decoding anything, a delta this peer would have to hold beyond its window."""
+        if not rep.synced:
+            return  # the coming state decides what applies; `_on_delta` keeps the newest `window`
+        ahead = msg.seq - rep.next_seq
+        if ahead >= self.window:
+            replies = [] if rep.resync_asked else [self._ask_resync(msg.sender, rep)]
+            rep.synced = False
+            rep.pending.clear()
+            raise Refused("seq-window", f"delta {msg.seq} from peer {msg.sender}: {ahead} ahead of the next expected "
+                          f"{rep.next_seq} (window {self.window})", replies)
+        ref = max(rep.round, self.round)
+        if msg.round > ref + self.window:
+            raise Refused("round-window", f"delta of round {msg.round} from peer {msg.sender}: more than {self.window} rounds "
+                          f"past round {ref}")
+
     def _on_delta(self, rep: Replica, msg: Message) -> list[Action]:
-        q = self._decode(msg) if msg.tensors else {}
-        if q and not (msg.seq < rep.next_seq and rep.synced):
-            problem = self.guard.check(math.sqrt(sum(float((v**2).sum()) for v in q.values())))
-            if problem is not None:
-                raise GossipError(f"delta {msg.seq} from peer {msg.sender}: {problem}")
         if msg.seq < rep.next_seq and rep.synced:
             self.duplicates += 1
             return []
+        self._admit(rep, msg)
+        q = self._decode(msg) if msg.tensors else {}
+        if q:
+            problem = self.guard.check(math.sqrt(sum(float((v**2).sum()) for v in q.values())))
+            if problem is not None:
+                raise GossipError(f"delta {msg.seq} from peer {msg.sender}: {problem}")
         if msg.seq in rep.pending:
             self.duplicates += 1
             return []
         rep.pending[msg.seq] = (msg.round, q)
+        evicted = None
+        if len(rep.pending) > self.window:  # only while awaiting a state, which supersedes the oldest
+            evicted = min(rep.pending)
+            del rep.pending[evicted]
         actions: list[Action] = []
         if rep.synced and msg.seq > rep.next_seq and rep.next_seq not in rep.pending and not rep.resync_asked:
             rep.synced = False
             actions.append(self._ask_resync(msg.sender, rep))
         self._drain(rep)
+        if evicted is not None:
+            raise Refused("seq-window", f"peer {msg.sender}: more than {self.window} deltas buffered while awaiting its state; "
+                          f"dropped delta {evicted}", actions)
         return actions
 
     def _on_state(self, rep: Replica, msg: Message) -> None:

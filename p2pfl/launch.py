@@ -20,6 +20,7 @@ from typing import Any
 
 from p2pfl import topology as topo_mod
 from p2pfl.metrics import read_jsonl
+from p2pfl.report import ReportError, index_records, uncompressed_extra_bytes, write_report
 
 
 def _last_records(run_dir: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
@@ -43,12 +44,15 @@ def summarize(run_dir: Path, ids: list[int]) -> dict[str, Any]:
     per_peer = {p: read_jsonl(run_dir / "metrics" / f"peer-{p}.jsonl") for p in ids if (run_dir / "metrics" / f"peer-{p}.jsonl").exists()}
     last = {p: recs[-1] for p, recs in per_peer.items() if recs}
     first = {p: recs[0] for p, recs in per_peer.items() if recs}
+    sent = sum(sum(x.get("bytes_sent", 0) for x in recs) for recs in per_peer.values())
+    extra = uncompressed_extra_bytes(index_records(per_peer))
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "peers": len(ids),
         "rounds_done": {p: r["round"] + 1 for p, r in last.items()},
         "final_consensus_distance": _mean([r.get("consensus_distance") for r in last.values()]),
-        "bytes_sent_total": sum(sum(x.get("bytes_sent", 0) for x in recs) for recs in per_peer.values()),
+        "bytes_sent_total": sent,
+        "bytes_uncompressed_total": None if extra is None else sent + extra,
         "rejected_messages": sum(r.get("rejected_messages", 0) for r in last.values()),
     }
     accs = [r.get("accuracy") for r in first.values() if r.get("accuracy") is not None]
@@ -59,6 +63,19 @@ def summarize(run_dir: Path, ids: list[int]) -> dict[str, Any]:
         summary["accuracy_final"] = _mean([r.get("accuracy") for r in last.values()])
         summary["global_accuracy_final"] = _mean([r.get("global_accuracy") for r in last.values() if "global_accuracy" in r])
     return summary
+
+
+def bytes_line(sent: int, uncompressed: int | None) -> str:
+    """The launcher's last word on bytes: what went on the wire (deltas, consensus sketches,
+    control), and what the codec saved against sending every delta uncompressed (`none`)."""
+    line = f"launch: bytes on the wire {sent / 1e6:,.2f} MB"
+    if uncompressed is None:
+        return line + " (what uncompressed deltas would have cost is not in the records)"
+    saved = uncompressed - sent
+    if saved == 0:
+        return line + "; deltas went uncompressed (--compress none), so compression saved nothing"
+    share = f" ({saved / uncompressed:.0%})" if uncompressed > 0 else ""
+    return line + f", {uncompressed / 1e6:,.2f} MB with uncompressed deltas: compression saved {saved / 1e6:,.2f} MB{share}"
 
 
 def spread(ids: list[int], processes: int) -> list[list[int]]:
@@ -140,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     summary["exit_codes"] = codes
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("launch: summary " + json.dumps(summary))
+    print(bytes_line(summary["bytes_sent_total"], summary["bytes_uncompressed_total"]))
     if not args.no_report:
-        from p2pfl.report import ReportError, write_report
-
         try:
-            print(f"launch: report at {write_report(run_dir)}")
+            page = write_report(run_dir).resolve()
+            print(f"launch: report at {page} (open {page.as_uri()} in a browser)")
         except ReportError as e:
             print(f"launch: no report: {e}", file=sys.stderr)
     if failed:

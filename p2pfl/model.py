@@ -29,6 +29,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from p2pfl.errors import P2pflError
 from p2pfl.shapes import fix_articles
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -46,7 +47,7 @@ LORA_TARGETS = VIT_LORA_TARGETS + RESNET_LORA_TARGETS
 GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.")
 
 
-class ModelError(ValueError):
+class ModelError(P2pflError, ValueError):
     """Bad model name, checkpoint or adapter state (names the offending key/value)."""
 
 

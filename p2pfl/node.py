@@ -21,10 +21,12 @@ from typing import Any
 import torch
 
 from p2pfl import topology as topo_mod
+from p2pfl.abuse import Abuser, abuse_rate
+from p2pfl.conduct import Conduct, Limits, check_claim
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import SketchBook, flatten, shared_sketcher
 from p2pfl.estimate import WINDOW, EstimatorConfig, EstimatorError, GossipEstimator
-from p2pfl.gossip import ChocoEngine, GossipError, State
+from p2pfl.gossip import ChocoEngine, GossipError, Refused, State
 from p2pfl.metrics import RecordQueue
 from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
 from p2pfl.robust import Attack, parse_byzantine
@@ -163,10 +165,12 @@ class Node:
         weights.pop(self.me)
         self.inc = spec.inc
         self.engine = ChocoEngine(self.me, weights, spec.x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc,
-                                  robust=cfg.robust, norm_factor=cfg.norm_factor)
+                                  robust=cfg.robust, norm_factor=cfg.norm_factor, window=cfg.window)
         self.attack: Attack | None = parse_byzantine(cfg.byzantine)
+        rate = abuse_rate(cfg.byzantine)
         dim = flatten(spec.x0).numel()
         self.sketcher = shared_sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
+        self.abuser = None if rate is None else Abuser(self.me, self.engine.layout, rate, (SKETCH_TENSOR, max(1, cfg.sketch_dim)), self.inc)
         self.diameter = topo.diameter()
         self.book = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
         self.est_cfg = estimator_config(cfg.estimator, topo, cfg.sketch_dim, cfg.rounds)
@@ -182,6 +186,8 @@ class Node:
             pcfg = PpfmConfig(k=k, recluster_every=cfg.recluster_every, global_every=cfg.global_every, lam=cfg.global_lambda,
                               beta=cfg.cluster_beta, margin=cfg.cluster_margin, fingerprint_dim=cfg.fingerprint_dim, lag=self.diameter + 1)
             self.levels = Levels(self.me, topo, spec.x0, pcfg, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc)
+            for eng in (self.levels.cluster, self.levels.glob):
+                eng.window = cfg.window
         self.fbook = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
         self.overlay_seen: dict[int, float] = {}  # overlay peers that are not base neighbours
         self.overlay_down: set[int] = set()
@@ -190,6 +196,7 @@ class Node:
         self.records = RecordQueue(give_up_after=lag + 2)
         self.last_seen: dict[int, float] = {}
         self.live: set[int] = set()
+        self.heard: set[int] = set()  # neighbours that sent anything with a valid identity, accepted or not
         self.neighbor_round: dict[int, int] = {}
         self.rejected = 0
         self.rejected_by_reason: dict[str, int] = {}
@@ -199,6 +206,10 @@ class Node:
         self.start_round = 0
         self.resumed = False
         self.drain = max(1, lag + 1 if self.estimator else self.diameter if self.sketcher else 1)  # >= 1: every delta lands
+        self.conduct = Conduct(Limits(claim_ahead=max(cfg.claim_ahead, 2 * cfg.max_lag), last_round=cfg.rounds + self.drain,
+                                      strikes=cfg.strikes, cooloff=cfg.cooloff))
+        self.internal_errors = 0
+        self._log_internal: set[tuple[str, str]] = set()
         self.phase = Phase.STARTUP
         self.finished = False
         self._stop = False
@@ -276,22 +287,54 @@ class Node:
             what = f"CURVE key of peer {vouched}" if self.spec.secure else f"routing id {vouched}"
             self._reject("identity", f"{what} sent a message claiming to be peer {msg.sender}")
             return self._flush()
-        if msg.channel != BASE:
-            self._receive_level(msg, now)
-        else:
-            self._receive_base(msg, now)
+        if msg.sender in self.engine.replicas:
+            self.heard.add(msg.sender)
+        try:
+            if self.conduct.banned(msg.sender):
+                self._reject("misbehaving", f"peer {msg.sender} is in its cool-off", strike=False)
+            elif msg.channel != BASE:
+                self._receive_level(msg, now)
+            else:
+                self._receive_base(msg, now)
+        except Exception as e:  # a bug or an input no rule foresaw: one message is lost, not the peer
+            self.internal_error(f"handling a {msg.kind.name} from peer {msg.sender}", e)
         return self._advance(now)
+
+    def internal_error(self, where: str, e: BaseException) -> None:
+        """Count an unexpected exception; its traceback is logged once per place and type."""
+        self.internal_errors += 1
+        key = (where.split(" from ")[0], type(e).__name__)
+        if key not in self._log_internal:
+            self._log_internal.add(key)
+            self.log.error("peer %d: internal error %s: %s: %s [counted as internal_errors]", self.me, where, type(e).__name__, e,
+                           exc_info=e)
 
     def next_wakeup(self) -> float:
         return self._wake
 
     # ------------------------------------------------------------------ messages
 
-    def _reject(self, reason: str, detail: str) -> None:
+    def _reject(self, reason: str, detail: str, sender: int | None = None, now: float = 0.0, strike: bool = True) -> None:
+        """Count a refusal by reason; from a known neighbour it is also a strike against it."""
         self.rejected += 1
         self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
         if self._log_reject():
             self.log.warning("peer %d: rejected message (%s): %s [total %d]", self.me, reason, detail, self.rejected)
+        if strike and sender is not None and self.conduct.strike(sender, now):
+            self.log.warning("peer %d: neighbour %d is misbehaving (%d refusals, the last: %s: %s); ignoring it for %.0fs, "
+                             "its weight moves to self", self.me, sender, self.conduct.limits.strikes, reason, detail,
+                             self.conduct.limits.cooloff)
+            if sender in self.live:
+                self.live.discard(sender)
+                self._out.append(Flush(sender))
+
+    def _readmit(self, now: float) -> None:
+        """Neighbours whose cool-off is over are heard again, starting from a fresh full state."""
+        for j in self.conduct.expired(now):
+            self.log.info("peer %d: neighbour %d's cool-off is over; asking for its state", self.me, j)
+            if j in self.engine.replicas:
+                dest, msg = self.engine.forget(j)
+                self._send(dest, msg)
 
     def _send(self, dest: int, msg: Message, now: float | None = None) -> None:
         if dest not in self.engine.replicas and now is not None:  # a PPFM overlay peer that is not a base neighbour
@@ -309,12 +352,23 @@ class Node:
         if msg.sender not in self.engine.replicas:
             self._reject("unknown-peer", f"peer {msg.sender} is not a neighbour")
             return
-        try:
-            self._take_sketches(msg)
-            replies = self.engine.receive(msg)
-        except GossipError as e:
-            self._reject("protocol", str(e))
+        lie = check_claim(msg.sender, msg.round, self.round, self.neighbor_round, self.conduct.limits)
+        if lie is not None:
+            self._reject("round-claim", lie, msg.sender, now)
             return
+        try:
+            self._take_sketches(msg, now)
+            replies = self.engine.receive(msg)
+        except Refused as e:
+            self._reject(e.reason, str(e), msg.sender, now)
+            for dest, reply in e.replies:
+                self._send(dest, reply)
+            return
+        except GossipError as e:
+            self._reject("protocol", str(e), msg.sender, now)
+            return
+        if self.conduct.banned(msg.sender):
+            return  # the sketches of this message were its last strike
         self.neighbor_round[msg.sender] = max(self.neighbor_round.get(msg.sender, 0), msg.round)
         self._mark_seen(msg.sender, now, alive=msg.kind != Kind.BYE)
         for dest, reply in replies:
@@ -327,8 +381,13 @@ class Node:
             return
         try:
             replies = self.levels.receive(msg)
+        except Refused as e:
+            self._reject(e.reason, str(e), msg.sender, now)
+            for dest, reply in e.replies:
+                self._send(dest, reply, now)
+            return
         except GossipError as e:
-            self._reject("protocol", str(e))
+            self._reject("protocol", str(e), msg.sender, now)
             return
         if msg.kind == Kind.BYE:
             self.overlay_down.add(msg.sender)
@@ -360,8 +419,14 @@ class Node:
         except EstimatorError as e:
             self._reject("estimate", f"from peer {msg.sender}: {e}")
 
-    def _take_sketches(self, msg: Message) -> None:
+    def _take_sketches(self, msg: Message, now: float) -> None:
+        """Flooded rows go into the books, except this peer's own (only it makes those; a copy
+        that comes back is redundant, and one that comes first would be a forgery), rows too old
+        to matter, and rows of rounds no honest flood can have reached yet (counted: they would
+        never be pruned)."""
         self._take_estimate(msg)
+        lo = self.round - self.diameter - 4
+        hi = max(self.round, msg.round) + self.diameter + 2
         for name, key, book, k in self._blocks():
             tp = msg.tensors.pop(name, None)
             if tp is None:
@@ -378,8 +443,14 @@ class Node:
                 raise GossipError(f"{key} from peer {msg.sender}: malformed block (keys/shape/dtype; rows of {k} float64 expected)")
             if not all_finite(data):
                 raise GossipError(f"{key} from peer {msg.sender}: contains NaN or Inf")
+            future = 0
             for (origin, rnd), row in zip(keys, data, strict=True):
-                book.add(origin, rnd, row.clone(), via=msg.sender)
+                if rnd > hi:
+                    future += 1
+                elif origin != self.me and rnd >= lo:
+                    book.add(origin, rnd, row.clone(), via=msg.sender)
+            if future:  # no strike: an honest neighbour may relay rows that a liar gave it
+                self._reject("sketch-round", f"{key} from peer {msg.sender}: {future} rows of rounds after {hi}", strike=False)
         if FINGERPRINT_TENSOR in msg.tensors:
             raise GossipError(f"fingerprints from peer {msg.sender}: clustering is off here")
 
@@ -462,13 +533,25 @@ class Node:
     def _advance(self, now: float) -> list[Action]:
         """Run phases until one has to wait for an event or the clock; set the next wake-up."""
         if not self.finished:
+            self._readmit(now)
             self._heartbeat(now)
-            self._wake = self._next_beat
+            self._wake = min(self._next_beat, self.conduct.next_expiry())
+            if self.abuser is not None:
+                self._abuse(now)
             while not self.finished and self._step(now):
                 pass
         else:
             self._wake = math.inf
         return self._flush()
+
+    def _abuse(self, now: float) -> None:
+        """`--byzantine abuse`: this peer's hostile flood, offered (never queued) to every neighbour."""
+        assert self.abuser is not None
+        count = self.abuser.due(now)
+        for j in self.neighbors if count else []:
+            for msg in self.abuser.burst(count, self.rnd):
+                self._out.append(Send(j, msg, offer=True))
+        self._wake = min(self._wake, now + 0.02)
 
     def _until(self, t: float) -> bool:
         self._wake = min(self._wake, t)
@@ -492,7 +575,9 @@ class Node:
         return False  # TRAINING, EVAL_GLOBAL, EVAL: an answer from the host moves on
 
     def _startup(self, now: float) -> bool:
-        if set(self.neighbors) - self.live and now < self._startup_end and not self._stop:
+        # A neighbour whose messages were refused is up all the same: waiting for it to behave
+        # would let it hold this peer back while the others start.
+        if set(self.neighbors) - self.live - self.heard and now < self._startup_end and not self._stop:
             if now >= self._next_hello:
                 self._broadcast_control(self.engine.hello(), [j for j in self.neighbors if j not in self.live])
                 self._next_hello = now + HELLO_EVERY
@@ -502,7 +587,10 @@ class Node:
             self.log.warning("peer %d: starting without neighbours %s (not seen in %.0fs)", self.me, missing, self.cfg.startup_timeout)
         # One more hello so neighbours that saw us before we saw them have our latest state.
         self._broadcast_control(self.engine.hello())
-        self._running = {j: r for j, r in self.neighbor_round.items() if j in self.live and r > 0}
+        # Catch up only when every live neighbour is past round 0: one neighbour's claim alone
+        # (a liar's, or a fault's) must not make a starting peer skip rounds the others still run.
+        running = {j: r for j, r in self.neighbor_round.items() if j in self.live}
+        self._running = running if running and min(running.values()) > 0 else {}
         self.phase = Phase.CATCHUP if self._running else Phase.ROUND
         if self.phase is Phase.ROUND:
             self._begin()
@@ -550,6 +638,7 @@ class Node:
         self._next_round_at = now + self.cfg.round_period
         self._t0 = now
         self._metrics = {}
+        self.conduct.new_round()
         if rnd < self.cfg.rounds and self.levels is not None:
             self._recluster_end = now + self.cfg.min_wait
             self.phase = Phase.RECLUSTER
@@ -622,7 +711,7 @@ class Node:
         training = rnd < self.cfg.rounds
         if training and self.attack is not None:
             honest = [self.engine.replicas[j].xhat for j in sorted(self.live) if self.engine.replicas[j].synced]
-            self.engine.x = self.attack(self.engine.x, rnd, honest)
+            self.engine.x = self.attack(self.engine.x, self.engine.xhat, rnd, honest)
         ppfm = training and self.levels is not None
         if ppfm:
             self._ppfm_send(rnd, now)
@@ -631,9 +720,20 @@ class Node:
         self.round = rnd
         for j in sorted(self.live):
             self._send(j, self._with_sketches(delta, j))
+        self._send_owed(now)
         self._wait_start = now
         self._deadline_at = now + self._deadline()
         self.phase = Phase.WAITING
+
+    def _send_owed(self, now: float) -> None:
+        """Full states that the one-per-round limit held back (a neighbour asked twice in a round)."""
+        for dest, msg in self.engine.take_owed():
+            self._send(dest, msg)
+        if self.levels is not None:
+            for eng, channel in ((self.levels.cluster, CLUSTER), (self.levels.glob, GLOBAL)):
+                for dest, msg in eng.take_owed():
+                    msg.channel = channel
+                    self._send(dest, msg, now)
 
     def _ppfm_send(self, rnd: int, now: float) -> None:
         """The task step is done: cluster delta to the cluster overlay, fingerprint into the flood,
@@ -720,11 +820,15 @@ class Node:
             "wait_s": self._waited,
             "late_neighbors": self._late,
             "neighbor_distance": mixing.neighbor_distance(self.live if self.levels is None else self._overlay_live(rnd)),
+            "model_norm": float(flatten(self.model()).double().norm()),  # the scale the report's relative consensus distance uses
             "payload_bytes": mixing.last_stats.payload_bytes,
             "compression_ratio": mixing.last_stats.dense_bytes / max(1, mixing.last_stats.payload_bytes),
             "compression_error": mixing.last_stats.compression_error,
             "live_neighbors": len(self.live),
             "rejected_messages": self.rejected,
+            "rejected_by_reason": dict(self.rejected_by_reason),
+            "misbehaving_marks": self.conduct.bans,
+            "internal_errors": self.internal_errors,
             "duplicates": self.engine.duplicates + (self.levels.cluster.duplicates + self.levels.glob.duplicates if self.levels else 0),
             **self._metrics,
             **(self._before if rnd == self.start_round else {}),

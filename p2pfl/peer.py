@@ -27,6 +27,7 @@ from p2pfl import node as N
 from p2pfl import topology as topo_mod
 from p2pfl.alloc import keep_message_memory
 from p2pfl.config import PeerConfig, worker_threads
+from p2pfl.errors import P2pflError
 from p2pfl.metrics import JsonlWriter, PromExporter, read_jsonl
 from p2pfl.state import save_state, synthetic_state
 from p2pfl.transport import CurveKeys, SharedContext, Transport, curve_keys
@@ -80,10 +81,11 @@ class Host:
         self.prom = PromExporter(cfg.metrics_port, ids[0], cfg.metrics_host) if cfg.metrics_port else None
         self.shared: SharedContext | None = None
         self.done = asyncio.Event()
+        self.died: str | None = None  # a long-running task ended: the peers stop and the process exits non-zero
         for p in ids:
             try:
                 self.peers[p] = self._make(self.cfgs[p])
-            except (topo_mod.TopologyError, ValueError, OSError) as e:  # bad config, keys, checkpoint or data
+            except (P2pflError, OSError) as e:  # bad config, keys, checkpoint or data
                 logging.getLogger(f"p2pfl.peer.{p}").error("peer %d: cannot start: %s", p, e)
                 self.failed[p] = str(e)
 
@@ -93,10 +95,11 @@ class Host:
         if cfg.no_train:
             x0 = synthetic_state(cfg.seed, cfg.id, cfg.dim)
         else:
+            from p2pfl.robust import flips_labels
             from p2pfl.trainer import Trainer, TrainerConfig
 
             trainer = Trainer(TrainerConfig.from_dict({"seed": cfg.seed, **cfg.trainer}), cfg.id, self.topo.n,
-                              replica=self.worker_of[cfg.id])
+                              replica=self.worker_of[cfg.id], label_flip=flips_labels(cfg.byzantine))
             x0 = trainer.adapter_state()
         spec = N.NodeSpec(x0=x0, inc=time.time_ns() // 1000, train=trainer is not None,
                           augment=trainer is not None and trainer.cfg.augment != "off",
@@ -142,8 +145,9 @@ class Host:
             neighbors = {j: self.topo.peers[j] for j in self.topo.neighbors(p) if j not in self.peers}
             h.transport = Transport(self.topo.peers[p], neighbors, h.cfg.max_frame, curve=self.curve[p],
                                     ctx=self.shared.ctx if self.shared else None)
+            h.transport.supervise = self._supervise
             await h.transport.start()
-            tasks.append(asyncio.create_task(self._receive_loop(h), name=f"recv-{p}"))
+            tasks.append(self._supervise(asyncio.create_task(self._receive_loop(h), name=f"recv-{p}")))
         if not self.peers:
             self.done.set()
         for h in self.peers.values():
@@ -168,6 +172,8 @@ class Host:
             for w in self.work:
                 w.shutdown(wait=True)
         bad = sorted(set(self.failed) | {p for p, h in self.peers.items() if h.code != 0})
+        if self.died is not None:
+            return 1
         if bad:
             logging.getLogger("p2pfl").error("peers %s failed: %s", bad, {p: self.failed.get(p, "see its log") for p in bad})
         return 1 if bad else 0
@@ -178,6 +184,24 @@ class Host:
             h.node.stop()
             self._run(h, h.node.tick(loop.time()))
 
+    def _supervise(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        task.add_done_callback(self._task_ended)
+        return task
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A receive or send task must run until shutdown; one that ends with an error would leave
+        its peers deaf or mute, so they stop and the process exits non-zero."""
+        if task.cancelled() or task.exception() is None:
+            return
+        e = task.exception()
+        self.died = f"task {task.get_name()} died: {type(e).__name__}: {e}"
+        logging.getLogger("p2pfl").error("%s; stopping", self.died, exc_info=e)
+        now = asyncio.get_running_loop().time()
+        for h in self.peers.values():
+            if not h.node.finished:
+                self._run(h, h.node.fail(self.died, now))
+        self.done.set()
+
     async def _receive_loop(self, h: Hosted) -> None:
         assert h.transport is not None
         while True:
@@ -187,14 +211,20 @@ class Host:
 
     def _from_wire(self, h: Hosted, ident: bytes, authed: int | None, frames: list[Any]) -> None:
         vouched = authed if self.curve[h.cfg.id] is not None else (int(ident) if ident.isdigit() else None)
-        self._run(h, h.node.receive(frames, vouched, asyncio.get_running_loop().time()))
+        try:
+            self._run(h, h.node.receive(frames, vouched, asyncio.get_running_loop().time()))
+        except Exception as e:  # carrying out the node's answer failed: count it, keep receiving
+            h.node.internal_error("carrying out a message's actions", e)
 
     def _deliver(self, src: int, dst: int, frames: list[bytes]) -> None:
         h = self.peers[dst]
         if h.node.finished:
             return  # as a closed socket would
         h.counters.received += frames_nbytes(frames)
-        self._run(h, h.node.receive(frames, src, asyncio.get_running_loop().time()))
+        try:
+            self._run(h, h.node.receive(frames, src, asyncio.get_running_loop().time()))
+        except Exception as e:
+            h.node.internal_error("carrying out a message's actions", e)
 
     def _tick(self, h: Hosted) -> None:
         h.timer = None

@@ -23,13 +23,13 @@ d_i = sum over rounds of phi_i - theta_c^i (sketches are linear, so the peer jus
 S(phi_i - theta_c^i)); the daemon floods them like consensus sketches and every peer clusters the
 same round's set (`ClusterState`), so all agree without a coordinator. Clustering sees them
 centred (f_i - mean_j f_j): the direction in which this peer's data moved its model, relative to
-where everyone's moved theirs. Two choices here were measured wrong first:
+where everyone's moved theirs. Two other choices fail (the runs: docs/experiments.md):
 * the last few rounds' updates only: once a cluster has converged they are mostly minibatch noise,
-  every peer looks alike and the clusters merge back (synthetic planted run: split at round 9,
-  merged at 24); the accumulated sum keeps the early, distinct directions in view;
+  every peer looks alike and the clusters merge back; the accumulated sum keeps the early,
+  distinct directions in view;
 * the task models themselves (phi_i - x_0, which includes the gossip averaging): their
-  differences are dominated by consensus error, which is smooth along the graph, so peers were
-  clustered by ring position ([0,1,0,1,1,0] instead of [0,0,0,1,1,1] on an interleaved ring-6).
+  differences are dominated by consensus error, which is smooth along the graph, so peers get
+  clustered by their position on the graph rather than by their data.
 A homogeneous population, whose updates all point the same way up to noise, shows no structure.
 """
 
@@ -42,6 +42,7 @@ import torch
 
 from p2pfl import cluster as C
 from p2pfl.compress import CompressionPlan
+from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import Sketcher, flatten
 from p2pfl.gossip import Action, ChocoEngine, GossipError, State
 from p2pfl.topology import Topology
@@ -60,29 +61,31 @@ def parse_clusters(spec: str | int) -> C.K | None:
     try:
         k = int(text)
     except ValueError:
-        raise ValueError(f"--clusters: expected off, auto or a positive integer, got {spec!r}") from None
+        raise ConfigError(f"--clusters: expected off, auto or a positive integer, got {spec!r}") from None
     if k < 1:
-        raise ValueError(f"--clusters: expected a positive number of clusters, got {k}")
+        raise ConfigError(f"--clusters: expected a positive number of clusters, got {k}")
     return k
 
 
 @dataclass(frozen=True)
 class PpfmConfig:
+    """The PPFM knobs of one peer; the defaults and their meaning are `PeerConfig`'s (one place each)."""
+
     k: C.K = "auto"
-    recluster_every: int = 5  # R: rounds between cluster evaluations (on the global round grid)
-    global_every: int = 5  # K: rounds between global-level gossip steps
-    lam: float = 0.05  # pull of each cluster model toward the global model
-    beta: float = 1.0  # Reptile step of the cluster model toward its members' task models
-    margin: float = 0.1  # hysteresis: silhouette gain a new clustering needs
-    fingerprint_dim: int = 256
+    recluster_every: int = PeerConfig.recluster_every  # R, on the global round grid
+    global_every: int = PeerConfig.global_every  # K
+    lam: float = PeerConfig.global_lambda
+    beta: float = PeerConfig.cluster_beta
+    margin: float = PeerConfig.cluster_margin
+    fingerprint_dim: int = PeerConfig.fingerprint_dim
     lag: int = 2  # a round's fingerprints are clustered this many rounds later (>= flooding time)
 
     def __post_init__(self) -> None:
         if self.recluster_every < 1 or self.global_every < 1 or self.fingerprint_dim < 1 or self.lag < 0:
-            raise ValueError(f"ppfm: need recluster_every, global_every, fingerprint_dim >= 1 and lag >= 0, got {self}")
+            raise ConfigError(f"ppfm: need recluster_every, global_every, fingerprint_dim >= 1 and lag >= 0, got {self}")
         for name in ("lam", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"ppfm: {name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"ppfm: {name} must be in [0, 1], got {getattr(self, name)}")
 
 
 class Levels:
@@ -133,7 +136,7 @@ class Levels:
         """Evaluate the clustering on every peer's fingerprint; True if this peer's overlays changed."""
         missing = sorted(set(self.topo.ids) - set(fingerprints))
         if missing:
-            raise ValueError(f"ppfm: fingerprints of peers {missing} missing at round {rnd}")
+            raise C.ClusterError(f"ppfm: fingerprints of peers {missing} missing at round {rnd}")
         ids = sorted(fingerprints)
         rows = torch.stack([fingerprints[p].double().reshape(-1) for p in ids])
         centred = rows - rows.mean(0)

@@ -31,14 +31,15 @@ DropRule = Callable[[int, int, Message], bool]  # (src, dst, msg) -> drop it?
 class Simulation:
     def __init__(self, topo: Topology, cfg: PeerConfig, learners: dict[int, Learner] | None = None,
                  states: dict[int, State] | None = None, latency: float = 1e-3, drop: DropRule | None = None,
-                 teachers: bool = False) -> None:
+                 teachers: bool = False, per_peer: dict[int, dict[str, Any]] | None = None) -> None:
         """`learners` train and evaluate (a peer without one gossips `states[p]` or its synthetic
-        `--no-train` state); `teachers`: hand neighbours' replicas to the learners (augmentation)."""
+        `--no-train` state); `teachers`: hand neighbours' replicas to the learners (augmentation);
+        `per_peer`: settings of single peers over `cfg` (e.g. one `byzantine` peer)."""
         self.topo, self.latency, self.drop = topo, latency, drop
         self.learners = learners or {}
         self.nodes: dict[int, N.Node] = {}
         for p in topo.ids:
-            pc = replace(cfg, id=p)
+            pc = replace(cfg, id=p, **(per_peer or {}).get(p, {}))
             lr = self.learners.get(p)
             x0 = lr.adapter_state() if lr is not None else (states or {}).get(p) or synthetic_state(cfg.seed, p, cfg.dim)
             spec = N.NodeSpec(x0=x0, inc=1000 + p, train=lr is not None, augment=teachers and lr is not None,

@@ -16,8 +16,10 @@ import networkx as nx
 import numpy as np
 import yaml
 
+from p2pfl.errors import P2pflError
 
-class TopologyError(ValueError):
+
+class TopologyError(P2pflError, ValueError):
     """A topology file or generator request that cannot be used; the message names the field."""
 
 

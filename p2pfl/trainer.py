@@ -9,19 +9,19 @@ Everything a peer does is a function of (run seed, peer id, number of peers, ste
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from p2pfl import augment, shapes
-from p2pfl.data import PeerData, Split, load_peer_data, rng_for
+from p2pfl.config import TrainerConfig
+from p2pfl.data import PeerData, Split, flipped_labels, load_peer_data, rng_for
+from p2pfl.errors import P2pflError
 from p2pfl.model import (
     AdaptedClip,
     Foundation,
     LoraHost,
-    LoraSpec,
     freeze_norm_statistics,
     load_foundation,
     shared_host,
@@ -29,71 +29,8 @@ from p2pfl.model import (
 )
 
 
-class TrainerError(ValueError):
+class TrainerError(P2pflError, ValueError):
     """Bad trainer config or optimizer state (names the offending key/value)."""
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Everything that decides a peer's model, data and local optimisation (shared by all peers)."""
-
-    model: str = "shapes-clip"
-    pretrained: str | None = None
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("in_proj", "c_fc", "c_proj")
-    train_a: bool = False  # False = FFA-LoRA (exact averaging); True = ship A and B (approximate)
-    text_lora: bool = False
-    dataset: str = "shapes"  # "shapes" | "digits" | "folder:PATH"
-    task: str = "shape"  # shapes: shape | colour | size | position | background
-    domain: str = ""  # "" = the dataset's default shift (data.DEFAULT_DOMAIN); e.g. "rotation+noise"
-    partition: str = "iid"  # "iid" | "dirichlet:0.1" | "classes:2" | "groups:task=shape,colour"
-    local_steps: int = 10
-    batch_size: int = 32
-    lr: float = 3e-3
-    lr_schedule: str = "constant"  # "constant" | "cosine:R" (decay to 0 over R rounds of local_steps)
-    optimizer: str = "adamw"  # "adamw" | "sgd"
-    weight_decay: float = 0.0
-    logit_adjust: float | None = None  # tau of the label-prior logit adjustment of training logits (0 = plain CE; None: 1 with augment, else 0)
-    eval_every: int = 1
-    seed: int = 0
-    samples_per_peer: int = 256
-    test_fraction: float = 0.25
-    global_test_size: int = 500
-    # zero-shot data augmentation for under-represented classes (p2pfl/augment.py)
-    augment: str = "off"  # "off" | "zero-shot"
-    augment_threshold: float = 0.5  # a class is under-represented below this fraction of the uniform share
-    augment_per_class: int = 4  # synthetic samples per under-represented class, re-synthesised every round
-    augment_weight: float = 1.0  # loss weight of a synthetic sample relative to a real one
-    augment_batch: int = 16  # synthetic samples mixed into each batch
-    augment_steps: int | None = None  # optimisation steps of each round's synthesis (None: the method's, augment.METHOD_DEFAULTS)
-    augment_confidence: float | None = None  # a synthetic sample stops once its class has this probability (None: the method's)
-    augment_teachers: str = "neighbours"  # synthesise with: "self" | "neighbours" (replicas set by set_teachers)
-    augment_distill: float = 0.0  # synthetic targets: (1 - d) * one-hot + d * the teacher's soft labels
-    augment_claim: float | None = None  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip; None: the method's)
-    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto" (cuda if available); adapters travel as CPU tensors either way
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainerConfig:
-        """From plain data (YAML/JSON/CLI); unknown keys are an error naming the key."""
-        names = {f.name for f in fields(cls)}
-        bad = [k for k in d if k not in names]
-        if bad:
-            raise TrainerError(f"trainer config: unknown key {bad[0]!r}")
-        d = dict(d)
-        if "lora_targets" in d:
-            t = d["lora_targets"]
-            d["lora_targets"] = tuple(t.split(",") if isinstance(t, str) else t)
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        return d
-
-    def lora_spec(self) -> LoraSpec:
-        # A's seed is the run seed: the same frozen A on every peer is what makes FFA averaging exact.
-        return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), self.text_lora, self.train_a, self.seed)
 
 
 def parse_lr_schedule(spec: str) -> int:
@@ -133,9 +70,11 @@ class Trainer:
     foundation and its LoRA layers (`p2pfl.model.LoraHost`) and the data every peer computes
     alike (global test set, pool, partition); each owns its travelling tensors, optimizer state,
     data share and step. ``share=False`` gives a trainer private copies of everything.
+    ``label_flip`` poisons the peer's training labels (a Byzantine peer, `--byzantine labelflip`).
     """
 
-    def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int, share: bool = True, replica: int = 0) -> None:
+    def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int, share: bool = True, replica: int = 0,
+                 label_flip: bool = False) -> None:
         if cfg.optimizer not in ("adamw", "sgd"):
             raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
         # Augmentation and adjustment are one method: the adjusted prior counts the synthetic samples.
@@ -171,6 +110,8 @@ class Trainer:
             cfg.dataset, cfg.task, cfg.domain, cfg.partition, peer_id, n_peers, cfg.seed,
             cfg.samples_per_peer, cfg.test_fraction, cfg.global_test_size, self.foundation.image_size, cache=share,
         )
+        if label_flip:
+            self.data = flipped_labels(self.data)
         self.heads = host.heads  # frozen text prototypes: the same for every adapter unless the text tower adapts
         params = self.model.trainable()
         if cfg.optimizer == "adamw":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +114,9 @@ class TransportStats:
 class Transport:
     """Sockets are plain (blocking-API) ZeroMQ sockets used only with ``NOBLOCK``; the event loop
     watches each socket's ``ZMQ_FD`` and wakes the one task waiting on it. pyzmq's asyncio sockets
-    do the same behind a future per call, a timeout lookup and a list of pending events: a bare
-    pyzmq asyncio receiver spent 73 us of user CPU a 1 MiB message, ours 61 with `wire.decode`
-    included (rusage over 5 trials of the `bench/gossip_throughput.py` setting)."""
+    do the same behind a future per call, a timeout lookup and a list of pending events, which
+    cost more CPU per message than our decoding does (`bench/gossip_throughput.py`; figures in
+    docs/benchmarks.md)."""
 
     def __init__(
         self,
@@ -144,6 +144,7 @@ class Transport:
         self.held: dict[int, asyncio.Future[None]] = {}  # a sender task's wait for room, with a message in hand
         self._rx_waiter: asyncio.Future[None] | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.supervise: Callable[[asyncio.Task[None]], asyncio.Task[None]] | None = None  # the host watches the sender tasks
         self.stats = TransportStats()
         self.auth: AsyncioAuthenticator | None = None
         self.keycheck: _KnownKeys | None = None
@@ -197,7 +198,8 @@ class Transport:
         self.dealers[j] = d
         asyncio.get_running_loop().add_reader(d.FD, self._dealer_ready, j)
         self.queues[j] = asyncio.Queue(self.queue_size)
-        self.tasks.append(asyncio.create_task(self._sender(j), name=f"send-{j}"))
+        task = asyncio.create_task(self._sender(j), name=f"send-{j}")
+        self.tasks.append(self.supervise(task) if self.supervise is not None else task)
 
     def disconnect(self, j: int) -> None:
         """Close the DEALER to a peer opened with `connect`; what waits for it is dropped, as in `flush`."""

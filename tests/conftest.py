@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -53,12 +55,53 @@ def make_topology(tmp: Path, kind: str, n: int, **params) -> tuple[T.Topology, P
 
 
 def start_peer(topo_path: Path, peer: int, run_dir: Path, *args: str) -> subprocess.Popen:
+    """One peer process, in a process group of its own (see `spawn`); its output goes to
+    RUN_DIR/stdout-<peer>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    log = open(run_dir / f"stdout-{peer}.log", "ab")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen(
-        [sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(topo_path), "--id", str(peer), "--run-dir", str(run_dir), *args],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )
+    with open(run_dir / f"stdout-{peer}.log", "ab") as log:  # the child keeps its own handle
+        return subprocess.Popen(
+            [sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(topo_path), "--id", str(peer), "--run-dir", str(run_dir), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+        )
+
+
+class Spawner:
+    """Starts peer processes for one test (as `start_peer`) and owns them: whatever still runs
+    when the test ends, passed or failed, is killed with its whole process group."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def __call__(self, topo_path: Path, peer: int, run_dir: Path, *args: str) -> subprocess.Popen:
+        pr = start_peer(topo_path, peer, run_dir, *args)
+        self.started.append(pr)
+        return pr
+
+    def kill_all(self) -> None:
+        for pr in self.started:
+            if pr.poll() is None:  # not reaped yet, so its group id is still its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pr.pid, signal.SIGKILL)
+            pr.wait()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small engines or trainers in one process: intra-op threads only contend on small tensors."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def spawn():
+    """`spawn(topology, peer, run_dir, *args)` starts a peer; teardown kills every one still running."""
+    spawner = Spawner()
+    yield spawner
+    spawner.kill_all()
 
 
 def wait_all(procs: dict[int, subprocess.Popen], timeout: float) -> dict[int, int]:

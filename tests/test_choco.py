@@ -5,7 +5,7 @@ no wire encoding: that is tested elsewhere), each codec with the engine's defaul
 is the codec's `default_gamma`. Starting points share a common offset (as fine-tuned adapters
 share a base); the engine's float32 arithmetic puts a floor on the reachable consensus distance
 proportional to |x| (~3e-7 of the start for the sparse codecs here), so the offset is kept
-moderate. Global-scale `sign` is the exception that gets its own, weaker test (see below).
+moderate. Global-scale `sign:tensor` is the exception that gets its own, weaker test (see below).
 """
 
 from __future__ import annotations
@@ -24,13 +24,7 @@ SHAPE = (80, 128)  # d = 10240
 TARGET = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """16 engines share one process; intra-op threads only contend on small tensors (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def starts(seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
@@ -157,15 +151,15 @@ def test_choco_reaches_exact_consensus_where_naive_compression_stalls(spec, max_
 
 def test_global_sign_converges_but_slowly_where_naive_stalls():
     """One scale per tensor strands the few large residual coordinates (they move by mean|x| per
-    round), so CHOCO+`sign` is far slower than `sign:64`; it still beats naive by an order of
+    round), so CHOCO+`sign:tensor` is far slower than `sign:64`; it still beats naive by an order of
     magnitude at equal rounds and keeps decreasing."""
     x0 = starts()
     d0 = exact_distance(x0.values())
-    ring, mid = run_choco("sign", x0, 200, 0.0)
+    ring, mid = run_choco("sign:tensor", x0, 200, 0.0)
     for _ in range(200):
         ring.step()
     end = exact_distance(ring.states())
-    half, stalled = naive("sign", x0, ring.engines[0].gamma, 400)
+    half, stalled = naive("sign:tensor", x0, ring.engines[0].gamma, 400)
     assert end < 0.7 * mid and end < 0.1 * stalled, (mid / d0, end / d0, stalled / d0)
     assert stalled > 0.5 * half
     assert float((network_mean(ring.states()) - network_mean(x0.values())).norm()) < 1e-5 * float(

@@ -12,17 +12,17 @@ from p2pfl.consensus import exact_distance, network_mean
 from p2pfl.metrics import read_jsonl
 from p2pfl.state import load_state, synthetic_state
 
-from .conftest import make_topology, start_peer, wait_all
+from .conftest import make_topology, wait_all
 
 DIM = 131072
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,n,rounds", [("ring", 8, 30), ("torus", 16, 20), ("exponential", 16, 15)])
-def test_exact_gossip_meets_spectral_bound(tmp_path, cluster_dir, kind, n, rounds):
+def test_exact_gossip_meets_spectral_bound(tmp_path, cluster_dir, spawn, kind, n, rounds):
     topo, path = make_topology(tmp_path, kind, n)
     args = ["--rounds", str(rounds), "--no-train", "--dim", str(DIM), "--seed", "7", "--min-wait", "60", "--peer-timeout", "60"]
-    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
     codes = wait_all(procs, timeout=400)
     assert codes == {p: 0 for p in topo.ids}
 
@@ -50,11 +50,11 @@ def test_exact_gossip_meets_spectral_bound(tmp_path, cluster_dir, kind, n, round
 
 
 @pytest.mark.slow
-def test_sigkilled_peer_does_not_stop_its_neighbours(tmp_path, cluster_dir):
+def test_sigkilled_peer_does_not_stop_its_neighbours(tmp_path, cluster_dir, spawn):
     topo, path = make_topology(tmp_path, "ring", 6)
     rounds = 40
     args = ["--rounds", str(rounds), "--no-train", "--dim", "16384", "--peer-timeout", "3", "--heartbeat", "0.5", "--min-wait", "20"]
-    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
     victim_log = cluster_dir / "metrics" / "peer-3.jsonl"
     end = time.monotonic() + 120
     while time.monotonic() < end and not (victim_log.exists() and len(victim_log.read_text().splitlines()) >= 5):
@@ -76,33 +76,34 @@ def test_sigkilled_peer_does_not_stop_its_neighbours(tmp_path, cluster_dir):
 
 
 @pytest.mark.slow
-def test_garbage_from_a_stranger_is_rejected_and_counted(tmp_path, cluster_dir):
+def test_garbage_from_a_stranger_is_rejected_and_counted(tmp_path, cluster_dir, spawn):
     import zmq
 
     topo, path = make_topology(tmp_path, "ring", 3)
     args = ["--rounds", "60", "--no-train", "--dim", "4096", "--min-wait", "20", "--round-period", "0.2"]
-    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    # Not a peer's routing id: in plaintext mode ROUTER hand-over would let the stranger and the
-    # real peer 1 evict each other's connection (CURVE mode has no fixed ids; see test_security).
-    s.setsockopt(zmq.IDENTITY, b"9")
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(topo.peers[0].endpoint)
+    procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
     from p2pfl.wire import Kind, Message, encode
 
-    log0 = cluster_dir / "metrics" / "peer-0.jsonl"
-    end = time.monotonic() + 120
-    while time.monotonic() < end and not (log0.exists() and len(log0.read_text().splitlines()) >= 3):
-        time.sleep(0.1)
-    sent = 0
-    for k in range(200):
-        s.send_multipart([b"\x93not-a-header", b"x" * k])
-        s.send_multipart([bytes(f) for f in encode(Message(Kind.HEARTBEAT, sender=2, inc=1))])  # identity 9, header says 2
-        sent += 2
-    codes = wait_all(procs, timeout=200)
-    s.close()
-    ctx.term()
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        # Not a peer's routing id: in plaintext mode ROUTER hand-over would let the stranger and the
+        # real peer 1 evict each other's connection (CURVE mode has no fixed ids; see test_security).
+        s.setsockopt(zmq.IDENTITY, b"9")
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(topo.peers[0].endpoint)
+        log0 = cluster_dir / "metrics" / "peer-0.jsonl"
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not (log0.exists() and len(log0.read_text().splitlines()) >= 3):
+            time.sleep(0.1)
+        sent = 0
+        for k in range(200):
+            s.send_multipart([b"\x93not-a-header", b"x" * k])
+            s.send_multipart([bytes(f) for f in encode(Message(Kind.HEARTBEAT, sender=2, inc=1))])  # identity 9, header says 2
+            sent += 2
+        codes = wait_all(procs, timeout=200)
+    finally:
+        ctx.destroy(linger=0)  # closes every socket first: term() alone would wait for an open one forever
     assert codes == {0: 0, 1: 0, 2: 0}
     last = read_jsonl(cluster_dir / "metrics" / "peer-0.jsonl")[-1]
     assert last["round"] == 59
@@ -118,14 +119,14 @@ def _rounds_of(run_dir, p):
 
 
 @pytest.mark.slow
-def test_killed_peers_resume_and_rejoin(tmp_path, cluster_dir):
+def test_killed_peers_resume_and_rejoin(tmp_path, cluster_dir, spawn):
     from p2pfl import checkpoint as ckpt
 
     topo, path = make_topology(tmp_path, "ring", 8)
     rounds, dim = 110, 16384
     args = ["--rounds", str(rounds), "--no-train", "--dim", str(dim), "--round-period", "0.2", "--checkpoint-every", "5",
             "--peer-timeout", "3", "--heartbeat", "0.5", "--min-wait", "20"]
-    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
 
     def wait_round(p, r):
         end = time.monotonic() + 120
@@ -145,7 +146,7 @@ def test_killed_peers_resume_and_rejoin(tmp_path, cluster_dir):
     for p in set(topo.ids) - set(victims):  # the others carry on without them; a restarted peer
         wait_round(p, 30)  # joins at its slowest live neighbour's round, so every survivor must pass 30
     for v in victims:
-        procs[v] = start_peer(path, v, cluster_dir, *args, "--resume")
+        procs[v] = spawn(path, v, cluster_dir, *args, "--resume")
     codes = wait_all(procs, timeout=400)
     assert codes == {p: 0 for p in topo.ids}, codes
 
@@ -170,8 +171,8 @@ def test_killed_peers_resume_and_rejoin(tmp_path, cluster_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec,gamma,rounds", [("topk:0.1", 0.3, 80)])  # sign (420 rounds): tests/test_node.py, in process
-def test_compressed_choco_reaches_the_exact_gossip_target_with_bit_identical_replicas(tmp_path, cluster_dir, spec, gamma, rounds):
+@pytest.mark.parametrize("spec,gamma,rounds", [("topk:0.1", 0.3, 80)])  # sign:tensor (420 rounds): tests/test_node.py, in process
+def test_compressed_choco_reaches_the_exact_gossip_target_with_bit_identical_replicas(tmp_path, cluster_dir, spawn, spec, gamma, rounds):
     from p2pfl import checkpoint as ckpt
 
     topo, path = make_topology(tmp_path, "ring", 8)
@@ -179,7 +180,7 @@ def test_compressed_choco_reaches_the_exact_gossip_target_with_bit_identical_rep
     target = 1e-2  # exact gossip gets there in topo.rounds_to(1e-2) = 22 rounds on ring-8
     args = ["--rounds", str(rounds), "--no-train", "--dim", str(dim), "--compress", spec, "--gamma", str(gamma),
             "--min-wait", "60", "--peer-timeout", "60", "--sketch-dim", "256"]
-    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
     assert wait_all(procs, timeout=500) == {p: 0 for p in topo.ids}
     x0 = [synthetic_state(0, p, dim) for p in topo.ids]
     xT = [load_state(cluster_dir / f"peer-{p}" / "adapter.safetensors") for p in topo.ids]

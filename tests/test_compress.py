@@ -28,6 +28,7 @@ LOSSY = [
     "int8",
     "int8:64",
     "sign",
+    "sign:tensor",
     "sign:64",
     "sign:5",
     "topk:0.05",
@@ -37,6 +38,7 @@ LOSSY = [
     "topk:0.1+bf16",
     "topk:0.1+sign",
     "topk:0.1+sign:16",
+    "topk:0.1+sign:tensor",
     "randk:0.1+fp16",
     "randk:0.2+int8",
     "randk:0.2+sign",
@@ -78,7 +80,8 @@ def contraction_delta(spec: str, x: torch.Tensor) -> float:
 
     def quant_delta(q: str, v: torch.Tensor) -> float:
         if q.startswith("sign"):  # the worst block's ||v||_1^2 / (len ||v||_2^2)
-            block = int(q.split(":")[1]) if ":" in q else max(1, v.numel())
+            arg = q.partition(":")[2] or "128"
+            block = max(1, v.numel()) if arg == "tensor" else int(arg)
             blocks = [b for b in v.split(block) if bool((b != 0).any())]
             return min((float(b.abs().sum() ** 2 / (b.numel() * (b**2).sum())) for b in blocks), default=1.0)
         if q == "fp16":
@@ -135,11 +138,14 @@ def test_dense_codec_error_bounds(n):
         pad[:n] = x.abs()
         bound = (pad.view(-1, block).amax(1) / 254).repeat_interleave(block)[:n]
         assert torch.all((y - x).abs() <= bound * (1 + 1e-5) + 1e-30)
-    enc, y = roundtrip("sign", x)
+    enc, y = roundtrip("sign:tensor", x)
     s = enc.meta["scale"]
     assert s == pytest.approx(float(x.abs().mean()))
     assert torch.equal(y, torch.where(x >= 0, s, -s).to(torch.float32))
-    for block in (64, 7, 1):
+    enc, y = roundtrip("sign", x)  # plain sign is blockwise: sign:128
+    assert set(enc.parts) == {"data", "scales"} and not enc.meta
+    assert torch.equal(y, roundtrip("sign:128", x)[1])
+    for block in (128, 64, 7, 1):
         enc, y = roundtrip(f"sign:{block}", x)
         means = torch.stack([b.abs().mean() for b in x.split(block)])
         assert torch.allclose(enc.parts["scales"], means, rtol=1e-6)
@@ -337,7 +343,10 @@ def test_splitmix64_matches_the_scalar_reference(seed):
         ("int8:256", "int8"),
         ("int8:64", "int8:64"),
         ("sign", "sign"),
+        ("sign:128", "sign"),
+        ("sign:tensor", "sign:tensor"),
         ("sign:64", "sign:64"),
+        ("topk:0.1+sign:tensor", "topk:0.1+sign:tensor"),
         ("topk:0.1+sign:16", "topk:0.1+sign:16"),
         ("topk:0.05", "topk:0.05"),
         ("topk:.05", "topk:0.05"),
@@ -380,6 +389,8 @@ def test_spec_parses_to_canonical_form(spec, canonical):
         ("sign:0", "block size"),
         ("sign:", "block size"),
         ("sign:-4", "'-4'"),
+        ("sign:whole", "or 'tensor'"),
+        ("int8:tensor", "'tensor'"),
         ("none+int8", "'none'"),
         ("sign+int8", "after 'sign'"),
         ("int8+fp16", "after 'int8'"),
@@ -461,16 +472,18 @@ def test_bad_plans_are_rejected(spec, names):
         ("bf16", lambda n, k: 2 * n),
         ("int8", lambda n, k: n + 4 * -(-n // 256)),
         ("int8:64", lambda n, k: n + 4 * -(-n // 64)),
-        ("sign", lambda n, k: -(-n // 8)),
+        ("sign", lambda n, k: -(-n // 8) + 4 * -(-n // 128)),
+        ("sign:tensor", lambda n, k: -(-n // 8)),
         ("sign:64", lambda n, k: -(-n // 8) + 4 * -(-n // 64)),
         ("topk:0.05", lambda n, k: 8 * k),
         ("topk:0.05+int8", lambda n, k: 5 * k + 4 * -(-k // 256)),
         ("topk:0.05+fp16", lambda n, k: 6 * k),
-        ("topk:0.1+sign", lambda n, k: 4 * k + -(-k // 8)),
+        ("topk:0.1+sign", lambda n, k: 4 * k + -(-k // 8) + 4 * -(-k // 128)),
+        ("topk:0.1+sign:tensor", lambda n, k: 4 * k + -(-k // 8)),
         ("randk:0.1", lambda n, k: 4 * k),
         ("randk:0.1+fp16", lambda n, k: 2 * k),
         ("randk:0.2+int8", lambda n, k: k + 4 * -(-k // 256)),
-        ("randk:0.2+sign", lambda n, k: -(-k // 8)),
+        ("randk:0.2+sign", lambda n, k: -(-k // 8) + 4 * -(-k // 128)),
     ],
 )
 def test_compression_ratio(spec, nbytes):
@@ -481,11 +494,12 @@ def test_compression_ratio(spec, nbytes):
     # the headline ratios at a realistic size
     ratio = encoded_nbytes(get_codec(spec).encode(randn(1 << 20))) / (4 << 20)
     expected = {
-        "sign": 1 / 32,
+        "sign": 1.25 / 32,
+        "sign:tensor": 1 / 32,
         "sign:64": 1.5 / 32,
         "int8": 0.2539,
         "topk:0.05+int8": 0.05 * (5 + 4 / 256) / 4,
-        "randk:0.2+sign": 0.2 / 32,
+        "randk:0.2+sign": 0.2 * 1.25 / 32,
     }
     if spec in expected:
         assert ratio == pytest.approx(expected[spec], rel=1e-3)

@@ -1,11 +1,30 @@
-"""Peer-set flags: --id lists and ranges, the launcher's blocks, worker counts."""
+"""Peer settings: --id lists and ranges, the launcher's blocks, worker counts; topology settings,
+typed --set options and --print-config, all checked before torch is imported; the error base."""
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from p2pfl.config import ConfigError, parse_ids, worker_threads
+from p2pfl.config import (
+    ConfigError,
+    PeerConfig,
+    TrainerConfig,
+    parse_ids,
+    parse_sets,
+    resolve,
+    worker_threads,
+)
+from p2pfl.errors import P2pflError
 from p2pfl.launch import spread
 from p2pfl.peer import local_ids
 from p2pfl.topology import PeerSpec, generate
+
+from .conftest import ROOT
 
 
 def test_ids_ranges_lists_and_local():
@@ -40,3 +59,140 @@ def test_worker_threads():
     assert worker_threads(3, 2, 16) == 2  # never more than peers
     with pytest.raises(ConfigError, match="--threads"):
         worker_threads(-1, 4, 2)
+
+
+# ---------------------------------------------------------------- settings, --set and --print-config
+
+def _peer_main(*argv: str) -> subprocess.CompletedProcess:
+    """`p2pfl-peer ARGV` in a fresh interpreter that also reports whether torch got imported."""
+    code = ("import sys\nfrom p2pfl.cli import peer_main\nrc = peer_main(sys.argv[1:])\n"
+            "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\nsys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def _topology(tmp_path, settings: dict) -> Path:
+    topo = generate("ring", 3)
+    topo.settings = settings
+    path = tmp_path / "ring.yaml"
+    topo.dump(path)
+    return path
+
+
+def test_a_misspelt_set_key_is_refused_before_torch_is_imported(tmp_path):
+    run = _peer_main("--topology", str(ROOT / "topologies" / "ring.yaml"), "--id", "0", "--set", "local_step=3",
+                     "--run-dir", str(tmp_path))
+    assert run.returncode == 2, run.stderr
+    first, rest = run.stderr.split("\n", 1)
+    assert first == "p2pfl-peer: --set: unknown trainer key 'local_step'; did you mean 'local_steps'?"
+    assert "torch imported: False" in rest
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"trainer": {"lora_rnak": 4}}, "settings.trainer: unknown trainer key 'lora_rnak'; did you mean 'lora_rank'?"),
+    ({"roudns": 4}, "settings: unknown setting 'roudns'; did you mean 'rounds'?"),
+    ({"checkpoint_every": "often"}, "settings.checkpoint_every: expected an integer, got 'often'"),
+    ({"trainer": {"lr": [1]}}, "settings.trainer: lr: expected a finite number, got [1]"),
+    ({"trainer": "fast"}, "settings.trainer: expected a mapping of trainer options, got 'fast'"),
+    ({"dim": 0}, "dim: expected an integer >= 1, got 0 (from the"),
+])
+def test_bad_topology_settings_are_one_line_errors_before_torch(tmp_path, settings, message):
+    path = _topology(tmp_path, settings)
+    run = _peer_main("--topology", str(path), "--id", "0", "--run-dir", str(tmp_path / "run"))
+    assert run.returncode == 2, run.stderr
+    first, rest = run.stderr.split("\n", 1)
+    assert first.startswith("p2pfl-peer: ") and message in first, first
+    assert "torch imported: False" in rest
+
+
+def test_set_values_are_typed_by_the_trainer_config_fields():
+    got = parse_sets(["local_steps=5", "lr=1e-3", 'partition="dirichlet:0.1"', "domain=", "train_a=yes",
+                      "logit_adjust=none", "pretrained=null", "lora_targets=in_proj, c_fc", "augment_steps=7",
+                      "local_steps=6"])
+    assert got == {"local_steps": 6, "lr": 0.001, "partition": "dirichlet:0.1", "domain": "", "train_a": True,
+                   "logit_adjust": None, "pretrained": None, "lora_targets": ("in_proj", "c_fc"), "augment_steps": 7}
+    assert TrainerConfig.from_dict(got).lora_targets == ("in_proj", "c_fc")
+    for item, message in [("local_steps=2.5", "--set local_steps: expected an integer, got '2.5'"),
+                          ("lr=fast", "--set lr: expected a finite number, got 'fast'"),
+                          ("lr=inf", "--set lr: expected a finite number, got 'inf'"),
+                          ("train_a=maybe", "--set train_a: expected true or false, got 'maybe'"),
+                          ("augment_steps=many", "--set augment_steps: expected an integer or none, got 'many'"),
+                          ("local_steps", "--set: expected KEY=VALUE, got 'local_steps'"),
+                          ("batchsize=8", "did you mean 'batch_size'?")]:
+        with pytest.raises(ConfigError) as e:
+            parse_sets([item])
+        assert message in str(e.value)
+
+
+def test_trainer_options_in_yaml_are_type_checked_and_yaml_strings_parsed():
+    assert TrainerConfig.from_dict({"lr": "3e-3", "lora_alpha": 16, "lora_targets": ["c_fc"]}) == TrainerConfig(
+        lr=0.003, lora_alpha=16.0, lora_targets=("c_fc",))
+    for bad in ({"local_steps": True}, {"task": None}, {"lora_targets": []}, {"seed": 1.5}):
+        with pytest.raises(ConfigError, match=f"trainer config: {next(iter(bad))}: expected"):
+            TrainerConfig.from_dict(bad)
+
+
+def test_precedence_defaults_then_topology_then_flags(tmp_path):
+    settings = {"rounds": 7, "seed": 3, "compress": "fp16", "clusters": 2, "run_dir": "runs/x",
+                "trainer": {"local_steps": 4, "lr": 0.5}}
+    cfg, origin = resolve(tmp_path / "t.yaml", 1, settings, {"rounds": 9}, ["lr=0.25"], "t.yaml")
+    assert (cfg.rounds, cfg.seed, cfg.compress, cfg.clusters, cfg.run_dir) == (9, 3, "fp16", "2", Path("runs/x"))
+    assert cfg.sketch_dim == PeerConfig.sketch_dim and "sketch_dim" not in origin
+    assert cfg.trainer == {"local_steps": 4, "lr": 0.25}
+    assert origin == {"rounds": "command line", "seed": "t.yaml", "compress": "t.yaml", "clusters": "t.yaml",
+                      "run_dir": "t.yaml", "trainer.local_steps": "t.yaml", "trainer.lr": "--set"}
+
+
+def test_print_config_shows_the_effective_settings_and_exits_without_torch(tmp_path):
+    path = _topology(tmp_path, {"rounds": 7, "compress": "sign:2048", "trainer": {"local_steps": 4}})
+    run_dir = tmp_path / "run"
+    run = _peer_main("--topology", str(path), "--print-config", "--rounds", "9", "--set", "lr=0.25", "--run-dir", str(run_dir))
+    assert run.returncode == 0, run.stderr
+    assert "torch imported: False" in run.stderr
+    assert not run_dir.exists()  # printed, not run
+    lines = run.stdout.splitlines()
+    assert "rounds: 9  # command line" in lines and f"compress: 'sign:2048'  # {path}" in lines
+    assert "  local_steps: 4  # " + str(path) in lines and "  lr: 0.25  # --set" in lines
+    assert f"sketch_dim: {PeerConfig.sketch_dim}" in lines  # a default, unmarked
+    shown = yaml.safe_load(run.stdout)
+    assert shown["trainer"] == TrainerConfig.from_dict({"local_steps": 4, "lr": 0.25}).to_dict()
+    # What it prints is a valid `settings:` block that gives the same config back.
+    again, _ = resolve(path, 0, shown, {}, [], "shown")
+    first, _ = resolve(path, 0, {"rounds": 9, "compress": "sign:2048", "trainer": {"local_steps": 4, "lr": 0.25}}, {}, [], "t")
+    assert again.rounds == first.rounds and again.compress == first.compress
+    assert TrainerConfig.from_dict(again.trainer) == TrainerConfig.from_dict(first.trainer)
+
+
+def test_missing_file_bad_yaml_and_missing_id_exit_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("peers: [\n")
+    for argv, message in [(["--topology", str(tmp_path / "nope.yaml"), "--id", "0"], "cannot read topology file"),
+                          (["--topology", str(bad), "--id", "0"], "invalid YAML at line"),
+                          (["--topology", str(ROOT / "topologies" / "ring.yaml")], "--id: required")]:
+        run = _peer_main(*argv)
+        assert run.returncode == 2 and run.stderr.count("\n") == 2 and message in run.stderr, run.stderr
+
+
+def test_every_error_derives_from_p2pfl_error():
+    import p2pfl
+
+    found = {}
+    for info in pkgutil.iter_modules(p2pfl.__path__):
+        mod = importlib.import_module(f"p2pfl.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == mod.__name__:
+                found[f"{mod.__name__}.{name}"] = obj
+    assert {"p2pfl.topology.TopologyError", "p2pfl.wire.WireError", "p2pfl.config.ConfigError"} <= set(found)
+    assert [n for n, c in found.items() if not issubclass(c, P2pflError)] == []
+    value_errors = [n for n, c in found.items() if c is not P2pflError and not issubclass(c, ValueError)]
+    assert value_errors == ["p2pfl.report.ReportError"]  # bad values everywhere else: `except ValueError` still works
+
+
+def test_each_ppfm_default_is_the_peer_configs():
+    from p2pfl.cluster import ClusterState
+    from p2pfl.ppfm import PpfmConfig
+
+    p, s = PpfmConfig(), ClusterState()
+    assert (p.recluster_every, p.global_every, p.lam, p.beta, p.margin, p.fingerprint_dim) == (
+        PeerConfig.recluster_every, PeerConfig.global_every, PeerConfig.global_lambda, PeerConfig.cluster_beta,
+        PeerConfig.cluster_margin, PeerConfig.fingerprint_dim)
+    assert (s.every, s.margin) == (PeerConfig.recluster_every, PeerConfig.cluster_margin)

@@ -206,7 +206,7 @@ def test_flat_and_per_tensor_deltas_keep_replicas_identical():
     """One codec for all tensors travels as one flat tensor (one descriptor); a per-tensor plan
     as one payload per tensor. A receiver applies either form to the same replica bit for bit."""
     x0, x1 = synthetic_state(0, 0, 4096), synthetic_state(0, 1, 4096)
-    for plan, flat in (("sign:64", True), ("sign:64,blocks.0[0-3].*=int8", False), ("sign", False), ("topk:0.1", False)):
+    for plan, flat in (("sign:64", True), ("sign:64,blocks.0[0-3].*=int8", False), ("sign:tensor", False), ("topk:0.1", False)):
         a = ChocoEngine(0, {1: 0.5}, x0, plan=plan)
         b = ChocoEngine(1, {0: 0.5}, x1, plan=plan)
         assert a.flat is flat

@@ -7,17 +7,17 @@ import torch
 from p2pfl.metrics import read_jsonl
 from p2pfl.trainer import Trainer, TrainerConfig
 
-from .conftest import make_topology, start_peer, wait_all
+from .conftest import make_topology, wait_all
 
 SETTINGS = {"partition": "dirichlet:0.1", "local_steps": 5, "eval_every": 5}
 ROUNDS = 20
 
 
 @pytest.mark.slow
-def test_ring4_gossip_beats_local_only_on_dirichlet_skew(tmp_path, cluster_dir):
+def test_ring4_gossip_beats_local_only_on_dirichlet_skew(tmp_path, cluster_dir, spawn):
     topo, path = make_topology(tmp_path, "ring", 4)
     sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v!r}".replace("'", '"'))]
-    procs = {p: start_peer(path, p, cluster_dir, "--rounds", str(ROUNDS), "--min-wait", "30", *sets) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, "--rounds", str(ROUNDS), "--min-wait", "30", *sets) for p in topo.ids}
     assert wait_all(procs, timeout=400) == {p: 0 for p in topo.ids}
     gossip = []
     for p in topo.ids:

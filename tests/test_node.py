@@ -180,7 +180,7 @@ def test_sign_compressed_choco_in_the_simulator_reaches_the_exact_gossip_target_
     """The 420-round one-scale sign run of tests/test_cluster.py, on the same nodes in process."""
     topo = T.generate("ring", 8)
     dim, rounds = 16384, 420
-    sim = Simulation(topo, cfg(rounds=rounds, dim=dim, compress="sign", gamma=0.7, estimator="flood"))
+    sim = Simulation(topo, cfg(rounds=rounds, dim=dim, compress="sign:tensor", gamma=0.7, estimator="flood"))
     sim.run()
     x0 = [synthetic_state(0, p, dim) for p in topo.ids]
     xT = list(sim.models().values())

@@ -12,7 +12,7 @@ from p2pfl.config import PeerConfig
 from p2pfl.metrics import read_jsonl
 from p2pfl.peer import Host
 
-from .conftest import free_base_port, make_topology, start_peer, wait_all
+from .conftest import free_base_port, make_topology, wait_all
 
 
 def _wait_records(path, n, timeout=120):
@@ -25,11 +25,11 @@ def _wait_records(path, n, timeout=120):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_says_goodbye_and_exits_zero_and_metrics_are_scrapable(tmp_path, cluster_dir):
+def test_sigterm_checkpoints_says_goodbye_and_exits_zero_and_metrics_are_scrapable(tmp_path, cluster_dir, spawn):
     topo, path = make_topology(tmp_path, "ring", 3)
     port = free_base_port(1)
     common = ["--rounds", "300", "--no-train", "--dim", "4096", "--round-period", "0.1", "--peer-timeout", "30"]
-    procs = {p: start_peer(path, p, cluster_dir, *common, *(["--metrics-port", str(port)] if p == 0 else [])) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, *common, *(["--metrics-port", str(port)] if p == 0 else [])) for p in topo.ids}
     _wait_records(cluster_dir / "metrics" / "peer-1.jsonl", 8)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'p2pfl_round{peer="0"}' in body and 'p2pfl_consensus_distance{peer="0"}' in body

@@ -17,7 +17,7 @@ from p2pfl.sim import train_network
 from p2pfl.topology import PeerSpec, Topology
 from p2pfl.trainer import Trainer, TrainerConfig
 
-from .conftest import free_base_port, start_peer, wait_all
+from .conftest import Spawner, free_base_port, wait_all
 
 SETTINGS = {"local_steps": 5, "samples_per_peer": 128, "global_test_size": 300, "eval_every": 5}
 ROUNDS = 20
@@ -34,20 +34,20 @@ def ring(order: list[int], path) -> Topology:
     return topo
 
 
-def launch(topo: Topology, path, run_dir, settings: dict, *extra: str) -> dict[int, list[dict]]:
+def launch(spawn: Spawner, topo: Topology, path, run_dir, settings: dict, *extra: str) -> dict[int, list[dict]]:
     sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v!r}".replace("'", '"'))]
     args = ["--rounds", str(ROUNDS), "--clusters", "auto", "--min-wait", "30", "--peer-timeout", "60", *sets, *extra]
-    procs = {p: start_peer(path, p, run_dir, *args) for p in topo.ids}
+    procs = {p: spawn(path, p, run_dir, *args) for p in topo.ids}
     assert wait_all(procs, timeout=600) == {p: 0 for p in topo.ids}
     return {p: read_jsonl(run_dir / "metrics" / f"peer-{p}.jsonl") for p in topo.ids}
 
 
 @pytest.mark.slow
-def test_planted_task_groups_are_found_and_beat_flat_gossip(tmp_path, cluster_dir):
+def test_planted_task_groups_are_found_and_beat_flat_gossip(tmp_path, cluster_dir, spawn):
     path = tmp_path / "ring.yaml"
     topo = ring([0, 3, 1, 4, 2, 5], path)
     settings = {**SETTINGS, "partition": "groups:task=shape,background"}
-    recs = launch(topo, path, cluster_dir, settings)
+    recs = launch(spawn, topo, path, cluster_dir, settings)
     truth = [p * 2 // N for p in topo.ids]
     for p, rs in recs.items():
         assert [r["round"] for r in rs] == list(range(ROUNDS))
@@ -72,10 +72,10 @@ def test_planted_task_groups_are_found_and_beat_flat_gossip(tmp_path, cluster_di
 
 
 @pytest.mark.slow
-def test_one_homogeneous_group_is_not_split(tmp_path, cluster_dir):
+def test_one_homogeneous_group_is_not_split(tmp_path, cluster_dir, spawn):
     path = tmp_path / "ring.yaml"
     topo = ring(list(range(N)), path)
-    recs = launch(topo, path, cluster_dir, {**SETTINGS, "partition": "iid", "local_steps": 3})
+    recs = launch(spawn, topo, path, cluster_dir, {**SETTINGS, "partition": "iid", "local_steps": 3})
     for p, rs in recs.items():
         assert [r["round"] for r in rs] == list(range(ROUNDS))
         assert all(r["cluster_labels"] == [0] * N for r in rs), p

@@ -32,7 +32,7 @@ from p2pfl.robust import NormGuard, RobustSpec
 from p2pfl.state import State, load_state, synthetic_state
 from p2pfl.wire import Kind, Message, TensorPayload, encode
 
-from .conftest import make_topology, start_peer, wait_all
+from .conftest import make_topology, wait_all
 from .engines import SimNetwork
 
 DIM = 4096
@@ -73,26 +73,23 @@ def log_of(run_dir: Path, peer: int) -> str:
     return (run_dir / "logs" / f"peer-{peer}.log").read_text()
 
 
-def kill_all(procs: dict[int, subprocess.Popen]) -> None:
-    for pr in procs.values():
-        if pr.poll() is None:
-            pr.kill()
-            pr.wait()
-
-
-def handshake_events(sock, mon, seconds: float) -> list[str]:
-    """Names of the monitor events a client socket saw (handshake success/failure); `mon` is
-    its monitor socket, attached before connecting."""
+def handshake_events(sock, mon, timeout: float = 60) -> list[str]:
+    """Names of the monitor events a client socket saw up to its handshake's outcome (the first
+    HANDSHAKE_SUCCEEDED or HANDSHAKE_FAILED_*); `mon` is its monitor socket, attached before
+    connecting, and is closed here."""
     import zmq
     from zmq.utils.monitor import recv_monitor_message
 
     seen: list[str] = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if mon.poll(100):
-            seen.append(zmq.Event(recv_monitor_message(mon)["event"]).name)
-    sock.disable_monitor()
-    mon.close(0)
+    end = time.monotonic() + timeout
+    try:
+        while not any(e.startswith("HANDSHAKE_") for e in seen):
+            assert time.monotonic() < end, f"no handshake outcome within {timeout}s, only {seen}"
+            if mon.poll(100):
+                seen.append(zmq.Event(recv_monitor_message(mon)["event"]).name)
+    finally:
+        sock.disable_monitor()
+        mon.close(0)
     return seen
 
 
@@ -235,13 +232,13 @@ def test_plaintext_topology_warns_loudly_and_keys_silence_it(tmp_path, caplog):
 # ------------------------------------------------------- strangers: unknown key, plaintext, replay
 
 @pytest.mark.slow
-def test_unknown_keys_plaintext_clients_and_raw_replays_deliver_nothing(tmp_path, cluster_dir):
+def test_unknown_keys_plaintext_clients_and_raw_replays_deliver_nothing(tmp_path, cluster_dir, spawn):
     import zmq
 
     topo, path = keyed_topology(tmp_path, "ring", 3)
     rounds = 60
     args = ["--rounds", str(rounds), "--round-period", "0.3", "--no-train", "--dim", str(DIM), "--min-wait", "20"]
-    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
     server = {p: topo.peers[p].extra["public_key"].encode() for p in topo.ids}
     ctx = zmq.Context()
     try:
@@ -253,7 +250,7 @@ def test_unknown_keys_plaintext_clients_and_raw_replays_deliver_nothing(tmp_path
         for k in range(10):
             stranger.send_multipart([b"\x93junk", b"x" * k])
             stranger.send_multipart(heartbeat(1))
-        unknown_events = handshake_events(stranger, stranger_mon, 3.0)
+        unknown_events = handshake_events(stranger, stranger_mon)
         stranger.close(0)
         # 2) A plaintext client (no CURVE at all) to the same CURVE server.
         plain = client(ctx, topo.peers[0].endpoint, None, None, identity=b"2")
@@ -262,7 +259,7 @@ def test_unknown_keys_plaintext_clients_and_raw_replays_deliver_nothing(tmp_path
         for k in range(10):
             plain.send_multipart([b"\x93junk", b"x" * k])
             plain.send_multipart(heartbeat(2))
-        plain_events = handshake_events(plain, plain_mon, 3.0)
+        plain_events = handshake_events(plain, plain_mon)
         plain.close(0)
         # 3) Record a real CURVE session (peer 1's key, wrong routing id: 3 delivered and rejected
         #    by peer 2), then replay its raw bytes on new connections: they deliver nothing.
@@ -281,13 +278,12 @@ def test_unknown_keys_plaintext_clients_and_raw_replays_deliver_nothing(tmp_path
         proxy.close()
         recorded = bytes(proxy.recorded)
         replies = [replay_raw(topo.peers[2].port, recorded) for _ in range(3)]
-        time.sleep(1.0)
-        last_attack_round = records(cluster_dir, 0)[-1]["round"]
-        assert last_attack_round < rounds - 3, "the run ended before the attacks did; raise --rounds"
+        last_attack_round = records(cluster_dir, 2)[-1]["round"]
+        wait_round(cluster_dir, 2, last_attack_round + 2, procs)  # peer 2 went on with whatever the replays left
+        assert records(cluster_dir, 0)[-1]["round"] < rounds - 3, "the run ended before the attacks did; raise --rounds"
         codes = wait_all(procs, timeout=300)
     finally:
-        kill_all(procs)
-        ctx.term()
+        ctx.destroy(linger=0)  # closes every socket (monitors included) first: term() would wait for them
     assert codes == {0: 0, 1: 0, 2: 0}
     print(f"unknown key: {unknown_events}; plaintext: {plain_events}; recorded {len(recorded)} bytes, "
           f"replays got {replies} bytes back")
@@ -313,7 +309,7 @@ def test_unknown_keys_plaintext_clients_and_raw_replays_deliver_nothing(tmp_path
 # ------------------------------------------------------ a compromised insider: forgery and replays
 
 @pytest.mark.slow
-def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_path, cluster_dir):
+def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_path, cluster_dir, spawn):
     """The test holds peer 1's secret key (a compromised insider).
 
     Forgery: while the real peer 1 runs, messages signed with key 1 but claiming sender 2 are
@@ -329,7 +325,7 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
     rounds = 70
     common = ["--round-period", "0.3", "--no-train", "--dim", str(DIM), "--min-wait", "20"]
     old_inc = time.time_ns() // 1000  # before peer 1 starts: older than its incarnation
-    procs = {p: start_peer(path, p, cluster_dir, "--rounds", str(8 if p == 1 else rounds), *common) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, "--rounds", str(8 if p == 1 else rounds), *common) for p in topo.ids}
     server0 = topo.peers[0].extra["public_key"].encode()
     key1 = peer_keys(path, 1)
     state2 = synthetic_state(0, 2, DIM)
@@ -365,12 +361,12 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
             assert time.monotonic() < end, "the replayed messages never arrived"
             time.sleep(0.1)
         replayer.close(0)
-        time.sleep(1.0)
+        at = records(cluster_dir, 0)[-1]["round"]
+        wait_round(cluster_dir, 0, at + 2, {p: procs[p] for p in (0, 2)})  # peer 0 went on after the replays
         assert records(cluster_dir, 0)[-1]["round"] < rounds - 3, "the run ended before the attacks did"
         codes = wait_all(procs, timeout=300)
     finally:
-        kill_all(procs)
-        ctx.term()
+        ctx.destroy(linger=0)
     assert codes == {0: 0, 1: 0, 2: 0}
     final0 = records(cluster_dir, 0)[-1]
     assert final0["round"] == rounds - 1
@@ -385,14 +381,14 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
 
 
 @pytest.mark.slow
-def test_insider_cannot_evict_a_neighbour_by_claiming_its_routing_id(tmp_path, cluster_dir):
+def test_insider_cannot_evict_a_neighbour_by_claiming_its_routing_id(tmp_path, cluster_dir, spawn):
     import zmq
 
     topo, path = keyed_topology(tmp_path, "ring", 3)
     rounds = 40
     args = ["--rounds", str(rounds), "--round-period", "0.3", "--no-train", "--dim", str(DIM),
             "--min-wait", "1", "--round-timeout", "3", "--peer-timeout", "2", "--heartbeat", "0.3"]
-    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
     ctx = zmq.Context()
     try:
         wait_round(cluster_dir, 0, 2, procs)
@@ -401,7 +397,13 @@ def test_insider_cannot_evict_a_neighbour_by_claiming_its_routing_id(tmp_path, c
         for _ in range(3):
             attacker.send_multipart(heartbeat(2))
         at = records(cluster_dir, 0)[-1]["round"]
-        time.sleep(2.0)
+        end = time.monotonic() + 60
+        while records(cluster_dir, 0)[-1]["rejected_messages"] < 3:  # the heartbeats arrived (and were refused)
+            assert time.monotonic() < end, "the attacker's heartbeats never reached peer 0"
+            time.sleep(0.1)
+        # Stay connected for longer than --peer-timeout (7 paced rounds of 0.3 s > 2 s): had the
+        # attacker taken peer 2's place, peer 0 would have marked peer 2 down by then.
+        wait_round(cluster_dir, 0, at + 7, procs)
         attacker.close(0)
         wait_round(cluster_dir, 0, min(rounds - 1, at + 12), procs, timeout=200)
         recent = records(cluster_dir, 0)[-1]
@@ -410,11 +412,8 @@ def test_insider_cannot_evict_a_neighbour_by_claiming_its_routing_id(tmp_path, c
         for pr in procs.values():
             if pr.poll() is None:
                 pr.send_signal(signal.SIGTERM)
-        try:
-            wait_all(procs, timeout=120)
-        finally:
-            kill_all(procs)
-            ctx.term()
+        ctx.destroy(linger=0)
+    wait_all(procs, timeout=120)
     assert not evicted, "peer 0 lost peer 2 after a client with peer 1's key claimed routing id 2"
     assert recent["live_neighbors"] == 2
     assert recent["rejected_messages"] == 3
@@ -467,7 +466,7 @@ def test_byzantine_sans_io_robust_mixing_bounds_the_damage():
 
 
 @pytest.mark.slow
-def test_byzantine_scaler_is_contained_by_trimmed_mean_and_not_without(tmp_path):
+def test_byzantine_scaler_is_contained_by_trimmed_mean_and_not_without(tmp_path, spawn):
     """Mechanism exercised: robust aggregation only (`--norm-factor 0` turns the norm guard off).
 
     Exponential graph of 8 (degree 5), peer 3 runs `--byzantine scale:3` (multiplies its model
@@ -484,12 +483,9 @@ def test_byzantine_scaler_is_contained_by_trimmed_mean_and_not_without(tmp_path)
         run.mkdir()
         args = ["--rounds", str(BYZ_ROUNDS), "--no-train", "--dim", str(DIM), "--seed", str(BYZ_SEED), "--sketch-dim", "0",
                 "--robust", robust, "--norm-factor", "0", "--min-wait", "60", "--peer-timeout", "60"]
-        procs = {p: start_peer(path, p, run, *args, *(["--byzantine", f"scale:{BYZ_SCALE:g}"] if p == BYZ_BAD else []))
+        procs = {p: spawn(path, p, run, *args, *(["--byzantine", f"scale:{BYZ_SCALE:g}"] if p == BYZ_BAD else []))
                  for p in topo.ids}
-        try:
-            codes = wait_all(procs, timeout=400)
-        finally:
-            kill_all(procs)
+        codes = wait_all(procs, timeout=400)
         assert codes == {p: 0 for p in topo.ids}, (robust, codes)
         xt = {p: load_state(run / f"peer-{p}" / "adapter.safetensors") for p in topo.ids}
         assert all(bool(torch.isfinite(flatten(xt[p])).all()) for p in honest)
@@ -517,7 +513,10 @@ def test_non_finite_sketch_block_is_refused_by_the_peer(tmp_path):
     rows[0, 5] = math.inf
     msg = Message(Kind.DELTA, 1, info={"sketches": [[1, 0]]}, tensors={SKETCH_TENSOR: TensorPayload("none", (1, 64), {"data": rows})})
     with pytest.raises(GossipError, match="NaN or Inf"):
-        peer._take_sketches(msg)
+        peer._take_sketches(msg, now=0.0)
+    assert (1, 0) not in peer.book.entries
     rows[0, 5] = 0.0
     msg.tensors[SKETCH_TENSOR] = TensorPayload("none", (1, 64), {"data": rows})
-    peer._take_sketches(msg)  # the same block, finite, is taken
+    peer._take_sketches(msg, now=0.0)  # the same block, finite, is taken
+    assert torch.equal(peer.book.entries[(1, 0)], rows[0])
+    assert SKETCH_TENSOR not in msg.tensors

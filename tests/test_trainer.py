@@ -115,7 +115,7 @@ def test_config_from_dict_round_trip_and_errors():
     cfg = TrainerConfig.from_dict({"lora_targets": "in_proj,c_fc", "lora_rank": 4, "task": "colour"})
     assert cfg.lora_targets == ("in_proj", "c_fc")
     assert TrainerConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="lora_rnak"):
+    with pytest.raises(ValueError, match="unknown trainer key 'lora_rnak'; did you mean 'lora_rank'"):
         TrainerConfig.from_dict({"lora_rnak": 4})
     with pytest.raises(ValueError, match="adam"):
         Trainer(TrainerConfig(optimizer="adam"), 0, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from p2pfl.topology import PeerSpec
 from p2pfl.transport import Transport
@@ -11,6 +12,15 @@ from .conftest import free_base_port
 
 N_MESSAGES = 60
 PAYLOAD = 64 << 10
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Yield to the event loop until `condition()` holds; fail naming `what` after `timeout` s."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        assert loop.time() < end, f"{what}: not within {timeout}s"
+        await asyncio.sleep(0.01)
 
 
 async def _bulk_send_before_and_after_the_receiver_exists() -> tuple[list[int], int, int]:
@@ -25,7 +35,9 @@ async def _bulk_send_before_and_after_the_receiver_exists() -> tuple[list[int], 
             await a.send_wait(1, [i.to_bytes(4, "big"), bytes(PAYLOAD)])
 
     producer = asyncio.create_task(produce())
-    await asyncio.sleep(0.3)  # peer 1 is not listening yet: ZMQ_IMMEDIATE holds everything back
+    # Peer 1 is not listening yet: ZMQ_IMMEDIATE holds everything back until the producer blocks,
+    # with one message held by the sender task and the queue full behind it.
+    await until(lambda: 1 in a.held and a.queues[1].full(), "the producer blocked")
     sent_while_down = a.stats.messages_sent
     await b.start()
     got = []
@@ -55,11 +67,10 @@ async def _flush_while_the_receiver_is_down() -> tuple[bool, int, bool, list[byt
     await a.start()
     offered_while_down = a.offer(1, [b"ping-while-down"])
     waiter = asyncio.create_task(a.send_wait(1, [b"stale-wait"]))
-    await asyncio.sleep(0.1)
-    assert 1 in a.held  # the sender task holds it, waiting for room at the socket
+    await until(lambda: 1 in a.held, "the sender task holds the message, waiting for room at the socket")
     for i in range(5):
         assert a.send(1, [f"stale-{i}".encode()])
-    await asyncio.sleep(0.1)
+    assert a.queues[1].qsize() == 5  # queued behind the held one
     flushed = a.flush(1)
     await asyncio.wait_for(waiter, 5)  # it returned once queued; the flush dropped the message, not the caller
     await b.start()
