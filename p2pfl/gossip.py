@@ -97,6 +97,7 @@ class ChocoEngine:
             raise GossipError(f"window: at least one buffered delta per neighbour, got {window}")
         self.me = me
         self.window = window
+        self.round_window = window  # rounds; an engine that sends every K rounds needs K times more
         self.weights = dict(weights)
         self.plan = CompressionPlan.parse(plan) if isinstance(plan, str) else plan
         self.gamma = gamma if gamma is not None else min(self.plan.codec_for(k).default_gamma for k in x)
@@ -307,8 +308,8 @@ class ChocoEngine:
             raise Refused("seq-window", f"delta {msg.seq} from peer {msg.sender}: {ahead} ahead of the next expected "
                           f"{rep.next_seq} (window {self.window})", replies)
         ref = max(rep.round, self.round)
-        if msg.round > ref + self.window:
-            raise Refused("round-window", f"delta of round {msg.round} from peer {msg.sender}: more than {self.window} rounds "
+        if msg.round > ref + self.round_window:
+            raise Refused("round-window", f"delta of round {msg.round} from peer {msg.sender}: more than {self.round_window} rounds "
                           f"past round {ref}")
 
     def _on_delta(self, rep: Replica, msg: Message) -> list[Action]:

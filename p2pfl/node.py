@@ -186,8 +186,8 @@ class Node:
             pcfg = PpfmConfig(k=k, recluster_every=cfg.recluster_every, global_every=cfg.global_every, lam=cfg.global_lambda,
                               beta=cfg.cluster_beta, margin=cfg.cluster_margin, fingerprint_dim=cfg.fingerprint_dim, lag=self.diameter + 1)
             self.levels = Levels(self.me, topo, spec.x0, pcfg, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc)
-            for eng in (self.levels.cluster, self.levels.glob):
-                eng.window = cfg.window
+            for eng, stride in ((self.levels.cluster, 1), (self.levels.glob, cfg.global_every)):  # the global level sends every K rounds
+                eng.window, eng.round_window = cfg.window, cfg.window * stride
         self.fbook = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
         self.overlay_seen: dict[int, float] = {}  # overlay peers that are not base neighbours
         self.overlay_down: set[int] = set()

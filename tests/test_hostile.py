@@ -298,6 +298,7 @@ def test_insider_settings_reach_the_engines():
     topo = T.generate("ring", 4)
     nd = Node(replace(cfg(), window=3, clusters="2"), topo, NodeSpec(x0=synthetic_state(0, 0, DIM), inc=1, train=False))
     assert nd.engine.window == 3 and nd.levels is not None and nd.levels.cluster.window == 3
+    assert nd.levels.glob.round_window == 3 * nd.cfg.global_every  # the global level sends every K rounds
 
 
 def test_byzantine_abuse_floods_are_refused_and_cost_the_honest_peers_no_state_beyond_the_window():

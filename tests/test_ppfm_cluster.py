@@ -55,7 +55,7 @@ def test_planted_task_groups_are_found_and_beat_flat_gossip(tmp_path, cluster_di
         assert last["cluster_labels"] == truth, (p, last["cluster_labels"])  # every peer: the planted split
         assert last["cluster_size"] == 3 and last["representative"] == 3 * truth[p]
         assert set(last["overlay_neighbors"]) - set(topo.neighbors(p))  # links the base ring lacks
-        assert last["rejected_messages"] == 0
+        assert last["rejected_messages"] == 0, last["rejected_by_reason"]
         assert last["cluster_consensus_distance"] < last["global_consensus_distance"]
     split = [next(r["round"] for r in rs if r["clusters"] == 2) for rs in recs.values()]
     assert len(set(split)) == 1  # all peers adopted the split in the same round
