@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl import topology as topo_mod
-from p2pfl.config import SETTINGS_KEYS, ConfigError, PeerConfig, parse_ids, render, resolve
+from p2pfl.config import SETTINGS_KEYS, ConfigError, PeerConfig, parse_ids, peer_trainers, render, resolve
 from p2pfl.errors import P2pflError
 
 
@@ -30,6 +30,8 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, help=f"state size in --no-train mode (default {d.dim})")
     p.add_argument("--compress", help=f"codec spec, e.g. none, fp16, int8, sign, sign:2048, topk:0.05+int8 (default {d.compress})")
     p.add_argument("--gamma", type=float, help="CHOCO consensus step size (default: the codec's)")
+    p.add_argument("--algorithm", choices=("dsgd", "gt"), help="dsgd: decentralized SGD; gt: gradient tracking with local "
+                   f"steps (K-GT), its tracking variable in the same messages (default {d.algorithm})")
     p.add_argument("--sketch-dim", type=int, help=f"rows of the consensus sketch; 0 turns estimation off (default {d.sketch_dim})")
     p.add_argument("--estimator", choices=("auto", "flood", "gossip"), help="consensus estimate: flood every sketch (exact set, "
                    "O(n) per message), gossip-average them (O(1) per message, a lag), auto: flood up to 32 peers "
@@ -88,6 +90,7 @@ def build_peer_config(argv: list[str] | None = None) -> tuple[PeerConfig, argpar
     topo = topo_mod.load(args.topology)
     flags = {k: v for k in SETTINGS_KEYS if (v := getattr(args, k, None)) is not None}
     cfg, origin = resolve(args.topology, topo.ids[0], topo.settings, flags, args.set, str(args.topology))
+    peer_trainers(cfg, _entries(topo), str(args.topology))  # every peer's own trainer: entry, checked now
     if args.id is None:
         return cfg, args, topo.ids, origin
     local = None
@@ -99,6 +102,11 @@ def build_peer_config(argv: list[str] | None = None) -> tuple[PeerConfig, argpar
     return replace(cfg, id=ids[0]), args, ids, origin
 
 
+def _entries(topo: topo_mod.Topology) -> dict[int, dict[str, Any]]:
+    """Each peer entry's keys besides id, host and port (its own ``trainer:``, public key)."""
+    return {p: s.extra for p, s in topo.peers.items()}
+
+
 def peer_main(argv: list[str] | None = None) -> int:
     try:
         cfg, args, ids, origin = build_peer_config(argv)
@@ -106,7 +114,7 @@ def peer_main(argv: list[str] | None = None) -> int:
         print(f"p2pfl-peer: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(render(cfg, origin, ids), end="")
+        print(render(cfg, origin, ids, _entries(topo_mod.load(cfg.topology))), end="")
         return 0
     from p2pfl.logs import setup_logging
     from p2pfl.peer import run_peers
@@ -165,9 +173,14 @@ def topology_main(argv: list[str] | None = None) -> int:
         "spectral_gap": t.spectral_gap(),
         "rounds_to_1e-3": t.rounds_to(1e-3),
     }
+    if t.schedule is not None:
+        sched = t.schedule_for(0)
+        info.update(schedule=str(t.schedule), degrees=dict.fromkeys(t.ids, sched.out_degree()), period=sched.period)
     if args.json:
         print(json.dumps(info))
         return 0
+    if t.schedule is not None:
+        return _print_schedule(info)
     print(f"topology {info['name']}: {info['peers']} peers, {info['edges']} edges, diameter {info['diameter']}")
     for p in t.ids:
         s = t.peers[p]
@@ -175,6 +188,20 @@ def topology_main(argv: list[str] | None = None) -> int:
     print(f"lambda = ||W - 11'/n||_2 = {info['lambda']:.6f}  (Metropolis-Hastings weights)")
     print(f"spectral gap 1 - lambda = {info['spectral_gap']:.6f}")
     print(f"rounds of exact gossip to reduce consensus distance 1e-3x: {info['rounds_to_1e-3']}")
+    return 0
+
+
+def _print_schedule(info: dict[str, Any]) -> int:
+    """`inspect` of a file with a `schedule:`: what a round costs and how fast exact gossip mixes."""
+    sends = next(iter(info["degrees"].values()))
+    how = (f"CHOCO with a public copy per edge (edges recur every {info['period']} rounds)" if info["period"]
+           else "whole models (edges are fresh each round): codecs none, fp16, bf16")
+    print(f"topology {info['name']}: {info['peers']} peers on schedule {info['schedule']} "
+          "(every peer draws round t's graph from the run seed and t; figures for seed 0)")
+    print(f"each peer sends {sends} message{'s' if sends > 1 else ''} a round; compression: {how}")
+    print(f"expected contraction per round ||M_T||^(1/T) = {info['lambda']:.6f}  (M_T: T rounds of the schedule's mixing matrices)")
+    print(f"rounds of exact gossip to reduce consensus distance 1e-3x: {info['rounds_to_1e-3']}")
+    print(f"rounds for a flooded message to reach every peer: {info['diameter']}")
     return 0
 
 

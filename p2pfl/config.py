@@ -3,7 +3,8 @@
 Pure and light (no torch): the CLI builds and validates a whole config with this module, trainer
 options included, before it imports the model stack, so a typo costs no start-up time.
 Precedence: the defaults below < a topology file's ``settings:`` < command-line flags; trainer
-options: `TrainerConfig` < ``settings.trainer`` < ``--set KEY=VALUE``.
+options: `TrainerConfig` < ``settings.trainer`` < a peer entry's own ``trainer:`` < ``--set KEY=VALUE``
+(`peer_trainers`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
     from p2pfl.model import LoraSpec
 
 
+# Shift applied when a config leaves ``domain`` empty: shapes peers start away from pretraining.
+DEFAULT_DOMAIN = {"shapes": "contrast+clutter", "digits": "clean", "folder": "clean"}
+DATA_KINDS = ("labelled", "captions", "unlabelled")
+
+
 class ConfigError(P2pflError, ValueError):
     """A setting that cannot be used; the message names the flag or key and the value."""
 
@@ -40,6 +46,7 @@ class PeerConfig:
     dim: int = 131072  # --no-train state size (floats)
     compress: str = "none"  # exact by default, as a library call expects; the shipped topologies choose a codec
     gamma: float | None = None
+    algorithm: str = "dsgd"  # dsgd: decentralized SGD; gt: gradient tracking with local steps (K-GT; p2pfl/node.py)
     sketch_dim: int = 1024
     estimator: str = "auto"  # consensus estimate: flood (every sketch to every peer), gossip (averaged), auto
     heartbeat: float = 1.0  # seconds between heartbeats
@@ -75,11 +82,13 @@ class PeerConfig:
     fingerprint_dim: int = 256  # rows of the fingerprint sketch
     threads: int = 0  # training worker threads (each its own model copy); 0: one per core, at most one per peer
     trainer: dict[str, Any] = field(default_factory=dict)  # TrainerConfig keys, checked and typed (`trainer_options`)
+    trainer_sets: dict[str, Any] = field(default_factory=dict)  # the --set part of `trainer`: it beats peer entries too
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """Everything that decides a peer's model, data and local optimisation (shared by all peers).
+    """Everything that decides a peer's model, data and local optimisation: per peer
+    (`peer_trainers`), the keys of `MUST_AGREE` the same on every peer.
 
     Value ranges and choices are checked where they are used (`p2pfl.trainer.Trainer`); keys and
     types are checked here, by `from_dict`."""
@@ -93,8 +102,11 @@ class TrainerConfig:
     text_lora: bool = False
     dataset: str = "shapes"  # "shapes" | "digits" | "folder:PATH"
     task: str = "shape"  # shapes: shape | colour | size | position | background
-    domain: str = ""  # "" = the dataset's default shift (data.DEFAULT_DOMAIN); e.g. "rotation+noise"
+    domain: str = ""  # "" = the dataset's default shift (DEFAULT_DOMAIN); e.g. "rotation+noise"
     partition: str = "iid"  # "iid" | "dirichlet:0.1" | "classes:2" | "groups:task=shape,colour"
+    data_kind: str = "labelled"  # DATA_KINDS: "labelled" | "captions" (contrastive) | "unlabelled" (self-training)
+    pseudo_threshold: float = 0.5  # unlabelled: a pseudo-label is kept when the model gives it at least this probability
+    pseudo_fraction: float = 0.5  # unlabelled: each class keeps at most this fraction of a uniform share (class balance)
     local_steps: int = 10
     batch_size: int = 32
     lr: float = 3e-3
@@ -119,6 +131,12 @@ class TrainerConfig:
     augment_distill: float = 0.0  # synthetic targets: (1 - d) * one-hot + d * the teacher's soft labels
     augment_claim: float | None = None  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip; None: the method's)
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto" (cuda if available); adapters travel as CPU tensors either way
+    # differential privacy of everything the peer sends: DP-SGD on the trainable adapter tensors (p2pfl/privacy.py);
+    # on when dp_epsilon or dp_noise is set
+    dp_epsilon: float | None = None  # budget over the planned rounds; alone, the noise is calibrated to spend it
+    dp_delta: float | None = None  # None: 1 / (2 x the peer's training samples)
+    dp_clip: float = 1.0  # L2 bound of each sample's gradient
+    dp_noise: float | None = None  # noise multiplier (std / dp_clip) instead of calibrating it; with dp_epsilon, must fit it
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "trainer config") -> TrainerConfig:
@@ -141,7 +159,7 @@ class TrainerConfig:
 
 # ------------------------------------------------------------------ keys and typed values
 
-FIXED = ("topology", "id")  # PeerConfig fields that come from the command line only
+FIXED = ("topology", "id", "trainer_sets")  # PeerConfig fields that come from the command line only
 SETTINGS_KEYS = tuple(f.name for f in fields(PeerConfig) if f.name not in FIXED)
 TRAINER_KEYS = tuple(f.name for f in fields(TrainerConfig))
 _PEER_TYPES = get_type_hints(PeerConfig)
@@ -252,7 +270,8 @@ def resolve(topology: Path, peer_id: int, settings: Any, flags: Mapping[str, Any
             source: str) -> tuple[PeerConfig, dict[str, str]]:
     """The effective config, defaults < `settings` (a topology file's, read from `source`) <
     `flags` (PeerConfig field -> value) and trainer options < ``settings.trainer`` < `sets`;
-    and where each value that is not a default came from (key, or ``trainer.KEY`` -> origin)."""
+    and where each value that is not a default came from (key, or ``trainer.KEY`` -> origin).
+    `sets` are also kept apart (``trainer_sets``): they beat a peer entry's own trainer: too."""
     if not isinstance(settings, Mapping):
         raise ConfigError(f"{source}: settings: expected a mapping, got {settings!r}")
     values: dict[str, Any] = {}
@@ -276,26 +295,122 @@ def resolve(topology: Path, peer_id: int, settings: Any, flags: Mapping[str, Any
     trainer.update(overrides)
     origin.update({f"trainer.{t}": SET for t in overrides})
     TrainerConfig.from_dict(trainer)  # everything the trainer will be built from is checked now
-    return PeerConfig(topology=topology, id=peer_id, **values, trainer=trainer), origin
+    return PeerConfig(topology=topology, id=peer_id, **values, trainer=trainer, trainer_sets=overrides), origin
 
 
-def render(cfg: PeerConfig, origin: Mapping[str, str], ids: Sequence[int]) -> str:
+# Trainer keys that every peer of a run must share, and why; a peer entry's trainer: may not set them.
+MUST_AGREE = {
+    "model": "every peer adapts the same frozen foundation",
+    "pretrained": "every peer adapts the same frozen foundation",
+    "lora_rank": "all peers average their adapters, which must have the same shapes",
+    "lora_alpha": "averaging B averages the adapters only at one shared scale alpha / rank",
+    "lora_targets": "all peers average their adapters, which must adapt the same weights",
+    "train_a": "it decides which tensors travel (B alone, or A and B)",
+    "text_lora": "all peers must carry the same adapter tensors (it is on for the whole run when any peer has captions)",
+    "seed": "the run seed draws the shared frozen LoRA A and every peer's share of the data",
+}
+_TRAINER_DEFAULTS = {f.name: f.default for f in fields(TrainerConfig)}
+
+
+def entry_trainers(entries: Mapping[int, Mapping[str, Any]], source: str) -> dict[int, dict[str, Any]]:
+    """The ``trainer:`` options of each topology peer entry that has one (peer id -> entry's
+    extra keys), checked and typed like ``settings.trainer``; a key of `MUST_AGREE` is refused."""
+    out: dict[int, dict[str, Any]] = {}
+    for p, entry in entries.items():
+        if "trainer" not in entry:
+            continue
+        where = f"{source}: peer {p}: trainer"
+        own = trainer_options(entry["trainer"] or {}, where)
+        for k in own:
+            if k in MUST_AGREE:
+                raise ConfigError(f"{where}: {k} cannot differ between peers: {MUST_AGREE[k]}; set it in settings.trainer or with --set")
+        out[p] = own
+    return out
+
+
+def peer_trainers(cfg: PeerConfig, entries: Mapping[int, Mapping[str, Any]], source: str) -> dict[int, dict[str, Any]]:
+    """Every peer's trainer options: defaults < settings.trainer < its entry's ``trainer:`` < --set.
+
+    ``cfg.trainer`` holds the file's settings with --set applied, ``cfg.trainer_sets`` the --set
+    options alone, so an entry goes between the two. Pure and light, for the CLI's checks before
+    any model is loaded and for the host that builds the trainers. ``text_lora`` is turned on for
+    every peer when any peer has captions: those train the text tower, and peers can only average
+    adapters made of the same tensors."""
+    own = entry_trainers(entries, source)
+    out = {p: {**cfg.trainer, **own.get(p, {}), **cfg.trainer_sets} for p in entries}
+    captions = []
+    for p, options in out.items():
+        kind = options.get("data_kind", _TRAINER_DEFAULTS["data_kind"])
+        if kind not in DATA_KINDS:
+            raise unknown_key(kind, DATA_KINDS, "data_kind", f"{source}: peer {p}: trainer")
+        if kind == "captions":
+            captions.append(p)
+    if captions:
+        if cfg.trainer.get("text_lora") is False:
+            raise ConfigError(f"{source}: text_lora is off, but peers {sorted(captions)} have data_kind captions, "
+                              "which train the text tower: every peer must carry it; leave text_lora unset or true")
+        for options in out.values():
+            options["text_lora"] = True
+    return out
+
+
+def dataset_key(dataset: str, task: str, domain: str) -> tuple[str, str, str]:
+    """A dataset of a run, as peers are evaluated on it: (dataset, task, domain), the dataset's
+    default domain filled in; only shapes has tasks (digits and folders have one label space)."""
+    return dataset, task if dataset == "shapes" else "", domain or DEFAULT_DOMAIN.get(dataset.split(":")[0], "clean")
+
+
+def dataset_name(key: tuple[str, str, str]) -> str:
+    """``shapes/shape@contrast+clutter``, ``digits@clean``: how records and reports name a dataset."""
+    dataset, task, domain = key
+    return f"{dataset}{'/' + task if task else ''}@{domain}"
+
+
+def run_datasets(trainers: Mapping[int, Mapping[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+    """The distinct `dataset_key`s of a run's peers (their `peer_trainers`), sorted."""
+    d = _TRAINER_DEFAULTS
+    return tuple(sorted({dataset_key(t.get("dataset", d["dataset"]), t.get("task", d["task"]), t.get("domain", d["domain"]))
+                         for t in trainers.values()}))
+
+
+def render(cfg: PeerConfig, origin: Mapping[str, str], ids: Sequence[int],
+           entries: Mapping[int, Mapping[str, Any]] | None = None) -> str:
     """`--print-config`: the effective settings as YAML a topology's ``settings:`` accepts, each
-    value that is not a default marked with where it came from."""
+    value that is not a default marked with where it came from. The trainer is the first peer's,
+    with its topology entry (`entries`: peer id -> entry keys) applied; a line per other peer
+    lists where its trainer differs."""
 
     def line(key: str, value: Any, where: str | None, indent: str = "") -> str:
         plain = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
         text = indent + yaml.safe_dump({key: plain}, default_flow_style=True, sort_keys=False, width=1 << 16).strip()[1:-1]
         return text + (f"  # {where}" if where else "")
 
-    trainer = TrainerConfig.from_dict({"seed": cfg.seed, **cfg.trainer})
+    source = str(cfg.topology)
+    entries = entries or {p: {} for p in ids}
+    trainers = peer_trainers(cfg, entries, source)
+    own = entry_trainers(entries, source)
+    configs = {p: TrainerConfig.from_dict({"seed": cfg.seed, **trainers[p]}) for p in ids}
+    first = configs[ids[0]]
+    base = first.to_dict()
     out = [f"# p2pfl-peer: effective settings of peers {list(ids)} of {cfg.topology}",
-           "# (defaults < the topology's settings: < command line; trainer: defaults < settings.trainer < --set)"]
+           "# (defaults < the topology's settings: < command line; trainer: defaults < settings.trainer"
+           " < the peer's trainer: entry < --set)"]
     out += [line(k, getattr(cfg, k), origin.get(k)) for k in SETTINGS_KEYS if k != "trainer"]
-    out.append("trainer:")
+    out.append(f"trainer:  # peer {ids[0]}")
     seed_origin = origin.get("seed") and f"{origin['seed']} (the run seed)"
-    out += [line(k, getattr(trainer, k), origin.get(f"trainer.{k}", seed_origin if k == "seed" else None), "  ")
-            for k in TRAINER_KEYS]
+
+    def where(k: str) -> str | None:
+        if k in own.get(ids[0], {}) and k not in cfg.trainer_sets:
+            return f"peer {ids[0]}'s entry in {source}"
+        if k == "text_lora" and first.text_lora and "text_lora" not in cfg.trainer:
+            return "on for every peer: the run has caption peers"
+        return origin.get(f"trainer.{k}", seed_origin if k == "seed" else None)
+
+    out += [line(k, getattr(first, k), where(k), "  ") for k in TRAINER_KEYS]
+    for p in ids[1:]:
+        diff = {k: v for k, v in configs[p].to_dict().items() if v != base[k]}
+        if diff:
+            out.append(f"# peer {p}'s trainer differs: " + yaml.safe_dump(diff, default_flow_style=True, width=1 << 16).strip())
     return "\n".join(out) + "\n"
 
 

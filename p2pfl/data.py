@@ -3,7 +3,9 @@
 There is no coordinator: each peer regenerates the same global pool from the run seed, runs the
 same deterministic partitioner over its labels, and keeps its own share, so shares are disjoint
 and cover the pool without any message. Sources: the shapes world (tasks x domain shifts), sklearn
-digits, and a user folder ``root/peer-<id>/<class_name>/*.png``.
+digits, and a user folder ``root/peer-<id>/<class_name>/*.png``. A caption peer's images come with
+one caption each (shapes: the pretraining's caption grammar, held-out pairs never drawn; digits:
+the prompt templates; folders: ``captions.tsv``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from p2pfl import shapes
+from p2pfl.config import dataset_key
 from p2pfl.errors import P2pflError
 
-# Shift applied when a config leaves ``domain`` empty: shapes peers start away from pretraining.
-DEFAULT_DOMAIN = {"shapes": "contrast+clutter", "digits": "clean", "folder": "clean"}
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.", "a picture of a {}.")
 
@@ -52,6 +53,7 @@ class PeerData:
     domain: str
     group: int  # planted cluster (task/domain group); 0 unless partition is "groups:..."
     share: np.ndarray  # this peer's indices into its (group's) global pool, train and test
+    captions: tuple[str, ...] = ()  # a caption peer's: one per training image (else empty)
 
 
 def rng_for(seed: int, *keys: int | str) -> np.random.Generator:
@@ -157,12 +159,13 @@ def train_test_split(idx: np.ndarray, test_fraction: float, seed: int, peer_id: 
 # ---------------------------------------------------------------- sources (I/O-free except folders)
 
 
-def shapes_pool(task: str, domain: str, n: int, seed: int) -> tuple[shapes.Scenes, np.ndarray]:
-    """A global pool of scene parameters (cheap) and its labels for ``task``."""
+def shapes_pool(task: str, domain: str, n: int, seed: int, pairs: str = "all") -> tuple[shapes.Scenes, np.ndarray]:
+    """A global pool of scene parameters (cheap) and its labels for ``task``; ``pairs="seen"``
+    leaves out the held-out shape x colour pairs (`shapes.sample_attributes`)."""
     if task not in shapes.ATTRIBUTES:
         raise DataError(f"task: {task!r} is not one of {shapes.ATTRIBUTES}")
     dom = _domain(domain)
-    scenes = shapes.sample_scenes(rng_for(seed, "pool", task, dom.name), n, "all", dom)
+    scenes = shapes.sample_scenes(rng_for(seed, "pool", task, dom.name), n, pairs, dom)
     return scenes, scenes.attrs[:, shapes.ATTRIBUTES.index(task)]
 
 
@@ -208,6 +211,37 @@ def load_image_folder(root: str | Path, size: int) -> Split:
     return Split(images, torch.tensor(ds.targets, dtype=torch.long), names, ())
 
 
+def read_captions(path: Path) -> dict[str, str]:
+    """``captions.tsv``: one ``file name<TAB>caption`` a line (blank lines and ``#`` comments skipped)."""
+    if not path.is_file():
+        raise DataError(f"captions: {str(path)!r} not found (a caption peer needs one 'file name<TAB>caption' line per image)")
+    out: dict[str, str] = {}
+    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, tab, text = line.partition("\t")
+        if not tab or not name.strip() or not text.strip():
+            raise DataError(f"captions: {path}:{k}: expected 'file name<TAB>caption', got {line!r}")
+        out[name.strip()] = text.strip()
+    return out
+
+
+def folder_captions(root: Path) -> tuple[str, ...]:
+    """The caption of every image of ``root`` (`load_image_folder`'s order) from ``root/captions.tsv``,
+    found by its path relative to ``root`` (``cat/001.png``) or, failing that, its file name."""
+    from torchvision.datasets import ImageFolder
+
+    table = read_captions(root / "captions.tsv")
+    out = []
+    for path, _ in ImageFolder(str(root), loader=_rgb_loader).samples:
+        rel = Path(path).relative_to(root)
+        text = table.get(rel.as_posix(), table.get(rel.name))
+        if text is None:
+            raise DataError(f"captions: {root / 'captions.tsv'} has no caption for {rel.as_posix()!r}")
+        out.append(text)
+    return tuple(out)
+
+
 def _rgb_loader(path: str):
     from PIL import Image
 
@@ -238,9 +272,10 @@ _CACHE_SIZE = 8
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
-def _shapes_shares(task: str, domain: str, n: int, seed: int, members: int, scheme: str) -> tuple[shapes.Scenes, np.ndarray, tuple[np.ndarray, ...]]:
+def _shapes_shares(task: str, domain: str, n: int, seed: int, members: int, scheme: str,
+                   pairs: str = "all") -> tuple[shapes.Scenes, np.ndarray, tuple[np.ndarray, ...]]:
     """The scene pool, its labels and every member's share of it."""
-    scenes, labels = shapes_pool(task, domain, n, seed)
+    scenes, labels = shapes_pool(task, domain, n, seed, pairs)
     return scenes, labels, tuple(partition(labels, members, scheme, seed))
 
 
@@ -262,9 +297,37 @@ def _digits_shares(domain: str, seed: int, size: int, global_test_size: int, mem
     return full, _take(full, g_idx), tuple(pool[p] for p in partition(labels[pool], members, scheme, part_seed))
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
+def composition_test(domain: str, seed: int, size: int) -> Split:
+    """Held-out compositions: scenes of the shape x colour pairs that pretraining never showed and
+    caption peers never draw, labelled by their 64-way pair "{colour} {shape}" (`shapes.PAIR_NAMES`).
+    No peer trains on this label space, so accuracy on it is zero-shot: it measures what adapting
+    the text tower does to composing attributes."""
+    dom = _domain(domain)
+    scenes = shapes.sample_scenes(rng_for(seed, "compositions", dom.name), size, "unseen", dom)
+    labels = scenes.attrs[:, 0] * len(shapes.COLOURS) + scenes.attrs[:, 1]
+    images = torch.from_numpy(shapes.render(scenes, dom, seed=int(rng_for(seed, "compositions-render").integers(2**31))))
+    return Split(images, torch.from_numpy(labels), shapes.PAIR_NAMES, shapes.TEMPLATES["shape"])
+
+
+def global_test(dataset: str, task: str, domain: str, seed: int, size: int, image_size: int = shapes.IMAGE_SIZE) -> Split | None:
+    """The global test set of one dataset of a run (`config.dataset_key`), as its own peers hold it
+    (group 0's under a ``groups:`` partition), so any peer can be evaluated on another peer's task;
+    None for a folder without ``test/``."""
+    dataset, task, domain = dataset_key(dataset, task, domain)
+    if dataset == "shapes":
+        return _shapes_global(task, domain, size, seed + 7919, seed + 7919)
+    if dataset == "digits":
+        return _digits_shares(domain, seed, image_size, size, 1, "iid", seed)[1]
+    if dataset.startswith("folder:"):
+        path = Path(dataset.removeprefix("folder:")) / "test"
+        return load_image_folder(path, image_size) if path.is_dir() else None
+    raise DataError(f"dataset: {dataset!r} is not shapes, digits or folder:PATH")
+
+
 def clear_caches() -> None:
     """Drop the per-process pools and global test sets (peers holding them keep theirs)."""
-    for f in (_shapes_shares, _shapes_global, _digits_shares):
+    for f in (_shapes_shares, _shapes_global, _digits_shares, composition_test):
         f.cache_clear()
 
 
@@ -281,15 +344,18 @@ def load_peer_data(
     global_test_size: int = 500,
     image_size: int = shapes.IMAGE_SIZE,
     cache: bool = True,
+    kind: str = "labelled",
 ) -> PeerData:
     """This peer's train/test share plus the global test set, from (seed, peer id, n peers) alone.
 
     With ``cache`` what all peers share comes from (and stays in) the process cache; without it
-    everything is computed afresh and held by this peer alone.
+    everything is computed afresh and held by this peer alone. A ``kind="captions"`` peer also
+    gets a caption per training image; its shapes pool leaves out the held-out pairs.
     """
     if not 0 <= peer_id < n_peers:
         raise DataError(f"peer_id: {peer_id} not in [0, {n_peers})")
-    domain = domain or DEFAULT_DOMAIN.get(dataset.split(":")[0], "clean")
+    domain = dataset_key(dataset, task, domain)[2]
+    captions = kind == "captions"
     group, members, rank = 0, n_peers, peer_id
     scheme = partition_scheme
     if partition_scheme.startswith("groups:"):
@@ -300,32 +366,45 @@ def load_peer_data(
         task, domain = (values[group], domain) if key == "task" else (task, values[group])
         scheme = "iid"
     if dataset.startswith("folder:"):
-        return _folder_peer(dataset.removeprefix("folder:"), peer_id, seed, test_fraction, image_size, task, domain)
+        return _folder_peer(dataset.removeprefix("folder:"), peer_id, seed, test_fraction, image_size, task, domain, captions)
     if dataset == "shapes":
         shares, global_split = (_shapes_shares, _shapes_global) if cache else (_shapes_shares.__wrapped__, _shapes_global.__wrapped__)
-        scenes, labels, parts = shares(task, domain, samples_per_peer * members, seed + 1000 * group, members, scheme)
+        scenes, labels, parts = shares(task, domain, samples_per_peer * members, seed + 1000 * group, members, scheme,
+                                       "seen" if captions else "all")
         share = parts[rank]
         tr, te = train_test_split(share, test_fraction, seed, peer_id)
         rs = int(rng_for(seed, "render", peer_id).integers(2**31))
+        texts = shapes.sample_captions(rng_for(seed, "captions", peer_id), scenes.attrs[tr])[0] if captions else ()
         return PeerData(
             shapes_split(scenes.subset(tr), labels[tr], task, domain, rs),
             shapes_split(scenes.subset(te), labels[te], task, domain, rs + 1),
             global_split(task, domain, global_test_size, seed + 7919 + 1000 * group, seed + 7919),
-            task, domain, group, share,
+            task, domain, group, share, tuple(texts),
         )
     if dataset == "digits":
         digits = _digits_shares if cache else _digits_shares.__wrapped__
         full, global_test, parts = digits(domain, seed, image_size, global_test_size, members, scheme, seed + 1000 * group)
         share = parts[rank]
         tr, te = train_test_split(share, test_fraction, seed, peer_id)
-        return PeerData(_take(full, tr), _take(full, te), global_test, "digit", domain, group, share)
+        texts = digit_captions(full.labels[tr].numpy(), rng_for(seed, "captions", peer_id)) if captions else ()
+        return PeerData(_take(full, tr), _take(full, te), global_test, "digit", domain, group, share, texts)
     raise DataError(f"dataset: {dataset!r} is not shapes, digits or folder:PATH")
 
 
-def _folder_peer(root: str, peer_id: int, seed: int, test_fraction: float, size: int, task: str, domain: str) -> PeerData:
-    """Own images from ``root/peer-<id>``; the global test set is ``root/test`` when present."""
-    own = load_image_folder(Path(root) / f"peer-{peer_id}", size)
+def digit_captions(labels: np.ndarray, rng: np.random.Generator) -> tuple[str, ...]:
+    """A caption per digit image: its name in one of the digit prompt templates, drawn at random."""
+    forms = rng.integers(0, len(DIGIT_TEMPLATES), len(labels))
+    return tuple(shapes.fix_articles(DIGIT_TEMPLATES[f].format(DIGIT_NAMES[y])) for f, y in zip(forms, labels, strict=True))
+
+
+def _folder_peer(root: str, peer_id: int, seed: int, test_fraction: float, size: int, task: str, domain: str,
+                 captions: bool) -> PeerData:
+    """Own images from ``root/peer-<id>`` (with ``captions.tsv`` for a caption peer); the global
+    test set is ``root/test`` when present."""
+    mine = Path(root) / f"peer-{peer_id}"
+    own = load_image_folder(mine, size)
     tr, te = train_test_split(np.arange(len(own)), test_fraction, seed, peer_id)
     gpath = Path(root) / "test"
     glob = load_image_folder(gpath, size) if gpath.is_dir() else _take(own, te)
-    return PeerData(_take(own, tr), _take(own, te), glob, task, domain, 0, np.arange(len(own)))
+    texts = tuple(np.array(folder_captions(mine), dtype=object)[tr]) if captions else ()
+    return PeerData(_take(own, tr), _take(own, te), glob, task, domain, 0, np.arange(len(own)), texts)

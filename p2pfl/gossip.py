@@ -75,6 +75,10 @@ class RoundStats:
 
 
 class ChocoEngine:
+    # A neighbour of a new incarnation gets our full state at once: on an undirected edge it
+    # holds a replica of us. On a directed edge (`p2pfl.dynamic.EdgeEngine`) the sender does not.
+    answers_contact = True
+
     def __init__(
         self,
         me: int,
@@ -254,7 +258,7 @@ class ChocoEngine:
             rep.synced = False
             if msg.kind != Kind.STATE:
                 actions.append(self._ask_resync(msg.sender, rep))
-        if not first_contact or self.out_seq > 0:
+        if self.answers_contact and (not first_contact or self.out_seq > 0):
             # Its replica of us is fresh (or stale): give it our exact xhat.
             try:
                 actions += self._give_state(msg.sender, rep)

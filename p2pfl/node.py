@@ -8,6 +8,13 @@ to the host, which may share one model among many nodes), records to write, chec
 liveness, the adaptive deadline, sketch flooding and validation, catch-up and late join, max-lag,
 drain rounds, the PPFM levels and the evaluation schedule. Nothing here reads a clock or touches
 a socket, so the daemon, the simulator and the benches run the same rounds.
+
+On a time-varying schedule (`p2pfl.schedule`) a round's peers come from the schedule, not from a
+neighbour list: `p2pfl.dynamic` says what goes to whom, there are no hellos or heartbeats (a peer
+would need them to everyone), and a round-t sender that misses the deadline is left out of that
+round and not waited for again until it is heard from. With `--algorithm gt` the engine's state
+carries K-GT's tracking variable beside the model (`TRACK`), so it travels in the same messages
+under the same codec, and the node keeps the correction the trainer applies in its local steps.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from p2pfl.abuse import Abuser, abuse_rate
 from p2pfl.conduct import Conduct, Limits, check_claim
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import SketchBook, flatten, shared_sketcher
+from p2pfl.dynamic import EdgeGossip, FullGossip, scheduled_gossip
 from p2pfl.estimate import WINDOW, EstimatorConfig, EstimatorError, GossipEstimator
-from p2pfl.gossip import ChocoEngine, GossipError, Refused, State
+from p2pfl.gossip import ChocoEngine, GossipError, Refused, State, zeros_like_state
 from p2pfl.metrics import RecordQueue
 from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
 from p2pfl.robust import Attack, parse_byzantine
@@ -38,6 +46,30 @@ ESTIMATE_TENSOR = "_estimate"  # the gossip estimator's in-flight instances (p2p
 HELLO_EVERY = 0.25  # seconds between start-up hellos to neighbours not seen yet
 FLOOD_UP_TO = 32  # --estimator auto floods sketches up to this many peers, and gossip-averages beyond
 PPFM_MAX_PEERS = 64  # PPFM floods every peer's fingerprint: O(n) per message, so bounded
+TRACK = "_track/"  # gradient tracking: the engine-state names of the tracked model change (K-GT's z)
+ALGORITHMS = ("dsgd", "gt")
+
+
+def check_algorithm(cfg: PeerConfig, scheduled: bool) -> bool:
+    """Whether this peer tracks gradients; refuses the combinations that have no meaning.
+
+    Gradient tracking relies on the corrections summing to zero over the peers, which linear
+    mixing keeps and robust rules do not; PPFM mixes other models than the one tracked. Schedules
+    have a handful of peers a round, too few for robust rules, and no fixed neighbours for PPFM
+    overlays or the gossip estimator."""
+    if cfg.algorithm not in ALGORITHMS:
+        raise ConfigError(f"--algorithm: expected one of {', '.join(ALGORITHMS)}, got {cfg.algorithm!r}")
+    tracking = cfg.algorithm == "gt"
+    gt, sched = "docs/algorithms.md#gradient-tracking", "docs/algorithms.md#time-varying-schedules"
+    refused = [(tracking and cfg.robust != "off", "--algorithm gt with --robust", gt),
+               (tracking and cfg.clusters != "off", "--algorithm gt with --clusters", gt),
+               (scheduled and cfg.robust != "off", "a schedule with --robust", sched),
+               (scheduled and cfg.clusters != "off", "a schedule with --clusters", sched),
+               (scheduled and cfg.estimator == "gossip", "a schedule with --estimator gossip (use flood)", sched)]
+    for bad, what, doc in refused:
+        if bad:
+            raise ConfigError(f"{what}: not supported ({doc})")
+    return tracking
 
 
 def estimator_config(kind: str, topo: topo_mod.Topology, k: int, rounds: int) -> EstimatorConfig | None:
@@ -71,18 +103,21 @@ class Flush:
 
 @dataclass
 class Disconnect:
-    """A PPFM overlay peer that is no longer needed."""
+    """A PPFM overlay peer, or a peer of a schedule's past rounds, that is no longer needed."""
 
     peer: int
 
 
 @dataclass
 class Train:
-    """Load `start` into this peer's adapter, run one round of local steps, answer `trained`."""
+    """Load `start` into this peer's adapter, run one round of local steps, answer `trained`.
+    `correction` (gradient tracking): the local steps also move the adapter by -correction over
+    the round, in equal parts per step."""
 
     round: int
     start: State
     teachers: list[State] = field(default_factory=list)
+    correction: State | None = None
 
 
 @dataclass
@@ -164,16 +199,33 @@ class Node:
         weights = topo.mh_weights(self.me)
         weights.pop(self.me)
         self.inc = spec.inc
-        self.engine = ChocoEngine(self.me, weights, spec.x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc,
+        self.schedule = topo.schedule_for(cfg.seed) if topo.schedule is not None else None
+        self.tracking = check_algorithm(cfg, self.schedule is not None)
+        x0 = {**spec.x0, **{TRACK + k: torch.zeros_like(v) for k, v in spec.x0.items()}} if self.tracking else spec.x0
+        self.correction: State = zeros_like_state(spec.x0) if self.tracking else {}  # K-GT's c_i, as a displacement per round
+        self._sent_track: State = {}  # this round's tracked model change, as it went out (before mixing)
+        self.engine = ChocoEngine(self.me, weights, x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc,
                                   robust=cfg.robust, norm_factor=cfg.norm_factor, window=cfg.window)
+        self.dyn: EdgeGossip | FullGossip | None = None
+        if self.schedule is not None:  # the engine above only holds the model; this exchanges it
+            try:
+                self.dyn = scheduled_gossip(self.me, self.schedule, self.engine.x, self.engine.plan, cfg.gamma, cfg.seed, self.inc,
+                                            cfg.norm_factor, cfg.window)
+            except GossipError as e:
+                raise ConfigError(str(e)) from None
+        self.suspects: set[int] = set()  # schedule peers that missed a deadline: not waited for until heard from
+        self._links: set[int] = set()
         self.attack: Attack | None = parse_byzantine(cfg.byzantine)
         rate = abuse_rate(cfg.byzantine)
         dim = flatten(spec.x0).numel()
-        self.sketcher = shared_sketcher(dim, cfg.sketch_dim, cfg.seed) if cfg.sketch_dim > 0 else None
+        sketch_dim = cfg.sketch_dim
+        if self.schedule is not None and cfg.estimator == "auto" and topo.n > FLOOD_UP_TO:
+            sketch_dim = 0  # the gossip estimator averages with fixed weights; flooding is O(n) per message
+        self.sketcher = shared_sketcher(dim, sketch_dim, cfg.seed) if sketch_dim > 0 else None
         self.abuser = None if rate is None else Abuser(self.me, self.engine.layout, rate, (SKETCH_TENSOR, max(1, cfg.sketch_dim)), self.inc)
-        self.diameter = topo.diameter()
+        self.diameter = self.schedule.flood_rounds() if self.schedule is not None else topo.diameter()
         self.book = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
-        self.est_cfg = estimator_config(cfg.estimator, topo, cfg.sketch_dim, cfg.rounds)
+        self.est_cfg = None if self.schedule is not None else estimator_config(cfg.estimator, topo, cfg.sketch_dim, cfg.rounds)
         self.estimator = GossipEstimator(self.me, weights, self.est_cfg) if self.est_cfg is not None else None
         self.estimates: dict[int, float] = {}  # gossip estimator: sketch round -> estimate
         # PPFM: with clustering on, the base engine only paces rounds and floods sketches and
@@ -229,8 +281,12 @@ class Node:
     # ------------------------------------------------------------------ events
 
     def start(self, now: float) -> list[Action]:
-        self.log.info("peer %d: %d neighbours %s, %d rounds, compress=%s, run dir %s", self.me, len(self.neighbors), self.neighbors,
-                      self.cfg.rounds, self.cfg.compress, self.cfg.run_dir)
+        if self.schedule is not None:
+            self.log.info("peer %d: schedule %s (seed %d), algorithm %s, %d rounds, compress=%s, run dir %s", self.me, self.schedule.spec,
+                          self.cfg.seed, self.cfg.algorithm, self.cfg.rounds, self.cfg.compress, self.cfg.run_dir)
+        else:
+            self.log.info("peer %d: %d neighbours %s, %d rounds, compress=%s, run dir %s", self.me, len(self.neighbors), self.neighbors,
+                          self.cfg.rounds, self.cfg.compress, self.cfg.run_dir)
         self._startup_end = now + self.cfg.startup_timeout
         self._next_beat = now
         return self._advance(now)
@@ -251,7 +307,11 @@ class Node:
     def trained(self, metrics: dict[str, Any], state: State, now: float) -> list[Action]:
         if self.phase is not Phase.TRAINING:
             raise RuntimeError(f"peer {self.me}: training result while {self.phase.value}")
+        if self.tracking:  # the model's change over the local steps travels beside it: z_i (times K eta)
+            state = {**state, **{TRACK + k: self.engine.x[k] - v for k, v in state.items()}}
         self.engine.set_x(state)
+        if self.tracking:
+            self._sent_track = {k: v.clone() for k, v in self.engine.x.items() if k.startswith(TRACK)}
         self._phi = self.engine.x
         self._metrics.update(metrics)
         if "train_s" in metrics:  # time waiting for the CPU (co-hosted peers train one after the other)
@@ -332,7 +392,10 @@ class Node:
         """Neighbours whose cool-off is over are heard again, starting from a fresh full state."""
         for j in self.conduct.expired(now):
             self.log.info("peer %d: neighbour %d's cool-off is over; asking for its state", self.me, j)
-            if j in self.engine.replicas:
+            if self.dyn is not None:
+                for dest, msg in self.dyn.forget(j):
+                    self._send(dest, msg)
+            elif j in self.engine.replicas:
                 dest, msg = self.engine.forget(j)
                 self._send(dest, msg)
 
@@ -349,7 +412,8 @@ class Node:
             self._ping(j, msg, down=j not in self.live)
 
     def _receive_base(self, msg: Message, now: float) -> None:
-        if msg.sender not in self.engine.replicas:
+        known = msg.sender in self.engine.replicas if self.dyn is None else msg.sender in self.topo.peers and msg.sender != self.me
+        if not known:
             self._reject("unknown-peer", f"peer {msg.sender} is not a neighbour")
             return
         lie = check_claim(msg.sender, msg.round, self.round, self.neighbor_round, self.conduct.limits)
@@ -358,7 +422,7 @@ class Node:
             return
         try:
             self._take_sketches(msg, now)
-            replies = self.engine.receive(msg)
+            replies = self.engine.receive(msg) if self.dyn is None else self.dyn.receive(msg)
         except Refused as e:
             self._reject(e.reason, str(e), msg.sender, now)
             for dest, reply in e.replies:
@@ -370,7 +434,12 @@ class Node:
         if self.conduct.banned(msg.sender):
             return  # the sketches of this message were its last strike
         self.neighbor_round[msg.sender] = max(self.neighbor_round.get(msg.sender, 0), msg.round)
-        self._mark_seen(msg.sender, now, alive=msg.kind != Kind.BYE)
+        if self.dyn is None:
+            self._mark_seen(msg.sender, now, alive=msg.kind != Kind.BYE)
+        elif msg.kind == Kind.BYE:
+            self.suspects.add(msg.sender)
+        else:
+            self.suspects.discard(msg.sender)
         for dest, reply in replies:
             self._send(dest, reply)
 
@@ -514,6 +583,8 @@ class Node:
         return self._participants(rnd) | {j for j in self._extra_overlay() if j not in self.overlay_down}
 
     def _waiting_for(self, rnd: int) -> list[int]:
+        if self.dyn is not None:
+            return self.dyn.waiting_for(rnd, self.suspects | set(self.conduct.banned_until))
         late = self.engine.waiting_for(rnd, self._participants(rnd))
         if self.levels is not None and rnd < self.cfg.rounds:
             late += self.levels.waiting_for(rnd, self._overlay_live(rnd))
@@ -687,7 +758,11 @@ class Node:
 
     def model(self) -> State:
         """This peer's model: its cluster model with PPFM on, else the base engine's."""
-        return self.levels.model() if self.levels is not None else self.engine.x
+        if self.levels is not None:
+            return self.levels.model()
+        if self.tracking:
+            return {k: v for k, v in self.engine.x.items() if not k.startswith(TRACK)}
+        return self.engine.x
 
     def _train_or_send(self, now: float) -> None:
         rnd = self.rnd
@@ -702,7 +777,7 @@ class Node:
                 teachers = [self.engine.replicas[j].xhat for j in sorted(self.live) if self.engine.replicas[j].synced]
             self.phase = Phase.TRAINING
             self._train_asked = now
-            self._out.append(Train(rnd, self.model(), teachers))
+            self._out.append(Train(rnd, self.model(), teachers, self.correction if self.tracking else None))
             return
         self._send_round(now)
 
@@ -715,19 +790,34 @@ class Node:
         ppfm = training and self.levels is not None
         if ppfm:
             self._ppfm_send(rnd, now)
-        delta = self.engine.make_delta(rnd, empty=not training or ppfm)
+        if self.dyn is not None:
+            self.engine.round = rnd
+            out = self.dyn.outgoing(rnd, self.engine.x, empty=not training)
+            self._relink(rnd)
+        else:
+            delta = self.engine.make_delta(rnd, empty=not training or ppfm)
+            out = [(j, delta) for j in sorted(self.live)]
         self._payload = self.estimator.payload(rnd) if self.estimator is not None else None
         self.round = rnd
-        for j in sorted(self.live):
-            self._send(j, self._with_sketches(delta, j))
+        for j, msg in out:
+            self._send(j, self._with_sketches(msg, j))
         self._send_owed(now)
         self._wait_start = now
         self._deadline_at = now + self._deadline()
         self.phase = Phase.WAITING
 
+    def _relink(self, rnd: int) -> None:
+        """Close the links to peers the schedule no longer sends to, a round after their last use
+        (so what was queued for them leaves first)."""
+        assert self.dyn is not None
+        need = self.dyn.links(rnd) | self.dyn.links(rnd - 1)
+        for j in sorted(self._links - need):
+            self._out.append(Disconnect(j))
+        self._links = need
+
     def _send_owed(self, now: float) -> None:
         """Full states that the one-per-round limit held back (a neighbour asked twice in a round)."""
-        for dest, msg in self.engine.take_owed():
+        for dest, msg in self.engine.take_owed() if self.dyn is None else self.dyn.take_owed():
             self._send(dest, msg)
         if self.levels is not None:
             for eng, channel in ((self.levels.cluster, CLUSTER), (self.levels.glob, GLOBAL)):
@@ -759,6 +849,7 @@ class Node:
         self._waited = now - self._wait_start
         if late:
             self.log.warning("peer %d: round %d deadline passed; mixing without %s", self.me, rnd, late)
+            self.suspects.update(late if self.dyn is not None else ())
         else:
             self.wait_ewma = self._waited if self.wait_ewma is None else 0.8 * self.wait_ewma + 0.2 * self._waited
         self._late = late
@@ -766,6 +857,8 @@ class Node:
             self.estimator.mix(rnd, self._participants(rnd))
             self.estimates.update(self.estimator.ready())
         self._mix(now)
+        if self.dyn is not None:
+            self.dyn.end_round(rnd)
         return True
 
     def _mix(self, now: float) -> None:
@@ -781,8 +874,12 @@ class Node:
         if self.levels is not None:
             self.levels.mix(rnd, self._overlay_live(rnd))
             self._metrics.update(self._ppfm_metrics(rnd))
+        elif self.dyn is not None:
+            self.dyn.mix(rnd, self.engine.x, set(self.conduct.banned_until))
         else:
             self.engine.mix(self._participants(rnd))
+        if self.tracking and self.spec.train:
+            self._track()
         if not self.spec.train:
             self._record(now)
         elif self.levels is not None and self.levels.global_step(rnd):  # a representative's global meta model
@@ -790,6 +887,18 @@ class Node:
             self._out.append(Evaluate(rnd, self.levels.glob.x, True, "global-model"))
         else:
             self._evaluate_round(now)
+
+    def _track(self) -> None:
+        """K-GT's correction step, c_i += sum_j w_ij (z_j - z_i) (Liu, Lin, Koloskova, Stich, 2023),
+        with c and z as displacements over a round. Mixing moved the tracking part from this
+        peer's z_i by exactly that sum, so it is read off the engine: no second mixing rule.
+
+        On push-sum (epidemic) the sum moves to numerators, c_i += omega_i' z_i' - omega_i z_i:
+        column-stochastic mixing conserves sum_i omega_i z_i, so sum_i c_i stays 0, which is what
+        puts the fixed point at the optimum of the sum. With omega = 1 the two rules agree."""
+        before, after = (self.dyn.prior_weight, self.dyn.weight) if isinstance(self.dyn, FullGossip) else (1.0, 1.0)
+        for k, c in self.correction.items():
+            c += after * self.engine.x[TRACK + k] - before * self._sent_track[TRACK + k]
 
     def _evaluate_round(self, now: float) -> None:
         rnd = self.rnd
@@ -811,7 +920,8 @@ class Node:
 
     def _record(self, now: float) -> None:
         rnd = self.rnd
-        mixing = self.engine if self.levels is None else self.levels.cluster
+        mixing: ChocoEngine | EdgeGossip | FullGossip = self.engine if self.levels is None else self.levels.cluster
+        mixing = self.dyn if self.dyn is not None else mixing
         rec: dict[str, Any] = {
             "peer": self.me,
             "round": rnd,
@@ -824,12 +934,13 @@ class Node:
             "payload_bytes": mixing.last_stats.payload_bytes,
             "compression_ratio": mixing.last_stats.dense_bytes / max(1, mixing.last_stats.payload_bytes),
             "compression_error": mixing.last_stats.compression_error,
-            "live_neighbors": len(self.live),
+            "live_neighbors": len(self.live) if self.dyn is None else len(self.dyn.mixed),
             "rejected_messages": self.rejected,
             "rejected_by_reason": dict(self.rejected_by_reason),
             "misbehaving_marks": self.conduct.bans,
             "internal_errors": self.internal_errors,
-            "duplicates": self.engine.duplicates + (self.levels.cluster.duplicates + self.levels.glob.duplicates if self.levels else 0),
+            "duplicates": self.engine.duplicates + (self.levels.cluster.duplicates + self.levels.glob.duplicates if self.levels else 0)
+            + (self.dyn.duplicates if self.dyn else 0),
             **self._metrics,
             **(self._before if rnd == self.start_round else {}),
         }
@@ -878,6 +989,7 @@ class Node:
         from p2pfl import checkpoint as ckpt
 
         tensors, meta = ckpt.engine_state(self.engine)
+        tensors.update({f"track/{k}": v for k, v in self.correction.items()})
         meta["peer"] = self.me
         if self.levels is not None:
             ltensors, meta["ppfm"] = ckpt.levels_state(self.levels)
@@ -890,6 +1002,10 @@ class Node:
         from p2pfl import checkpoint as ckpt
 
         ckpt.restore_engine(self.engine, tensors, meta)
+        for k, c in self.correction.items():
+            if f"track/{k}" not in tensors:
+                raise ckpt.CheckpointError(f"checkpoint: no gradient-tracking correction for {k!r} (saved without --algorithm gt?)")
+            c.copy_(tensors[f"track/{k}"])
         if self.levels is not None and "ppfm" in meta:
             ckpt.restore_levels(self.levels, tensors, meta["ppfm"])
         self.start_round = max(self.engine.round + 1, last_logged + 1)

@@ -95,11 +95,14 @@ class Host:
         if cfg.no_train:
             x0 = synthetic_state(cfg.seed, cfg.id, cfg.dim)
         else:
+            from p2pfl.config import peer_trainers, run_datasets
             from p2pfl.robust import flips_labels
             from p2pfl.trainer import Trainer, TrainerConfig
 
-            trainer = Trainer(TrainerConfig.from_dict({"seed": cfg.seed, **cfg.trainer}), cfg.id, self.topo.n,
-                              replica=self.worker_of[cfg.id], label_flip=flips_labels(cfg.byzantine))
+            trainers = peer_trainers(cfg, {p: s.extra for p, s in self.topo.peers.items()}, str(cfg.topology))
+            trainer = Trainer(TrainerConfig.from_dict({"seed": cfg.seed, **trainers[cfg.id]}), cfg.id, self.topo.n,
+                              replica=self.worker_of[cfg.id], label_flip=flips_labels(cfg.byzantine), datasets=run_datasets(trainers),
+                              rounds=cfg.rounds)
             x0 = trainer.adapter_state()
         spec = N.NodeSpec(x0=x0, inc=time.time_ns() // 1000, train=trainer is not None,
                           augment=trainer is not None and trainer.cfg.augment != "off",
@@ -130,7 +133,9 @@ class Host:
         remote = [j for j in self.topo.ids if j not in self.peers]
         if not remote:
             return False
-        return self.cfgs[p].clusters != "off" or any(j not in self.peers for j in self.topo.neighbors(p))
+        # A schedule's peers of a round can be any peers: links open on demand (`_send`).
+        scheduled = self.topo.schedule is not None
+        return scheduled or self.cfgs[p].clusters != "off" or any(j not in self.peers for j in self.topo.neighbors(p))
 
     # ------------------------------------------------------------------ running
 
@@ -266,7 +271,7 @@ class Host:
         if t is None:
             h.counters.dropped += 1
             return
-        if a.dest not in t.dealers:  # a PPFM overlay peer that is not a base neighbour
+        if a.dest not in t.dealers:  # a PPFM overlay peer that is not a base neighbour, or a schedule's peer
             t.connect(a.dest, self.topo.peers[a.dest])
         (t.offer if a.offer else t.send)(a.dest, encode(a.msg))
 

@@ -317,7 +317,74 @@ def summarize(records_by_peer: Mapping[int, Sequence[Record]], lambda_: float | 
         s["consensus_relative_exact_final"] = exact.xi / exact.scale if exact and exact.scale > 0 else None
 
     _accuracy_and_clusters(idx, s)
+    s.update(privacy_spent(idx))
+    s.update(sites(idx, rounds))
     return s
+
+
+def _latest_of(by_round: Mapping[int, Record], key: str, kind: type) -> Any:
+    """The latest value of `key` that is a `kind` (str, dict), or None."""
+    for rec in reversed(list(by_round.values())):
+        if isinstance(v := rec.get(key), kind):
+            return v
+    return None
+
+
+def sites(idx: Mapping[int, Mapping[int, Record]], rounds: Sequence[int]) -> dict[str, Any]:
+    """A run of heterogeneous sites (several data kinds or datasets; `p2pfl.tasks`): the peers
+    grouped by data kind with each group's final and per-round mean accuracy, and each peer's
+    latest accuracy on every dataset of the run (its ``dataset_accuracy`` records). Empty for a
+    run whose peers all hold one kind of one dataset."""
+    kind = {p: k for p, by_round in idx.items() if (k := _latest_of(by_round, "data_kind", str)) is not None}
+    dataset = {p: d for p, by_round in idx.items() if (d := _latest_of(by_round, "dataset", str)) is not None}
+    if len(set(kind.values())) < 2 and len(set(dataset.values())) < 2:
+        return {}
+    groups: dict[str, Any] = {}
+    for k in sorted(set(kind.values())):
+        ids = sorted(p for p in kind if kind[p] == k)
+        g = {"peers": ids, "datasets": sorted({dataset[p] for p in ids if p in dataset})}
+        for key in ("accuracy", "global_accuracy", "pseudo_label_accuracy", "composition_accuracy"):
+            finals = [v for p in ids if (v := _latest(idx[p], key)) is not None]
+            if finals:
+                g[f"{key}_final_mean"] = _mean(finals)
+        g["accuracy_mean_series"] = [_mean([v for p in ids if r in idx[p] and (v := _num(idx[p][r], "accuracy")) is not None])
+                                     for r in rounds]
+        groups[k] = g
+    table = {p: {n: float(v) for n, v in acc.items() if isinstance(v, int | float) and math.isfinite(v)}
+             for p, by_round in idx.items() if (acc := _latest_of(by_round, "dataset_accuracy", dict)) is not None}
+    return {"kinds": groups, "peer_kind": kind, "peer_dataset": dataset, "dataset_accuracy": table,
+            "datasets": sorted({n for acc in table.values() for n in acc})}
+
+
+Table = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
+
+
+def dataset_table(s: Mapping[str, Any]) -> list[Table]:
+    """Peers by dataset: each peer's latest accuracy on every dataset of the run, then the mean of
+    each data kind's peers (a peer's own dataset is marked *)."""
+    if not s.get("dataset_accuracy"):
+        return []
+    names, acc, kind, own = s["datasets"], s["dataset_accuracy"], s["peer_kind"], s["peer_dataset"]
+
+    def cell(v: float | None, mine: bool = False) -> str:
+        return "n/a" if v is None else f"{v:.3f}" + (" *" if mine else "")
+
+    rows = [[str(p), kind.get(p, "?"), *(cell(acc[p].get(n), own.get(p) == n) for n in names)] for p in sorted(acc)]
+    for k, g in s["kinds"].items():
+        members = [p for p in g["peers"] if p in acc]
+        rows.append([f"mean ({len(members)})", k, *(cell(_mean([acc[p][n] for p in members if n in acc[p]])) for n in names)])
+    return [("Accuracy by dataset (global test sets; * the peer's own)", ["peer", "data kind", *names], rows)]
+
+
+def privacy_spent(idx: Mapping[int, Mapping[int, Record]]) -> dict[str, Any]:
+    """Each DP peer's latest spent epsilon (`p2pfl.privacy`), the largest delta it is stated at,
+    and how many peers stopped training at their budget; empty when no peer ran DP."""
+    spent = {p: v for p, by_round in idx.items() if (v := _latest(by_round, "dp_epsilon_spent")) is not None}
+    if not spent:
+        return {}
+    deltas = [v for by_round in idx.values() if (v := _latest(by_round, "dp_delta")) is not None]
+    reached = sum(1 for by_round in idx.values() if _latest(by_round, "dp_budget_reached") == 1.0)
+    return {"dp_epsilon_spent": spent, "dp_delta_max": max(deltas, default=None), "dp_budget_reached_peers": reached}
 
 
 def _against_the_bound(rounds: Sequence[int], consensus: Sequence[float | None],
@@ -446,11 +513,12 @@ def plot_consensus(idx: Mapping[int, Mapping[int, Record]], s: Mapping[str, Any]
 def _draw_accuracy(ax: Any, idx: Mapping[int, Mapping[int, Record]], s: Mapping[str, Any], title: str) -> None:
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"]
+    cmap, by_kind = colormaps["viridis"], colormaps["tab10"]
     n = max(1, len(idx) - 1)
     first_acc = first_glob = True
-    for k, by_round in enumerate(idx.values()):
-        colour = cmap(k / n)
+    kinds, kind_of = list(s.get("kinds", {})), s.get("peer_kind", {})  # heterogeneous sites: a colour per data kind
+    for k, (p, by_round) in enumerate(idx.items()):
+        colour = by_kind(kinds.index(kind_of[p]) % 10) if p in kind_of and kinds else cmap(k / n)
         pts = [(r, v) for r, rec in by_round.items() if (v := _num(rec, "accuracy")) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), color=colour, lw=0.8, alpha=0.6, label="each peer (local test)" if first_acc else None)
@@ -461,6 +529,10 @@ def _draw_accuracy(ax: Any, idx: Mapping[int, Mapping[int, Record]], s: Mapping[
                        label="each peer (global test)" if first_glob else None)
             first_glob = False
     ser = s["series"]
+    for j, (kind, g) in enumerate(s.get("kinds", {}).items()):
+        kpts = [(r, v) for r, v in zip(ser["round"], g["accuracy_mean_series"], strict=True) if v is not None]
+        if kpts:
+            ax.plot(*zip(*kpts, strict=True), color=by_kind(j % 10), lw=2, ls="--", label=f"mean of the {kind} peers (local test)")
     pts = [(r, v) for r, v in zip(ser["round"], ser["accuracy_mean"], strict=True) if v is not None]
     if pts:
         ax.plot(*zip(*pts, strict=True), color="black", lw=2, label="mean over peers (local test)")
@@ -656,6 +728,15 @@ def summary_rows(s: Mapping[str, Any], topo_name: str, n_peers: int | None) -> l
         rows.append(("final clusters (cluster: peers)", f"{len(s['clusters_final'])} ({sizes})"))
         rows.append(("cluster changes", _fmt(s["cluster_changes"])))
     rows += [(f"{k} (final, mean over peers)", _fmt(v)) for k, v in s.get("fairness_final_mean", {}).items()]
+    for k, g in s.get("kinds", {}).items():
+        figures = [f"{key.replace('_', ' ')} {_fmt(g[f'{key}_final_mean'])}" for key in
+                   ("accuracy", "global_accuracy", "pseudo_label_accuracy", "composition_accuracy") if f"{key}_final_mean" in g]
+        rows.append((f"{k} peers {g['peers']} ({', '.join(g['datasets'])}): final means", ", ".join(figures)))
+    if "dp_epsilon_spent" in s:
+        eps = s["dp_epsilon_spent"]
+        rows.append((f"differential privacy: epsilon spent min / max over {len(eps)} peers (delta <= {_fmt(s['dp_delta_max'])}; "
+                     "peers at their budget)", f"{_fmt(min(eps.values()))} / {_fmt(max(eps.values()))} ({s['dp_budget_reached_peers']})"))
+        rows.append(("differential privacy: epsilon spent per peer", ", ".join(f"{p}: {_fmt(v)}" for p, v in sorted(eps.items()))))
     return rows
 
 
@@ -670,12 +751,15 @@ def kind_text(s: Mapping[str, Any], relative_shown: bool) -> str:
     return AVERAGING_TEXT + (COMPRESSED_TEXT.format(ratio=ratio) if ratio is not None and ratio > 1 else "")
 
 
-def _markdown(title: str, rows: list[tuple[str, str]], figures: list[Figure], notes: list[str]) -> str:
+def _markdown(title: str, rows: list[tuple[str, str]], figures: list[Figure], notes: list[str], tables: Sequence[Table] = ()) -> str:
     def cell(t: str) -> str:
         return t.replace("|", "\\|")
 
     lines = [f"# p2pfl run report: {title}", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {cell(k)} | {cell(v)} |" for k, v in rows]
+    for name, header, body in tables:
+        lines += ["", f"{name}:", "", "| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(map(cell, r)) + " |" for r in body]
     if notes:
         lines += ["", "Notes:", *(f"- {n}" for n in notes)]
     lines.append("")
@@ -685,13 +769,17 @@ def _markdown(title: str, rows: list[tuple[str, str]], figures: list[Figure], no
     return "\n".join(lines)
 
 
-def _html(title: str, rows: list[tuple[str, str]], figures: list[Figure], notes: list[str]) -> str:
+def _html(title: str, rows: list[tuple[str, str]], figures: list[Figure], notes: list[str], tables: Sequence[Table] = ()) -> str:
     """A page that needs nothing but its directory: images by relative path, so it opens from
     file:// where it was written, or wherever the directory is copied."""
     e = html.escape
     body = [f"<h1>p2pfl run report: {e(title)}</h1>", "<table>", "<tr><th>quantity</th><th>value</th></tr>"]
     body += [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows]
     body.append("</table>")
+    for name, header, table in tables:
+        body += [f"<p>{e(name)}</p>", "<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+        body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table]
+        body.append("</table>")
     if notes:
         body += ["<p>Notes:</p><ul>", *(f"<li>{e(n)}</li>" for n in notes), "</ul>"]
     for name, text in figures:
@@ -732,10 +820,11 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 
     figures = _figures(idx, s, title, out)
     rows = summary_rows(s, title, topo.n if topo is not None else None)
-    (out / "summary.md").write_text(_markdown(title, rows, figures, notes))
+    tables = dataset_table(s)
+    (out / "summary.md").write_text(_markdown(title, rows, figures, notes, tables))
     (out / "report.json").write_text(json.dumps({"topology": title, **s, "notes": notes}, indent=1))
     page = out / "summary.html"
-    page.write_text(_html(title, rows, figures, notes))
+    page.write_text(_html(title, rows, figures, notes, tables))
     return page
 
 

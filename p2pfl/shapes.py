@@ -28,6 +28,7 @@ COLOUR_RGB = np.array(
     ],
     dtype=np.float32,
 )
+PAIR_NAMES = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)  # index shape * len(COLOURS) + colour
 SIZES = ("small", "medium", "large")
 SIZE_RADIUS = ((4.0, 5.5), (7.0, 8.5), (10.0, 12.0))  # pixels at 32x32
 POSITIONS = ("in the center", "on the left", "on the right", "at the top", "at the bottom")

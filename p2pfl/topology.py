@@ -2,7 +2,8 @@
 
 Every peer loads the same file and so knows the whole graph: degrees (for the mixing weights),
 the diameter (for how long sketches need to flood) and the spectral gap (for the theory we
-check against) are computed locally with no exchange.
+check against) are computed locally with no exchange. A file with a `schedule:` instead of edges
+has a graph per round (`p2pfl.schedule`); its figures are the schedule's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import yaml
 
 from p2pfl.errors import P2pflError
+from p2pfl.schedule import Schedule, ScheduleError, ScheduleSpec, check_spec, parse_schedule
 
 
 class TopologyError(P2pflError, ValueError):
@@ -41,6 +43,7 @@ class Topology:
     graph: nx.Graph
     name: str = "custom"
     settings: dict[str, Any] = field(default_factory=dict)
+    schedule: ScheduleSpec | None = None  # a graph per round instead of `graph`'s edges (which are then none)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # whole-graph figures, computed once
 
     @property
@@ -73,23 +76,43 @@ class Topology:
                 w[index[i], index[j]] = v
         return w
 
+    def schedule_for(self, seed: int) -> Schedule:
+        """The schedule of a run with this seed; one object per seed, shared by co-hosted peers
+        (its graphs are cached)."""
+        if self.schedule is None:
+            raise TopologyError(f"{self.name}: has edges, not a schedule")
+        key = f"schedule/{seed}"
+        if key not in self._memo:
+            self._memo[key] = Schedule(self.schedule, tuple(self.ids), seed)
+        return self._memo[key]
+
     def mixing_lambda(self) -> float:
-        """lambda = ||W - 11^T/n||_2, the per-round contraction factor of exact gossip. Memoised:
-        co-hosted peers share one Topology, and this is O(n^3)."""
+        """lambda = ||W - 11^T/n||_2, the per-round contraction factor of exact gossip (for a
+        schedule, its expected per-round contraction with seed 0). Memoised: co-hosted peers share
+        one Topology, and this is O(n^3)."""
         if "lambda" not in self._memo:
-            self._memo["lambda"] = second_eigenvalue(self.mixing_matrix())
+            s = self.schedule
+            self._memo["lambda"] = self.schedule_for(0).contraction() if s else second_eigenvalue(self.mixing_matrix())
         return self._memo["lambda"]
 
     def spectral_gap(self) -> float:
         return 1.0 - self.mixing_lambda()
 
     def diameter(self) -> int:
+        """Hops between the farthest peers; for a schedule, rounds until a flooded message has
+        reached every peer (seed 0)."""
         if "diameter" not in self._memo:  # all-pairs BFS: memoised like mixing_lambda
-            self._memo["diameter"] = int(nx.diameter(self.graph)) if self.n > 1 else 0
+            if self.schedule is not None:
+                self._memo["diameter"] = self.schedule_for(0).flood_rounds()
+            else:
+                self._memo["diameter"] = int(nx.diameter(self.graph)) if self.n > 1 else 0
         return self._memo["diameter"]
 
     def rounds_to(self, reduction: float) -> int:
-        """Rounds T with lambda^T <= reduction: the theory's bound on exact gossip."""
+        """Rounds T with lambda^T <= reduction: the theory's bound on exact gossip (for a schedule,
+        the first T whose product of mixing matrices cuts every disagreement that much)."""
+        if self.schedule is not None:
+            return self.schedule_for(0).rounds_to(reduction)
         lam = self.mixing_lambda()
         if lam <= 0.0:
             return 1
@@ -101,7 +124,10 @@ class Topology:
             spec = self.peers[p]
             peers.append({"id": spec.id, "host": spec.host, "port": spec.port, **spec.extra})
         out: dict[str, Any] = {"name": self.name, "peers": peers}
-        out["edges"] = sorted([min(a, b), max(a, b)] for a, b in self.graph.edges)
+        if self.schedule is not None:
+            out["schedule"] = str(self.schedule)
+        else:
+            out["edges"] = sorted([min(a, b), max(a, b)] for a, b in self.graph.edges)
         if self.settings:
             out["settings"] = self.settings
         return out
@@ -184,6 +210,18 @@ def generate(kind: str, n: int, base_port: int = 29500, host: str = "127.0.0.1",
     return topo
 
 
+def scheduled(spec: str, n: int, base_port: int = 29500, host: str = "127.0.0.1") -> Topology:
+    """n peers on a time-varying schedule (`p2pfl.schedule`), no edges."""
+    try:
+        sched = parse_schedule(spec)
+        check_spec(sched, n)
+    except ScheduleError as e:
+        raise TopologyError(f"schedule: {e}") from None
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    return Topology(peers={i: PeerSpec(i, host, base_port + i) for i in range(n)}, graph=g, name=f"{sched.kind}-{n}", schedule=sched)
+
+
 # ---------------------------------------------------------------- loading
 
 def _need(mapping: dict[str, Any], key: str, typ: type, where: str) -> Any:
@@ -217,6 +255,7 @@ def from_dict(doc: Any, source: str = "<topology>") -> Topology:
         peers[pid] = PeerSpec(pid, host, port, extra)
     g = nx.Graph()
     g.add_nodes_from(peers)
+    schedule = _schedule_of(doc, len(peers), source)
     if "edges" in doc and "generator" in doc:
         raise TopologyError(f"{source}: give either 'edges' or 'generator', not both")
     if "edges" in doc:
@@ -242,18 +281,34 @@ def from_dict(doc: Any, source: str = "<topology>") -> Topology:
         order = sorted(peers)
         base = generate_graph(str(gen["kind"]), len(order), **params)
         g.add_edges_from((order[a], order[b]) for a, b in base.edges)
-    else:
-        raise TopologyError(f"{source}: needs an 'edges' list or a 'generator' mapping")
+    elif schedule is None:  # a schedule draws every round's edges itself
+        raise TopologyError(f"{source}: needs an 'edges' list, a 'generator' mapping or a 'schedule'")
     settings = doc.get("settings", {}) or {}
     if not isinstance(settings, dict):
         raise TopologyError(f"{source}: 'settings' must be a mapping")
-    topo = Topology(peers=peers, graph=g, name=str(doc.get("name", Path(source).stem)), settings=settings)
+    topo = Topology(peers=peers, graph=g, name=str(doc.get("name", Path(source).stem)), settings=settings, schedule=schedule)
     validate(topo, source)
     return topo
 
 
+def _schedule_of(doc: dict[str, Any], n: int, source: str) -> ScheduleSpec | None:
+    """A file's `schedule:`; refused beside `edges:` or `generator:`, whose graph it would replace."""
+    if "schedule" not in doc:
+        return None
+    fixed = [k for k in ("edges", "generator") if k in doc]
+    if fixed:
+        raise TopologyError(f"{source}: 'schedule' draws every round's edges itself; remove '{fixed[0]}' "
+                            "(a scheduled file lists only peers)")
+    try:
+        spec = parse_schedule(doc["schedule"])
+        check_spec(spec, n)
+    except ScheduleError as e:
+        raise TopologyError(f"{source}: schedule: {e}") from None
+    return spec
+
+
 def validate(topo: Topology, source: str = "<topology>") -> None:
-    if topo.n > 1 and not nx.is_connected(topo.graph):
+    if topo.schedule is None and topo.n > 1 and not nx.is_connected(topo.graph):
         parts = [sorted(c) for c in nx.connected_components(topo.graph)]
         raise TopologyError(f"{source}: graph is not connected; components {parts}")
     seen: dict[tuple[str, int], int] = {}

@@ -9,14 +9,16 @@ Everything a peer does is a function of (run seed, peer id, number of peers, ste
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from p2pfl import augment, shapes
-from p2pfl.config import TrainerConfig
-from p2pfl.data import PeerData, Split, flipped_labels, load_peer_data, rng_for
+from p2pfl import augment, privacy, shapes, tasks
+from p2pfl.config import DATA_KINDS, TrainerConfig, dataset_key, dataset_name
+from p2pfl.data import PeerData, Split, composition_test, flipped_labels, global_test, load_peer_data, rng_for
 from p2pfl.errors import P2pflError
 from p2pfl.model import (
     AdaptedClip,
@@ -71,10 +73,14 @@ class Trainer:
     alike (global test set, pool, partition); each owns its travelling tensors, optimizer state,
     data share and step. ``share=False`` gives a trainer private copies of everything.
     ``label_flip`` poisons the peer's training labels (a Byzantine peer, `--byzantine labelflip`).
+    ``datasets``: the run's datasets (`config.run_datasets`); with more than one, global
+    evaluation also covers each of them (``dataset_accuracy``).
+    ``rounds``: the rounds this peer will train, which differential privacy (``dp_epsilon``)
+    calibrates its noise to and checks the budget against at start (`p2pfl.privacy`).
     """
 
     def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int, share: bool = True, replica: int = 0,
-                 label_flip: bool = False) -> None:
+                 label_flip: bool = False, datasets: Sequence[tuple[str, str, str]] = (), rounds: int | None = None) -> None:
         if cfg.optimizer not in ("adamw", "sgd"):
             raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
         # Augmentation and adjustment are one method: the adjusted prior counts the synthetic samples.
@@ -96,6 +102,8 @@ class Trainer:
                 f"trainer config: augment_threshold {cfg.augment_threshold} (in [0, 1]) / augment_weight "
                 f"{cfg.augment_weight} (>= 0) / augment_batch {cfg.augment_batch} (>= 1) invalid"
             )
+        self._check_kind(cfg)
+        privacy.check_options(cfg, self.tau)
         self.cfg, self.peer_id, self.n_peers = cfg, peer_id, n_peers
         self.device = resolve_device(cfg.device)
         if share:
@@ -109,10 +117,12 @@ class Trainer:
         self.data: PeerData = load_peer_data(
             cfg.dataset, cfg.task, cfg.domain, cfg.partition, peer_id, n_peers, cfg.seed,
             cfg.samples_per_peer, cfg.test_fraction, cfg.global_test_size, self.foundation.image_size, cache=share,
+            kind=cfg.data_kind,
         )
         if label_flip:
             self.data = flipped_labels(self.data)
         self.heads = host.heads  # frozen text prototypes: the same for every adapter unless the text tower adapts
+        self.dp = privacy.DpSgd(privacy.make_plan(cfg, len(self.data.train), rounds), self.model, self.device, peer_id) if privacy.enabled(cfg) else None
         params = self.model.trainable()
         if cfg.optimizer == "adamw":
             self.opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -142,6 +152,28 @@ class Trainer:
         self.synthetic: augment.SyntheticSet | None = None  # this round's cache
         self.teachers: list[dict[str, torch.Tensor]] = []  # neighbours' public adapters (set_teachers)
         self.teacher_of: dict[int, int] = {}  # class -> index into teachers used in the last synthesis
+        self.drift: dict[str, torch.Tensor] = {}  # gradient tracking: moved off every step (set_correction)
+        own = dataset_key(cfg.dataset, self.data.task, self.data.domain)
+        self.identity = {"data_kind": cfg.data_kind, "dataset": dataset_name(own), "task": self.data.task}
+        self.eval_sets: dict[str, Split] = {}  # the run's datasets by name (this peer's own global test among them)
+        keys = sorted(set(datasets) | {own}) if not cfg.partition.startswith("groups:") else []  # groups: planted tasks, group-local tests
+        for k in keys if len(keys) > 1 else ():
+            split = self.data.global_test if k == own else global_test(*k, cfg.seed, cfg.global_test_size, self.foundation.image_size)
+            if split is not None:  # a folder without test/: nothing to evaluate others on
+                self.eval_sets[dataset_name(k)] = split
+
+    def _check_kind(self, cfg: TrainerConfig) -> None:
+        """Keys of the data kinds (`p2pfl.tasks`). Peers without labels must not use the hidden
+        labels in training: augmentation and logit adjustment read the label prior."""
+        if cfg.data_kind not in DATA_KINDS:
+            raise TrainerError(f"trainer config: data_kind {cfg.data_kind!r} is not one of {DATA_KINDS}")
+        if cfg.data_kind != "labelled" and (cfg.augment != "off" or self.tau > 0):
+            raise TrainerError(f"trainer config: data_kind {cfg.data_kind}: augment and logit_adjust need labels")
+        if cfg.data_kind == "captions" and not cfg.text_lora:
+            raise TrainerError("trainer config: data_kind captions trains the text tower: it needs text_lora true")
+        if not (0 <= cfg.pseudo_threshold <= 1 and 0 < cfg.pseudo_fraction <= 1):
+            raise TrainerError(f"trainer config: pseudo_threshold {cfg.pseudo_threshold} (in [0, 1]) / "
+                               f"pseudo_fraction {cfg.pseudo_fraction} (in (0, 1]) invalid")
 
     # -- exchange
 
@@ -164,6 +196,17 @@ class Trainer:
                     raise TrainerError(f"set_teachers: adapter tensor {k!r} missing or of another shape")
         self.teachers = [{k: st[k].detach().to(torch.float32).clone() for k in own} for st in states]
 
+    def set_correction(self, correction: dict[str, torch.Tensor]) -> None:
+        """Gradient tracking (K-GT): the next round's local steps also move the adapter by
+        ``-correction`` in all, ``1/local_steps`` of it after each optimizer step, which is K-GT's
+        corrected step ``-lr (g + c)`` written as a displacement; applying it outside the optimizer
+        keeps it one and the same whatever the optimizer. Names and shapes must be this adapter's."""
+        own = self.adapter_state()
+        if {k: v.shape for k, v in correction.items()} != {k: v.shape for k, v in own.items()}:
+            raise TrainerError("set_correction: tensors differ from the adapter's names or shapes")
+        steps = max(1, self.cfg.local_steps)
+        self.drift = {k: (v.to(self.device, torch.float32) / steps) for k, v in correction.items()}
+
     # -- local work
 
     def _logit_offset(self, prior: torch.Tensor) -> torch.Tensor | None:
@@ -179,14 +222,18 @@ class Trainer:
             return None
         return self.tau * prior.log()
 
-    def _batch(self, step: int) -> np.ndarray:
-        """Indices of batch ``step``: epochs of seeded permutations, so a restart resumes exactly."""
-        n, bs = len(self.data.train), self.cfg.batch_size
+    def _batch(self, step: int, n: int) -> np.ndarray:
+        """Indices of batch ``step`` of ``n`` samples: epochs of seeded permutations, so a restart
+        resumes exactly (an unlabelled peer's pseudo-labels are a function of its model)."""
+        bs = self.cfg.batch_size
         epoch, pos = divmod(step, max(1, n // bs))
         return rng_for(self.cfg.seed, "batches", self.peer_id, epoch).permutation(n)[pos * bs : (pos + 1) * bs]
 
     def _head(self, split: Split) -> torch.Tensor:
-        return self.heads.get(self.model, split.class_names, split.templates or self.foundation.templates)
+        head = self.heads.get(self.model, split.class_names, split.templates or self.foundation.templates)
+        # Self-training adapts the image tower to fixed class prototypes, as SHOT keeps the source
+        # classifier fixed: prototypes that moved toward the pseudo-labels would confirm them.
+        return head.detach() if self.cfg.data_kind == "unlabelled" else head
 
     def lr_at(self, step: int) -> float:
         """Cosine decay (Loshchilov & Hutter, 2017) to 0 at the end of the schedule, then 0.
@@ -197,13 +244,34 @@ class Trainer:
             return self.cfg.lr
         return self.cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.decay_steps) / self.decay_steps))
 
-    def train_round(self) -> dict[str, float]:
-        """``local_steps`` optimizer steps; mean training loss and accuracy over them."""
-        train = self.data.train
+    def train_round(self) -> dict[str, Any]:
+        """``local_steps`` optimizer steps; mean training loss and accuracy over them, and the
+        peer's data kind, dataset and task. An unlabelled peer first labels its images anew."""
+        train, out = self.data.train, dict(self.identity)
+        if len(train) and self.cfg.local_steps and self.cfg.data_kind == "unlabelled":
+            with self.model.bound():
+                train, pseudo = self._pseudo_labelled(train)
+            out.update(pseudo)
         if len(train) == 0 or self.cfg.local_steps == 0:
-            return {"train_loss": float("nan"), "train_accuracy": float("nan"), "steps": 0.0}
+            return {"train_loss": float("nan"), "train_accuracy": float("nan"), "steps": 0.0, **out}
         with self.model.bound():
-            return self._train_round(train)
+            return {**(self._train_round(train) if self.dp is None else self._dp_train_round(train)), **out}
+
+    @torch.no_grad()
+    def _pseudo_labelled(self, train: Split) -> tuple[Split, dict[str, float]]:
+        """The images that the current (mixed) model labels confidently, with those labels
+        (`tasks.select_pseudo_labels`), and how right they are: the hidden labels are read for
+        that figure alone."""
+        self.model.clip.eval()
+        head = self._head(train)
+        probs = torch.cat([self.model.logits(train.images[i : i + 256], head).softmax(-1) for i in range(0, len(train), 256)])
+        idx, labels = tasks.select_pseudo_labels(probs, self.cfg.pseudo_threshold, self.cfg.pseudo_fraction)
+        hidden = train.labels.numpy()
+        metrics = {"pseudo_label_accuracy": float((labels == hidden[idx]).mean()) if len(idx) else float("nan"),
+                   "pseudo_label_coverage": len(idx) / len(train),
+                   "pseudo_argmax_accuracy": float((probs.argmax(1).cpu().numpy() == hidden).mean())}
+        t = torch.from_numpy(idx)
+        return Split(train.images[t], torch.from_numpy(labels), train.class_names, train.templates), metrics
 
     def _train_round(self, train: Split) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -215,10 +283,13 @@ class Trainer:
         freeze_norm_statistics(self.model.clip.train())
         losses, correct, seen = [], 0, 0
         for _ in range(self.cfg.local_steps):
-            idx = torch.from_numpy(self._batch(self.step))
+            idx = torch.from_numpy(self._batch(self.step, len(train)))
             images, labels = train.images[idx].to(self.device), train.labels[idx].to(self.device)
-            logits = self.model.logits(images, self._head(train))
-            loss = F.cross_entropy(logits if self.logit_offset is None else logits + self.logit_offset, labels)
+            if self.data.captions:  # image-text pairs: CLIP's contrastive loss, scored by in-batch retrieval
+                loss, logits, labels = tasks.caption_loss(self.foundation, images, [self.data.captions[i] for i in idx.tolist()])
+            else:
+                logits = self.model.logits(images, self._head(train))
+                loss = F.cross_entropy(logits if self.logit_offset is None else logits + self.logit_offset, labels)
             if self.synthetic is not None and len(self.synthetic) and self.cfg.augment_weight > 0:
                 loss = self._mixed_loss(loss, len(labels), train)
             self.opt.zero_grad(set_to_none=True)
@@ -226,6 +297,9 @@ class Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step)
             self.opt.step()
+            with torch.no_grad():
+                for k, d in self.drift.items():
+                    self.model.lora[k].sub_(d)
             self.step += 1
             losses.append(loss.item())
             correct += int((logits.argmax(1) == labels).sum())
@@ -233,6 +307,21 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)  # every step starts from none: no need to hold them between rounds
         self.model.clip.eval()
         return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / seen, "steps": float(len(losses)), **out}
+
+    def _dp_train_round(self, train: Split) -> dict[str, float]:
+        """DP-SGD steps (`p2pfl.privacy`) with this trainer's optimizer, schedule and step count."""
+        assert self.dp is not None
+        fixed = None if self.model.spec.text else self._head(train).detach()  # computed outside the per-sample transforms
+
+        def run(images: torch.Tensor) -> torch.Tensor:
+            return self.model.logits(images, self._head(train) if fixed is None else fixed)
+
+        freeze_norm_statistics(self.model.clip.train())
+        try:
+            out, self.step = self.dp.train_round(self.opt, train.images, train.labels, run, self.lr_at, self.step, self.cfg.local_steps)
+        finally:
+            self.model.clip.eval()
+        return out
 
     # -- zero-shot data augmentation (p2pfl/augment.py)
 
@@ -322,7 +411,7 @@ class Trainer:
             correct += int((logits.argmax(1) == labels).sum())
         return correct / len(split), loss / len(split)
 
-    def evaluate(self, global_eval: bool = False) -> dict[str, float]:
+    def evaluate(self, global_eval: bool = False) -> dict[str, Any]:
         """Local held-out accuracy (and loss); with ``global_eval`` also on the global test set."""
         with self.model.bound():
             self.model.clip.eval()
@@ -331,6 +420,19 @@ class Trainer:
             if global_eval:
                 out["global_accuracy"], out["global_loss"] = self._accuracy(self.data.global_test)
                 out["unseen_accuracy"] = self._unseen_accuracy()
+                out.update(self._other_tasks(out["global_accuracy"]))
+        return out
+
+    def _other_tasks(self, own: float) -> dict[str, Any]:
+        """Accuracy on every dataset of a run with several (``dataset_accuracy``: name -> accuracy)
+        and, for a shapes peer whose text tower adapts, zero-shot on held-out compositions."""
+        out: dict[str, Any] = {}
+        if self.eval_sets:
+            out["dataset_accuracy"] = {name: own if split is self.data.global_test else self._accuracy(split)[0]
+                                       for name, split in self.eval_sets.items()}
+        if self.model.spec.text and self.cfg.dataset == "shapes":
+            held_out = composition_test(self.data.domain, self.cfg.seed, self.cfg.global_test_size)
+            out["composition_accuracy"] = self._accuracy(held_out)[0]
         return out
 
     def _unseen_accuracy(self) -> float:
@@ -392,7 +494,6 @@ def shapes_zero_shot_report(
     rng = np.random.default_rng(seed)
     dom = shapes.parse_domain(domain)
     out: dict[str, float] = {}
-    pair_names = [f"{c} {s}" for s in shapes.SHAPES for c in shapes.COLOURS]
     for split in ("seen", "unseen"):
         scenes = shapes.sample_scenes(rng, n, split, dom)
         images = torch.from_numpy(shapes.render(scenes, dom, seed=seed))
@@ -402,5 +503,5 @@ def shapes_zero_shot_report(
             acc = zero_shot_accuracy(fm, images, labels[:, k], shapes.VALUES[attr], shapes.TEMPLATES[attr])
             out[attr if split == "seen" else f"unseen_{attr}"] = acc
         pair = labels[:, 0] * len(shapes.COLOURS) + labels[:, 1]
-        out[f"{split}_pair"] = zero_shot_accuracy(fm, images, pair, pair_names, shapes.TEMPLATES["shape"])
+        out[f"{split}_pair"] = zero_shot_accuracy(fm, images, pair, shapes.PAIR_NAMES, shapes.TEMPLATES["shape"])
     return out

@@ -11,7 +11,8 @@ from p2pfl.node import Evaluate, Train
 
 
 class Learner(Protocol):
-    """What a node's work needs of a `trainer.Trainer` (tests give simpler ones)."""
+    """What a node's work needs of a `trainer.Trainer` (tests give simpler ones). Learners that
+    take teachers or a gradient-tracking correction also have `set_teachers` / `set_correction`."""
 
     def train_round(self) -> dict[str, Any]: ...
     def evaluate(self, global_eval: bool = False) -> dict[str, Any]: ...
@@ -23,7 +24,9 @@ def copy_inputs(action: Train | Evaluate) -> Train | Evaluate:
     """The action with its tensors copied: the node's own keep changing while work waits its turn."""
     if isinstance(action, Evaluate):
         return Evaluate(action.round, {k: v.clone() for k, v in action.state.items()}, action.global_eval, action.purpose)
-    return Train(action.round, {k: v.clone() for k, v in action.start.items()}, [{k: v.clone() for k, v in t.items()} for t in action.teachers])
+    correction = None if action.correction is None else {k: v.clone() for k, v in action.correction.items()}
+    return Train(action.round, {k: v.clone() for k, v in action.start.items()}, [{k: v.clone() for k, v in t.items()} for t in action.teachers],
+                 correction)
 
 
 def perform(learner: Learner, action: Train | Evaluate, teachers: bool) -> tuple[dict[str, Any], State | None]:
@@ -33,6 +36,8 @@ def perform(learner: Learner, action: Train | Evaluate, teachers: bool) -> tuple
         return learner.evaluate(action.global_eval), None
     if teachers:
         learner.set_teachers(action.teachers)  # type: ignore[attr-defined]
+    if action.correction is not None:
+        learner.set_correction(action.correction)  # type: ignore[attr-defined]
     t0 = time.perf_counter()
     metrics = dict(learner.train_round())
     metrics["train_s"] = time.perf_counter() - t0

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from p2pfl import shapes
 from p2pfl.model import SHAPES_CLIP, SHAPES_CLIP_RN, Foundation, compact_token_spec, foundation_from_spec
+from p2pfl.tasks import contrastive_loss
 from p2pfl.trainer import shapes_zero_shot_report
 
 log = logging.getLogger("pretrain")
@@ -99,20 +99,6 @@ def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
         no_decay = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding")
         (keep if no_decay else decay).append(p)
     return [{"params": decay, "weight_decay": wd}, {"params": keep, "weight_decay": 0.0}]
-
-
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, compat: torch.Tensor) -> torch.Tensor:
-    """Soft-target CLIP loss: each side's target is uniform over the truly matching items.
-
-    Captions that match no image (swapped hard negatives) only act as negatives for the images.
-    """
-    logits = scale * img @ txt.T
-    t = compat.float()
-    i2t = -(t / t.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
-    cols = t.sum(0) > 0
-    tc = t[:, cols]
-    t2i = -(tc / tc.sum(0, keepdim=True) * F.log_softmax(logits[:, cols], dim=0)).sum(0).mean()
-    return (i2t + t2i) / 2
 
 
 def achromatic(s: shapes.Scenes, rng: np.random.Generator, frac: float) -> tuple[shapes.Scenes, np.ndarray]:

@@ -1,0 +1,196 @@
+"""Heterogeneous sites on one ring: peers with different datasets, data kinds and domains.
+
+Three scenarios on a ring of 8 (per-peer trainer settings merged by `p2pfl.config.peer_trainers`,
+as a topology file's peer entries are):
+- a: shapes peers (shape task, contrast+clutter) and digits peers, alternating on the ring, with
+  the main job's Dirichlet 0.5 label skew (so that a dataset's peers need each other);
+- b: labelled, caption and unlabelled shapes peers on three shifted domains;
+- c: every peer unlabelled but one labelled peer, on one shifted domain.
+Three arms of the same peers (same data shares, rounds and local steps): ``mixed`` (every peer
+gossips on the ring: the daemon's rounds in `p2pfl.sim`), ``by_kind`` (each kind gossips only
+with its own kind, on a ring of its own; a kind of one peer trains alone) and ``alone``. For each
+kind: zero-shot and final global accuracy on its own task and on every dataset of the run;
+unlabelled peers' pseudo-label accuracy; labelled peers' accuracy on held-out compositions.
+Prints one JSON line. usage: python bench/heterogeneous.py [--rounds 20] [--local-steps 5]
+[--scenarios a,b,c] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+
+from p2pfl.config import PeerConfig, dataset_key, dataset_name, peer_trainers, run_datasets
+from p2pfl.sim import train_network
+from p2pfl.topology import PeerSpec, Topology, generate_graph
+from p2pfl.trainer import Trainer, TrainerConfig
+
+N = 8
+LABELLED, CAPTIONS, UNLABELLED = "labelled", "captions", "unlabelled"
+
+
+def scenario(name: str) -> tuple[dict[str, Any], dict[int, dict[str, Any]], dict[int, str]]:
+    """(settings.trainer, each peer's own trainer: entry, each peer's kind in the tables)."""
+    if name == "a":
+        entries = {p: {"dataset": "shapes"} if p % 2 == 0 else {"dataset": "digits"} for p in range(N)}
+        return {"partition": "dirichlet:0.5"}, entries, {p: e["dataset"] for p, e in entries.items()}
+    if name == "b":
+        kinds = [LABELLED, CAPTIONS, UNLABELLED, LABELLED, CAPTIONS, UNLABELLED, LABELLED, CAPTIONS]
+        domain = {LABELLED: "contrast+clutter", CAPTIONS: "noise+clutter", UNLABELLED: "contrast+noise"}
+        return {}, {p: {"data_kind": k, "domain": domain[k]} for p, k in enumerate(kinds)}, dict(enumerate(kinds))
+    if name == "c":
+        kinds = [LABELLED] + [UNLABELLED] * (N - 1)
+        return {}, {p: {"data_kind": k} for p, k in enumerate(kinds)}, dict(enumerate(kinds))
+    raise SystemExit(f"--scenarios: unknown scenario {name!r} (a, b, c)")
+
+
+def ring(ids: list[int]) -> Topology:
+    """A ring over `ids` (their own ids kept: each trainer keeps its share of the data)."""
+    graph = nx.Graph()
+    graph.add_nodes_from(ids)
+    graph.add_edges_from((ids[a], ids[b]) for a, b in generate_graph("ring", len(ids)).edges)
+    return Topology({p: PeerSpec(p, "127.0.0.1", 30000 + p) for p in ids}, graph, name=f"ring-{len(ids)}")
+
+
+def make_trainers(configs: Mapping[int, TrainerConfig], datasets: tuple) -> dict[int, Trainer]:
+    return {p: Trainer(c, p, N, datasets=datasets) for p, c in configs.items()}
+
+
+def gossip(trainers: dict[int, Trainer], rounds: int) -> dict[int, dict[str, Any]]:
+    """The last record of each peer, with the first's zero-shot figures (``*_before``) and its
+    round-0 training metrics (``first_*``)."""
+    sim = train_network(ring(sorted(trainers)), trainers, rounds, sketch_dim=0)
+    out = {}
+    for p in trainers:
+        first, last = sim.records[p][0], sim.records[p][-1]
+        out[p] = {**{f"first_{k}": v for k, v in first.items()}, **first, **last}
+    return out
+
+
+def alone(trainers: dict[int, Trainer], rounds: int) -> dict[int, dict[str, Any]]:
+    out = {}
+    for p, t in trainers.items():
+        before = {f"{k}_before": v for k, v in t.evaluate(global_eval=True).items()}
+        metrics = [t.train_round() for _ in range(rounds)]
+        out[p] = {**before, **{f"first_{k}": v for k, v in metrics[0].items()}, **metrics[-1], **t.evaluate(global_eval=True)}
+    return out
+
+
+def arm(name: str, configs: Mapping[int, TrainerConfig], kinds: Mapping[int, str], datasets: tuple, rounds: int) -> dict[int, dict[str, Any]]:
+    if name == "alone":
+        return alone(make_trainers(configs, datasets), rounds)
+    if name == "mixed":
+        return gossip(make_trainers(configs, datasets), rounds)
+    out: dict[int, dict[str, Any]] = {}
+    for kind in sorted(set(kinds.values())):
+        ids = [p for p in configs if kinds[p] == kind]
+        group = make_trainers({p: configs[p] for p in ids}, datasets)
+        out.update(gossip(group, rounds) if len(ids) > 1 else alone(group, rounds))
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return round(float(np.mean(vals)), 4) if vals else None
+
+
+def by_kind(records: Mapping[int, Mapping[str, Any]], kinds: Mapping[int, str], own: Mapping[int, str]) -> dict[str, Any]:
+    """Per kind: own-task global accuracy (zero-shot and final), accuracy on each dataset, and the
+    kind-specific figures, averaged over the kind's peers."""
+    out: dict[str, Any] = {}
+    for kind in sorted(set(kinds.values())):
+        ids = [p for p in records if kinds[p] == kind]
+        recs = [records[p] for p in ids]
+        names = sorted({n for r in recs for n in r.get("dataset_accuracy", {})})
+        row: dict[str, Any] = {
+            "peers": ids, "dataset": own[ids[0]],
+            "zero_shot": _mean([r["global_accuracy_before"] for r in recs]),
+            "own_task": _mean([r["global_accuracy"] for r in recs]),
+            "on_dataset": {n: _mean([r["dataset_accuracy"][n] for r in recs]) for n in names},
+            "on_dataset_zero_shot": {n: _mean([r["dataset_accuracy_before"][n] for r in recs]) for n in names},
+        }
+        if "composition_accuracy" in recs[0]:
+            row["composition"] = _mean([r["composition_accuracy"] for r in recs])
+            row["composition_zero_shot"] = _mean([r["composition_accuracy_before"] for r in recs])
+        if "pseudo_label_accuracy" in recs[0]:
+            row["pseudo_label_accuracy_first_round"] = _mean([r["first_pseudo_label_accuracy"] for r in recs])
+            row["pseudo_label_accuracy_last_round"] = _mean([r["pseudo_label_accuracy"] for r in recs])
+            row["pseudo_label_coverage_last_round"] = _mean([r["pseudo_label_coverage"] for r in recs])
+        out[kind] = row
+    return out
+
+
+def run_scenario(name: str, rounds: int, local_steps: int, seed: int) -> dict[str, Any]:
+    settings, entries, kinds = scenario(name)
+    cfg = PeerConfig(topology=Path(f"heterogeneous-{name}"), id=0, seed=seed,
+                     trainer={"local_steps": local_steps, "eval_every": rounds, **settings})
+    options = peer_trainers(cfg, {p: {"trainer": e} for p, e in entries.items()}, f"scenario {name}")
+    configs = {p: TrainerConfig.from_dict({"seed": seed, **o}) for p, o in options.items()}
+    datasets = run_datasets(options)
+    own = {p: dataset_name(dataset_key(c.dataset, c.task, c.domain)) for p, c in configs.items()}
+    out: dict[str, Any] = {"kinds": {str(p): k for p, k in kinds.items()}, "entries": {str(p): e for p, e in entries.items()},
+                           "datasets": [dataset_name(k) for k in datasets], "text_lora": configs[0].text_lora}
+    for a in ("mixed", "by_kind", "alone"):
+        t0 = time.time()
+        out[a] = by_kind(arm(a, configs, kinds, datasets, rounds), kinds, own)
+        out[a]["seconds"] = round(time.time() - t0, 1)
+    out["targets"] = targets(name, out)
+    return out
+
+
+def _points(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(100 * (a - b), 2)
+
+
+def targets(name: str, r: Mapping[str, Any]) -> dict[str, Any]:
+    """The issue's targets, measured: gains in points and whether each is met."""
+    t: dict[str, Any] = {}
+    mixed, kind, solo = r["mixed"], r["by_kind"], r["alone"]
+    if name == "a":
+        for k in ("shapes", "digits"):
+            cost = _points(kind[k]["own_task"], mixed[k]["own_task"])
+            t[f"{k}_mixing_cost_points"] = cost
+            t[f"{k}_mixing_cost_at_most_2"] = cost is not None and cost <= 2
+            t[f"{k}_gain_over_alone_points"] = _points(mixed[k]["own_task"], solo[k]["own_task"])
+    if UNLABELLED in mixed:
+        u = mixed[UNLABELLED]
+        gain0, gain_alone = _points(u["own_task"], u["zero_shot"]), _points(u["own_task"], solo[UNLABELLED]["own_task"])
+        t.update(unlabelled_gain_over_zero_shot_points=gain0, unlabelled_gain_over_zero_shot_at_least_10=gain0 is not None and gain0 >= 10,
+                 unlabelled_gain_over_self_training_alone_points=gain_alone,
+                 unlabelled_gain_over_self_training_alone_at_least_5=gain_alone is not None and gain_alone >= 5)
+    if CAPTIONS in mixed:
+        lab_mixed, lab_kind = mixed[LABELLED].get("composition"), kind[LABELLED].get("composition")
+        t["labelled_composition_mixed_minus_labelled_only_points"] = _points(lab_mixed, lab_kind)
+        t["labelled_composition_mixed_minus_zero_shot_points"] = _points(lab_mixed, mixed[LABELLED].get("composition_zero_shot"))
+        t["caption_gossip_raises_labelled_composition"] = (lab_mixed or 0) > (lab_kind or 0)
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--scenarios", default="a,b,c")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    out: dict[str, Any] = {"bench": "heterogeneous", "peers": N, "topology": "ring", "rounds": args.rounds,
+                           "local_steps": args.local_steps, "seed": args.seed}
+    for name in args.scenarios.split(","):
+        out[name] = run_scenario(name, args.rounds, args.local_steps, args.seed)
+    out["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
