@@ -231,6 +231,6 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def report_main(argv: list[str] | None = None) -> int:
-    from p2pfl.report import main
+    from p2pfl.page import main
 
     return main(argv)

@@ -20,7 +20,8 @@ from typing import Any
 
 from p2pfl import topology as topo_mod
 from p2pfl.metrics import read_jsonl
-from p2pfl.report import ReportError, index_records, uncompressed_extra_bytes, write_report
+from p2pfl.page import write_report
+from p2pfl.report import ReportError, index_records, uncompressed_extra_bytes
 
 
 def _last_records(run_dir: Path, ids: list[int]) -> dict[int, dict[str, Any]]:

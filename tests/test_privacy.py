@@ -14,7 +14,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from p2pfl import privacy as P
 from p2pfl.metrics import read_jsonl
 from p2pfl.model import SHAPES_CLIP_RN, freeze_norm_statistics
-from p2pfl.report import summarize, summary_rows
+from p2pfl.page import summary_rows
+from p2pfl.report import summarize
 from p2pfl.trainer import Trainer, TrainerConfig
 
 from .conftest import make_topology, start_peer, wait_all

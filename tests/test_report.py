@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from p2pfl import page as pages
 from p2pfl import report
 from p2pfl import topology as T
 from p2pfl.consensus import exact_distance, flatten
@@ -143,7 +144,7 @@ def test_report_without_training(tmp_path, capsys):
     lam = T.load(run / "topology.yaml").mixing_lambda()
     assert lam == pytest.approx(1 / 3)  # ring-4 with Metropolis-Hastings weights
     out = tmp_path / "elsewhere"
-    assert report.main([str(run), "--out", str(out)]) == 0
+    assert pages.main([str(run), "--out", str(out)]) == 0
     assert "summary.html" in capsys.readouterr().out
 
     assert sorted(p.name for p in out.glob("*.png")) == ["bytes.png", "consensus.png"]
@@ -173,8 +174,8 @@ def test_report_without_training(tmp_path, capsys):
     assert not any(k.startswith(("final accuracy", "final clusters")) for k in rows)
     assert not any("adapter scale" in k or "exact from the saved adapters" in k for k in rows)
     assert "no metrics file for peer(s) [2]" in text and "no saved adapter for peer(s) [0, 1, 2, 3]" in text
-    assert report.AVERAGING_TEXT in text and "compressed (4.0x)" in text and "Kong" not in text
-    assert text.index(report.AVERAGING_TEXT) < text.index("](consensus.png)")
+    assert pages.AVERAGING_TEXT in text and "compressed (4.0x)" in text and "Kong" not in text
+    assert text.index(pages.AVERAGING_TEXT) < text.index("](consensus.png)")
     assert "](consensus.png)" in text and "](bytes.png)" in text and "accuracy.png" not in text
 
     html = (out / "summary.html").read_text()
@@ -202,7 +203,7 @@ def test_report_with_accuracy_clusters_and_broken_lines(tmp_path):
     lines = (run / "metrics" / "peer-1.jsonl").read_text().splitlines(keepends=True)
     lines.insert(4, "not json\n")  # garbage mid-file: skipped and said so
     (run / "metrics" / "peer-1.jsonl").write_text("".join(lines))
-    assert report.main([str(run)]) == 0
+    assert pages.main([str(run)]) == 0
     out = run / "report"
     for name in ("consensus.png", "accuracy.png", "bytes.png", "clusters.png"):
         assert_png(out / name)
@@ -214,7 +215,7 @@ def test_report_with_accuracy_clusters_and_broken_lines(tmp_path):
     assert "bound" not in json.loads((out / "report.json").read_text())
     relative = rows[f"consensus distance / adapter scale, from the records (round {ROUNDS - 1})"]
     assert numbers(relative) == [pytest.approx(e["relative"][ROUNDS - 1], rel=1e-5)]
-    assert report.TRAINING_TEXT + report.RELATIVE_TEXT in text and "Kong et al., 2021" in text
+    assert pages.TRAINING_TEXT + pages.RELATIVE_TEXT in text and "Kong et al., 2021" in text
     assert text.index("Kong et al., 2021") < text.index("](accuracy.png)") < text.index("](consensus.png)")
     assert row(rows, "saved by compression").startswith("n/a")  # clustered: delta recipients unknown
     mean, lo, hi = numbers(row(rows, "final accuracy mean / min / max"))
@@ -254,9 +255,9 @@ def test_training_run_without_a_model_scale_draws_no_relative_panel(tmp_path):
     for recs in records.values():
         for rec in recs:
             del rec["model_norm"]  # and no saved adapters either
-    page = report.write_report(write_run(tmp_path / "run", records))
+    page = pages.write_report(write_run(tmp_path / "run", records))
     text = (page.parent / "summary.md").read_text()
-    assert report.TRAINING_TEXT in text and report.RELATIVE_TEXT not in text
+    assert pages.TRAINING_TEXT in text and pages.RELATIVE_TEXT not in text
     assert not any("adapter scale" in k for k in md_rows(text))
     assert mpimg.imread(page.parent / "accuracy.png").shape[1] == mpimg.imread(page.parent / "consensus.png").shape[1]
 
@@ -270,12 +271,22 @@ def test_launcher_says_what_compression_saved():
 
 def test_report_without_topology_still_reports(tmp_path):
     run = write_run(tmp_path / "run", make_records(training=False, clusters=False), topology=False)
-    page = report.write_report(run)
+    page = pages.write_report(run)
     assert page == run / "report" / "summary.html"
     rows = md_rows((run / "report" / "summary.md").read_text())
     assert row(rows, "lambda") == "n/a"
     assert numbers(row(rows, "peers")) == [3]
     assert_png(run / "report" / "consensus.png")
+
+
+def test_a_scheduled_run_labels_lambda_as_the_schedules_contraction(tmp_path):
+    run = write_run(tmp_path / "run", make_records(training=False, clusters=False), topology=False)
+    topo = T.scheduled("one-peer-exponential", 6)  # not a power of 2: lambda > 0
+    topo.dump(run / "topology.yaml")
+    pages.write_report(run)
+    rows = md_rows((run / "report" / "summary.md").read_text())
+    assert not any(k.startswith("lambda = ") for k in rows)  # no single W to take the norm of
+    assert float(row(rows, "lambda: contraction per round of schedule one-peer-exponential")) == pytest.approx(topo.mixing_lambda())
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no-files", "empty-files"])
@@ -288,7 +299,7 @@ def test_bad_run_dir_is_a_clear_error(tmp_path, capsys, case):
         T.generate("ring", 4, base_port=40000).dump(run / "topology.yaml")
     if case == "empty-files":
         (run / "metrics" / "peer-0.jsonl").write_text("")
-    assert report.main([str(run)]) != 0
+    assert pages.main([str(run)]) != 0
     err = capsys.readouterr().err
     assert err.startswith("p2pfl-report: error:") and str(run) in err
     assert ("not a directory" if case == "missing" else "no metrics" if case != "empty-files" else "no records") in err
@@ -346,7 +357,7 @@ def test_real_run_report_of_its_kind(real_run):
         assert row(rows, "run kind").startswith("pure averaging")
         assert numbers(row(rows, "rounds above the spectral bound"))[-1] == 8
         assert numbers(row(rows, "measured contraction"))[1] == pytest.approx(1 / 3, rel=1e-5)  # lambda of ring-4
-        assert report.AVERAGING_TEXT in text and "compressed (" in text and "Kong" not in text
+        assert pages.AVERAGING_TEXT in text and "compressed (" in text and "Kong" not in text
         assert not any("adapter scale" in k for k in rows) and data["kind"] == "averaging" and len(data["bound"]) == 8
     else:
         assert row(rows, "run kind").startswith("training")
@@ -354,7 +365,7 @@ def test_real_run_report_of_its_kind(real_run):
         assert "bound" not in data and "Xi_0 lambda" not in text
         relative = numbers(row(rows, "consensus distance / adapter scale, exact"))
         assert relative == [pytest.approx(xi / scale, rel=1e-5), pytest.approx(scale, rel=1e-5)]
-        assert report.TRAINING_TEXT + report.RELATIVE_TEXT in text
+        assert pages.TRAINING_TEXT + pages.RELATIVE_TEXT in text
         assert "Kong et al., 2021" in (out / "summary.html").read_text()
         # accuracy with the relative consensus distance beside it: twice as wide as one panel
         assert mpimg.imread(out / "accuracy.png").shape[1] > 1.2 * mpimg.imread(out / "consensus.png").shape[1]
