@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	P2PFL_PYTHON=$(PY) scripts/launch.sh $(TOPOLOGY) $(ARGS)
 
+# Tests run on one pytest-xdist worker per core, at most 4: the multi-process tests idle while
+# their peers wait for rounds, and more workers than that would only crowd the cores and memory.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/gossip_throughput.py

@@ -26,12 +26,26 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _port_range(n: int) -> tuple[int, int]:
+    """Where base ports are drawn: 10000 up to the ephemeral range, split into disjoint slices
+    when pytest-xdist runs workers side by side, so that no two workers draw the same ports."""
+    low, high = 10000, _ephemeral_low() - n - 1
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and count > 1:
+        span = (high - low) // count
+        low += int(worker[2:]) * span
+        high = low + span - n
+    return low, high
+
+
 def free_base_port(n: int) -> int:
     """A base port with n consecutive free TCP ports on 127.0.0.1, below the ephemeral range: the
     kernel hands ephemeral ports to outgoing connections (every peer's DEALERs), which could
     otherwise take a port between this check and a later peer's bind."""
+    low, high = _port_range(n)
     for _ in range(200):
-        base = random.randint(10000, _ephemeral_low() - n - 1)
+        base = random.randint(low, high)
         socks = []
         try:
             for k in range(n):
@@ -54,9 +68,9 @@ def make_topology(tmp: Path, kind: str, n: int, **params) -> tuple[T.Topology, P
     return topo, path
 
 
-def start_peer(topo_path: Path, peer: int, run_dir: Path, *args: str) -> subprocess.Popen:
-    """One peer process, in a process group of its own (see `spawn`); its output goes to
-    RUN_DIR/stdout-<peer>.log."""
+def start_peer(topo_path: Path, peer: int | str, run_dir: Path, *args: str) -> subprocess.Popen:
+    """One peer process (or, with a `--id` list or range as `peer`, a process of co-hosted peers), in
+    a process group of its own (see `spawn`); its output goes to RUN_DIR/stdout-<peer>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(run_dir / f"stdout-{peer}.log", "ab") as log:  # the child keeps its own handle
         return subprocess.Popen(
@@ -72,7 +86,7 @@ class Spawner:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen] = []
 
-    def __call__(self, topo_path: Path, peer: int, run_dir: Path, *args: str) -> subprocess.Popen:
+    def __call__(self, topo_path: Path, peer: int | str, run_dir: Path, *args: str) -> subprocess.Popen:
         pr = start_peer(topo_path, peer, run_dir, *args)
         self.started.append(pr)
         return pr
