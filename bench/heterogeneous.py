@@ -8,11 +8,14 @@ as a topology file's peer entries are):
 - c: every peer unlabelled but one labelled peer, on one shifted domain.
 Three arms of the same peers (same data shares, rounds and local steps): ``mixed`` (every peer
 gossips on the ring: the daemon's rounds in `p2pfl.sim`), ``by_kind`` (each kind gossips only
-with its own kind, on a ring of its own; a kind of one peer trains alone) and ``alone``. For each
+with its own kind, on a ring of its own; a kind of one peer trains alone) and ``alone``; with
+``--arms`` also ``mixed_ppfm``: every peer on the ring with PPFM's levels on (``--clusters auto``),
+so each peer ends on its cluster's model while the global level still mixes across clusters
+(``--clusters K`` fixes the number of clusters instead). For each
 kind: zero-shot and final global accuracy on its own task and on every dataset of the run;
 unlabelled peers' pseudo-label accuracy; labelled peers' accuracy on held-out compositions.
 Prints one JSON line. usage: python bench/heterogeneous.py [--rounds 20] [--local-steps 5]
-[--scenarios a,b,c] [--seed 0]
+[--scenarios a,b,c] [--arms mixed,by_kind,alone[,mixed_ppfm]] [--clusters auto|K] [--seed 0]
 """
 
 from __future__ import annotations
@@ -65,14 +68,16 @@ def make_trainers(configs: Mapping[int, TrainerConfig], datasets: tuple) -> dict
     return {p: Trainer(c, p, N, datasets=datasets) for p, c in configs.items()}
 
 
-def gossip(trainers: dict[int, Trainer], rounds: int) -> dict[int, dict[str, Any]]:
+def gossip(trainers: dict[int, Trainer], rounds: int, clusters: str = "off") -> dict[int, dict[str, Any]]:
     """The last record of each peer, with the first's zero-shot figures (``*_before``) and its
     round-0 training metrics (``first_*``)."""
-    sim = train_network(ring(sorted(trainers)), trainers, rounds, sketch_dim=0)
+    sim = train_network(ring(sorted(trainers)), trainers, rounds, sketch_dim=0, clusters=clusters)
     out = {}
     for p in trainers:
         first, last = sim.records[p][0], sim.records[p][-1]
         out[p] = {**{f"first_{k}": v for k, v in first.items()}, **first, **last}
+        if clusters != "off":
+            out[p]["cluster_labels"] = last["cluster_labels"]
     return out
 
 
@@ -85,11 +90,12 @@ def alone(trainers: dict[int, Trainer], rounds: int) -> dict[int, dict[str, Any]
     return out
 
 
-def arm(name: str, configs: Mapping[int, TrainerConfig], kinds: Mapping[int, str], datasets: tuple, rounds: int) -> dict[int, dict[str, Any]]:
+def arm(name: str, configs: Mapping[int, TrainerConfig], kinds: Mapping[int, str], datasets: tuple, rounds: int,
+        clusters: str = "auto") -> dict[int, dict[str, Any]]:
     if name == "alone":
         return alone(make_trainers(configs, datasets), rounds)
-    if name == "mixed":
-        return gossip(make_trainers(configs, datasets), rounds)
+    if name in ("mixed", "mixed_ppfm"):
+        return gossip(make_trainers(configs, datasets), rounds, clusters if name == "mixed_ppfm" else "off")
     out: dict[int, dict[str, Any]] = {}
     for kind in sorted(set(kinds.values())):
         ids = [p for p in configs if kinds[p] == kind]
@@ -129,7 +135,7 @@ def by_kind(records: Mapping[int, Mapping[str, Any]], kinds: Mapping[int, str], 
     return out
 
 
-def run_scenario(name: str, rounds: int, local_steps: int, seed: int) -> dict[str, Any]:
+def run_scenario(name: str, rounds: int, local_steps: int, seed: int, arms: list[str], clusters: str = "auto") -> dict[str, Any]:
     settings, entries, kinds = scenario(name)
     cfg = PeerConfig(topology=Path(f"heterogeneous-{name}"), id=0, seed=seed,
                      trainer={"local_steps": local_steps, "eval_every": rounds, **settings})
@@ -139,9 +145,12 @@ def run_scenario(name: str, rounds: int, local_steps: int, seed: int) -> dict[st
     own = {p: dataset_name(dataset_key(c.dataset, c.task, c.domain)) for p, c in configs.items()}
     out: dict[str, Any] = {"kinds": {str(p): k for p, k in kinds.items()}, "entries": {str(p): e for p, e in entries.items()},
                            "datasets": [dataset_name(k) for k in datasets], "text_lora": configs[0].text_lora}
-    for a in ("mixed", "by_kind", "alone"):
+    for a in arms:
         t0 = time.time()
-        out[a] = by_kind(arm(a, configs, kinds, datasets, rounds), kinds, own)
+        records = arm(a, configs, kinds, datasets, rounds, clusters)
+        out[a] = by_kind(records, kinds, own)
+        if a == "mixed_ppfm":
+            out[a]["cluster_labels"] = records[0]["cluster_labels"]
         out[a]["seconds"] = round(time.time() - t0, 1)
     out["targets"] = targets(name, out)
     return out
@@ -152,22 +161,24 @@ def _points(a: float | None, b: float | None) -> float | None:
 
 
 def targets(name: str, r: Mapping[str, Any]) -> dict[str, Any]:
-    """The issue's targets, measured: gains in points and whether each is met."""
+    """The issue's targets, measured on the arms that ran: gains in points and whether each is met."""
     t: dict[str, Any] = {}
-    mixed, kind, solo = r["mixed"], r["by_kind"], r["alone"]
-    if name == "a":
-        for k in ("shapes", "digits"):
-            cost = _points(kind[k]["own_task"], mixed[k]["own_task"])
-            t[f"{k}_mixing_cost_points"] = cost
-            t[f"{k}_mixing_cost_at_most_2"] = cost is not None and cost <= 2
-            t[f"{k}_gain_over_alone_points"] = _points(mixed[k]["own_task"], solo[k]["own_task"])
-    if UNLABELLED in mixed:
+    mixed, kind, solo = r.get("mixed"), r.get("by_kind"), r.get("alone")
+    if name == "a" and kind is not None:
+        for label, arm_ in (("", mixed), ("ppfm_", r.get("mixed_ppfm"))):
+            for k in ("shapes", "digits") if arm_ is not None else ():
+                cost = _points(kind[k]["own_task"], arm_[k]["own_task"])
+                t[f"{label}{k}_mixing_cost_points"] = cost
+                t[f"{label}{k}_mixing_cost_at_most_2"] = cost is not None and cost <= 2
+                if solo is not None:
+                    t[f"{label}{k}_gain_over_alone_points"] = _points(arm_[k]["own_task"], solo[k]["own_task"])
+    if mixed is not None and UNLABELLED in mixed and solo is not None:
         u = mixed[UNLABELLED]
         gain0, gain_alone = _points(u["own_task"], u["zero_shot"]), _points(u["own_task"], solo[UNLABELLED]["own_task"])
         t.update(unlabelled_gain_over_zero_shot_points=gain0, unlabelled_gain_over_zero_shot_at_least_10=gain0 is not None and gain0 >= 10,
                  unlabelled_gain_over_self_training_alone_points=gain_alone,
                  unlabelled_gain_over_self_training_alone_at_least_5=gain_alone is not None and gain_alone >= 5)
-    if CAPTIONS in mixed:
+    if mixed is not None and CAPTIONS in mixed and kind is not None:
         lab_mixed, lab_kind = mixed[LABELLED].get("composition"), kind[LABELLED].get("composition")
         t["labelled_composition_mixed_minus_labelled_only_points"] = _points(lab_mixed, lab_kind)
         t["labelled_composition_mixed_minus_zero_shot_points"] = _points(lab_mixed, mixed[LABELLED].get("composition_zero_shot"))
@@ -180,6 +191,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--scenarios", default="a,b,c")
+    ap.add_argument("--arms", default="mixed,by_kind,alone", help="of mixed, by_kind, alone, mixed_ppfm (the targets need the first three)")
+    ap.add_argument("--clusters", default="auto", help="PPFM's clusters in the mixed_ppfm arm: auto or a number")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -187,7 +200,7 @@ def main() -> None:
     out: dict[str, Any] = {"bench": "heterogeneous", "peers": N, "topology": "ring", "rounds": args.rounds,
                            "local_steps": args.local_steps, "seed": args.seed}
     for name in args.scenarios.split(","):
-        out[name] = run_scenario(name, args.rounds, args.local_steps, args.seed)
+        out[name] = run_scenario(name, args.rounds, args.local_steps, args.seed, args.arms.split(","), args.clusters)
     out["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(out))
 
