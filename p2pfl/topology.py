@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 import yaml
 
+from p2pfl.config import unknown_key
 from p2pfl.errors import P2pflError
 from p2pfl.schedule import Schedule, ScheduleError, ScheduleSpec, check_spec, parse_schedule
 
@@ -233,9 +234,15 @@ def _need(mapping: dict[str, Any], key: str, typ: type, where: str) -> Any:
     return value
 
 
+TOP_LEVEL_KEYS = ("name", "peers", "edges", "generator", "schedule", "settings")
+
+
 def from_dict(doc: Any, source: str = "<topology>") -> Topology:
     if not isinstance(doc, dict):
         raise TopologyError(f"{source}: top level must be a mapping with 'peers', got {type(doc).__name__}")
+    for key in doc:  # a misspelt 'edge:' or 'setings:' would otherwise be dropped without a word
+        if key not in TOP_LEVEL_KEYS:
+            raise TopologyError(str(unknown_key(key, TOP_LEVEL_KEYS, "top-level key", source)))
     raw_peers = doc.get("peers")
     if not isinstance(raw_peers, list) or not raw_peers:
         raise TopologyError(f"{source}: 'peers' must be a non-empty list of mappings")

@@ -21,10 +21,10 @@ from typing import Any
 import msgpack
 import torch
 
+from p2pfl.config import PeerConfig
 from p2pfl.errors import P2pflError
 
 PROTOCOL_VERSION = 1
-DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 MAX_HEADER = 4 * 1024 * 1024
 MAX_TENSORS = 4096
 BASE, CLUSTER, GLOBAL = "base", "cluster", "global"
@@ -164,7 +164,7 @@ def _meta(v: Any, index: int) -> dict[str, Any]:
     return v
 
 
-def decode(frames: Sequence[Any], max_frame: int = DEFAULT_MAX_FRAME, check_finite: bool = True) -> Message:
+def decode(frames: Sequence[Any], max_frame: int = PeerConfig.max_frame, check_finite: bool = True) -> Message:
     """Validate and view a frame sequence as a Message. Raises WireError and nothing else."""
     if not frames:
         raise WireError("empty message: no header frame")

@@ -70,6 +70,7 @@ BAD = {
     "peers:\n  - {id: 0, host: a, port: 70000}\nedges: []": "not a TCP port",
     "peers:\n  - {id: 0, host: a, port: 1}\n": "needs an 'edges' list",
     "peers:\n  - {id: 0, host: a, port: 1}\ngenerator: {kind: moebius}": "unknown topology kind",
+    "peers:\n  - {id: 0, host: a, port: 1}\nedges: []\nsetings: {rounds: 3}": "unknown top-level key 'setings'; did you mean 'settings'?",
 }
 
 
