@@ -36,7 +36,7 @@ CODECS = [
     "fp16",
     "bf16",
     "int8",
-    "sign",
+    "sign:tensor",
     "sign:64",
     "sign:128",
     "topk:0.1",
