@@ -1,4 +1,4 @@
-"""Helpers for multi-process tests: one OS process per peer over real loopback TCP."""
+"""Helpers for multi-process tests over real loopback TCP: a process per peer, or per block of co-hosted peers."""
 
 from __future__ import annotations
 

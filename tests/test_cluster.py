@@ -1,4 +1,4 @@
-"""Multi-process runs over real loopback TCP, one OS process per peer, checked against theory."""
+"""Multi-process runs over real loopback TCP (one OS process per peer, or a few co-hosted peers per process), checked against theory."""
 
 import itertools
 import json
