@@ -75,9 +75,7 @@ def gossip(trainers: dict[int, Trainer], rounds: int, clusters: str = "off") -> 
     out = {}
     for p in trainers:
         first, last = sim.records[p][0], sim.records[p][-1]
-        out[p] = {**{f"first_{k}": v for k, v in first.items()}, **first, **last}
-        if clusters != "off":
-            out[p]["cluster_labels"] = last["cluster_labels"]
+        out[p] = {**{f"first_{k}": v for k, v in first.items()}, **first, **last}  # with PPFM, last has cluster_labels
     return out
 
 
