@@ -80,7 +80,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from p2pfl.errors import P2pflError
-from p2pfl.model import Foundation, has_resnet_tower
+from p2pfl.foundation import Foundation
+from p2pfl.model import has_resnet_tower
 
 AUGMENT_MODES = ("off", "zero-shot")
 TEACHER_MODES = ("self", "neighbours")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from p2pfl.model import Foundation
+    from p2pfl.foundation import Foundation
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, compat: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def caption_targets(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
 def caption_loss(foundation: Foundation, images: torch.Tensor, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, image-to-text logits, each image's caption index) of one batch of pairs.
 
-    ``foundation`` is a `p2pfl.model.Foundation` with the peer's adapter bound (both towers run
+    ``foundation`` is a `p2pfl.foundation.Foundation` with the peer's adapter bound (both towers run
     through their LoRA layers); the logits' argmax against the targets is in-batch retrieval."""
     texts, targets = caption_targets(captions)
     targets = targets.to(images.device)

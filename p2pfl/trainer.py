@@ -20,15 +20,8 @@ from p2pfl import augment, privacy, shapes, tasks
 from p2pfl.config import DATA_KINDS, TrainerConfig, dataset_key, dataset_name
 from p2pfl.data import PeerData, Split, composition_test, flipped_labels, global_test, load_peer_data, rng_for
 from p2pfl.errors import P2pflError
-from p2pfl.model import (
-    AdaptedClip,
-    Foundation,
-    LoraHost,
-    freeze_norm_statistics,
-    load_foundation,
-    shared_host,
-    zero_shot_accuracy,
-)
+from p2pfl.foundation import Foundation, load_foundation, zero_shot_accuracy
+from p2pfl.model import AdaptedClip, LoraHost, freeze_norm_statistics, shared_host
 
 
 class TrainerError(P2pflError, ValueError):

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from p2pfl import shapes
-from p2pfl.model import SHAPES_CLIP, SHAPES_CLIP_RN, Foundation, compact_token_spec, foundation_from_spec
+from p2pfl.foundation import SHAPES_CLIP, SHAPES_CLIP_RN, Foundation, compact_token_spec, foundation_from_spec
 from p2pfl.tasks import contrastive_loss
 from p2pfl.trainer import shapes_zero_shot_report
 

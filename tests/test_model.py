@@ -13,16 +13,14 @@ import torch
 from safetensors.torch import save_file
 
 from p2pfl import shapes
-from p2pfl.model import (
-    AdaptedClip,
+from p2pfl.foundation import (
     CompactTokenizer,
-    LoraHost,
-    LoraSpec,
     ModelError,
     compact_token_spec,
     foundation_from_spec,
     load_foundation,
 )
+from p2pfl.model import AdaptedClip, LoraHost, LoraSpec
 from p2pfl.trainer import shapes_zero_shot_report
 
 TINY_WORDS = ["a", "red", "circle", "photo", "of", "."]

@@ -12,8 +12,9 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from p2pfl import privacy as P
+from p2pfl.foundation import SHAPES_CLIP_RN
 from p2pfl.metrics import read_jsonl
-from p2pfl.model import SHAPES_CLIP_RN, freeze_norm_statistics
+from p2pfl.model import freeze_norm_statistics
 from p2pfl.page import summary_rows
 from p2pfl.report import summarize
 from p2pfl.trainer import Trainer, TrainerConfig
