@@ -7,9 +7,12 @@ Reported per case: peak PSS in total and per peer (co-hosted: the increment per 
 first, measured against the 1-peer case of the same run), start-up time (launch to the first
 round's start), seconds per round, and machine-wide training samples per second (local steps x
 batch x peers x rounds over the time from the first round's start to the last record). Ratios:
-co-hosted 8 vs 8 processes, and 256 vs 8 co-hosted. Prints one JSON line.
+co-hosted 8 vs 8 processes, and 256 vs 8 co-hosted. Cases ``loopW`` give the machine's ceiling
+without the daemon: W trainers of the shared model, one per worker thread, each calling
+``train_round`` back to back in one process; the co-hosted 8 is also reported as a fraction of
+``loop2``. Prints one JSON line.
 
-usage: python bench/scale.py [--cases 1,8,64,256,procs8,notrain1024] [--rounds 3] [--set KEY=VALUE ...]
+usage: python bench/scale.py [--cases 1,8,64,256,procs8,notrain1024,loop1,loop2] [--rounds 3] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -82,6 +85,45 @@ def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], 
     return out
 
 
+def loop(workers: int, rounds: int, sets: list[str]) -> dict:
+    """Training samples per second of ``workers`` trainers training back to back, one thread each
+    (after one warm-up round), in this process."""
+    import threading
+    from dataclasses import replace
+
+    import torch
+
+    from p2pfl.config import TrainerConfig, parse_sets
+    from p2pfl.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = replace(TrainerConfig(), **parse_sets(sets))
+    trainers = [Trainer(cfg, i, 8, replica=i) for i in range(workers)]
+    for t in trainers:
+        t.train_round()
+    samples = [0] * workers
+
+    def run(k: int) -> None:
+        for _ in range(rounds):
+            samples[k] += int(trainers[k].train_round()["steps"]) * cfg.batch_size
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(workers)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return {"workers": workers, "rounds": rounds, "samples_per_s": round(sum(samples) / (time.perf_counter() - t0), 1)}
+
+
+def loop_case(workers: int, rounds: int, sets: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--loop", str(workers), "--rounds", str(rounds)] + [a for s in sets for a in ("--set", s)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if done.returncode:
+        return {"workers": workers, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="1,8,64,256,procs8,notrain1024")
@@ -89,12 +131,18 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option of every training case")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--threads", type=int, default=0, help="torch threads of co-hosting processes (0: every core)")
+    ap.add_argument("--loop", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.loop:
+        print(json.dumps(loop(args.loop, args.rounds, args.set)))
+        return
     results: dict[str, dict] = {}
     port = 26000
     for case in args.cases.split(","):
         if case == "procs8":
             results[case] = run_case(8, 8, args.rounds, True, args.set, port, args.timeout)
+        elif case.startswith("loop"):
+            results[case] = loop_case(int(case.removeprefix("loop")), args.rounds, args.set)
         elif case.startswith("notrain"):
             results[case] = run_case(int(case.removeprefix("notrain")), 1, args.rounds, False, args.set, port, args.timeout)
         else:
@@ -109,6 +157,8 @@ def main() -> None:
     co8, p8 = results.get("8", {}), results.get("procs8", {})
     if "samples_per_s" in co8 and "samples_per_s" in p8:
         out["throughput_cohosted8_over_processes8"] = round(co8["samples_per_s"] / p8["samples_per_s"], 3)
+    if "samples_per_s" in co8 and "samples_per_s" in results.get("loop2", {}):
+        out["cohosted8_over_loop2"] = round(co8["samples_per_s"] / results["loop2"]["samples_per_s"], 3)
     if "samples_per_s" in co8 and "samples_per_s" in results.get("256", {}):
         out["throughput_256_over_8"] = round(results["256"]["samples_per_s"] / co8["samples_per_s"], 3)
     print(json.dumps(out))
