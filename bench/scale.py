@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 from p2pfl import topology as T  # noqa: E402
 from p2pfl.metrics import read_jsonl  # noqa: E402
 
+SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # every process the bench starts
+
 
 def pss_kb(pid: int) -> int:
     try:
@@ -53,9 +55,8 @@ def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], 
             "--peer-timeout", "600", "--startup-timeout", "600", "--log-level", "WARNING", "--threads", str(threads)]
     args += ["--no-train"] if not train else [a for s in sets for a in ("--set", s)]
     blocks = [list(range(n))[i * n // processes : (i + 1) * n // processes] for i in range(processes)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, "-m", "p2pfl.cli_peer", *args, "--id", f"{b[0]}-{b[-1]}"], cwd=ROOT, env=env,
+    procs = [subprocess.Popen([sys.executable, "-m", "p2pfl.cli_peer", *args, "--id", f"{b[0]}-{b[-1]}"], cwd=ROOT, env=SINGLE_THREAD_ENV,
                               stdout=subprocess.DEVNULL, stderr=open(tmp / f"err-{b[0]}.log", "wb")) for b in blocks]  # noqa: SIM115
     peak = 0
     while any(p.poll() is None for p in procs):
@@ -117,10 +118,11 @@ def loop(workers: int, rounds: int, sets: list[str]) -> dict:
 
 
 def loop_case(workers: int, rounds: int, sets: list[str]) -> dict:
+    """`loop` in a process of its own, so that its torch and trainers do not stay in this one."""
     cmd = [sys.executable, __file__, "--loop", str(workers), "--rounds", str(rounds)] + [a for s in sets for a in ("--set", s)]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=SINGLE_THREAD_ENV, capture_output=True, text=True)
     if done.returncode:
-        return {"workers": workers, "error": done.stderr.strip().splitlines()[-1:]}
+        return {"workers": workers, "error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -154,13 +156,11 @@ def main() -> None:
     for case, r in results.items():
         if one and case.isdigit() and int(case) > 1 and "peak_pss_mb" in r:
             r["pss_per_extra_peer_mb"] = round((r["peak_pss_mb"] - one) / (int(case) - 1), 2)
-    co8, p8 = results.get("8", {}), results.get("procs8", {})
-    if "samples_per_s" in co8 and "samples_per_s" in p8:
-        out["throughput_cohosted8_over_processes8"] = round(co8["samples_per_s"] / p8["samples_per_s"], 3)
-    if "samples_per_s" in co8 and "samples_per_s" in results.get("loop2", {}):
-        out["cohosted8_over_loop2"] = round(co8["samples_per_s"] / results["loop2"]["samples_per_s"], 3)
-    if "samples_per_s" in co8 and "samples_per_s" in results.get("256", {}):
-        out["throughput_256_over_8"] = round(results["256"]["samples_per_s"] / co8["samples_per_s"], 3)
+    for key, num, den in (("throughput_cohosted8_over_processes8", "8", "procs8"), ("cohosted8_over_loop2", "8", "loop2"),
+                          ("throughput_256_over_8", "256", "8")):
+        a, b = results.get(num, {}).get("samples_per_s"), results.get(den, {}).get("samples_per_s")
+        if a is not None and b:
+            out[key] = round(a / b, 3)
     print(json.dumps(out))
 
 
