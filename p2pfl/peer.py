@@ -149,7 +149,7 @@ class Host:
             h = self.peers[p]
             neighbors = {j: self.topo.peers[j] for j in self.topo.neighbors(p) if j not in self.peers}
             h.transport = Transport(self.topo.peers[p], neighbors, h.cfg.max_frame, curve=self.curve[p],
-                                    ctx=self.shared.ctx if self.shared else None)
+                                    ctx=self.shared.ctx if self.shared else None, retire_grace=h.cfg.round_timeout)
             h.transport.supervise = self._supervise
             await h.transport.start()
             tasks.append(self._supervise(asyncio.create_task(self._receive_loop(h), name=f"recv-{p}")))
@@ -271,8 +271,9 @@ class Host:
         if t is None:
             h.counters.dropped += 1
             return
-        if a.dest not in t.dealers:  # a PPFM overlay peer that is not a base neighbour, or a schedule's peer
-            t.connect(a.dest, self.topo.peers[a.dest])
+        # A PPFM overlay peer that is not a base neighbour, or a schedule's peer: opened on first
+        # use, and taken back if it is still retiring.
+        t.connect(a.dest, self.topo.peers[a.dest])
         (t.offer if a.offer else t.send)(a.dest, encode(a.msg))
 
     def _submit(self, h: Hosted, a: N.Train | N.Evaluate) -> None:

@@ -6,7 +6,9 @@ ZMQ_IMMEDIATE (nothing queues for a peer that is not connected) and a send high-
 full queue drops the message and counts it (CHOCO's sequence numbers turn that into a resync).
 When a neighbour goes down, `flush` drops what waits for it, in the queue and at the socket, and
 pings go out with `offer` (now or never): otherwise its next incarnation would first receive
-seconds-old messages, with old round numbers, when the DEALER reconnects.
+seconds-old messages, with old round numbers, when the DEALER reconnects. A link that is merely
+no longer needed (`disconnect`) closes only once what waits on it has left: a schedule's delta
+queued for a peer that is still starting is the one message that peer's round waits for.
 The ROUTER's routing id is the sender's DEALER identity, which the peer checks against the
 header's sender field.
 """
@@ -26,10 +28,12 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from p2pfl.config import PeerConfig
 from p2pfl.topology import PeerSpec, Topology, TopologyError
 from p2pfl.wire import frames_nbytes
 
 log = logging.getLogger("p2pfl.transport")
+RETIRE_LINGER_MS = 2000  # a retired DEALER's last accepted messages; bounds how long closing the context can wait
 
 
 @dataclass
@@ -127,9 +131,12 @@ class Transport:
         hwm: int = 64,
         curve: CurveKeys | None = None,
         ctx: zmq.asyncio.Context | None = None,
+        retire_grace: float = PeerConfig.round_timeout,
     ) -> None:
         """`ctx`: a context shared by the transports of co-hosted peers (one I/O thread, one ZAP
-        handler for all); the transport then leaves its lifetime to the owner."""
+        handler for all); the transport then leaves its lifetime to the owner. `retire_grace`:
+        how long a disconnected link keeps trying to deliver what waits on it (the peer's round
+        deadline ceiling: after that the receiver has stopped waiting for it)."""
         self.me = me
         self.neighbors = neighbors
         self.max_frame = max_frame
@@ -142,6 +149,8 @@ class Transport:
         self.dealers: dict[int, zmq.Socket] = {}
         self.queues: dict[int, asyncio.Queue[Sequence[Any]]] = {}
         self.held: dict[int, asyncio.Future[None]] = {}  # a sender task's wait for room, with a message in hand
+        self.retire_grace = retire_grace
+        self.retiring: dict[int, asyncio.Task[None]] = {}  # disconnected links still delivering their queue
         self._rx_waiter: asyncio.Future[None] | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.supervise: Callable[[asyncio.Task[None]], asyncio.Task[None]] | None = None  # the host watches the sender tasks
@@ -179,7 +188,11 @@ class Transport:
 
     def connect(self, j: int, spec: PeerSpec) -> None:
         """Open a DEALER (and its send queue) to peer j. Called for every neighbour at start, and
-        later for peers that are not base-graph neighbours but share a PPFM overlay edge."""
+        later for peers that are not base-graph neighbours but share a PPFM overlay edge. A link
+        that is still retiring is taken back as it is, its queue in order."""
+        retiring = self.retiring.pop(j, None)
+        if retiring is not None:
+            retiring.cancel()
         if j in self.dealers:
             return
         d = zmq.Socket(self.ctx, zmq.DEALER)
@@ -202,9 +215,16 @@ class Transport:
         self.tasks.append(self.supervise(task) if self.supervise is not None else task)
 
     def disconnect(self, j: int) -> None:
-        """Close the DEALER to a peer opened with `connect`; what waits for it is dropped, as in `flush`."""
-        if j not in self.dealers:
+        """Close the DEALER to a peer opened with `connect` once its queue and held message have
+        left (at most `retire_grace` seconds; then what is left is dropped and counted)."""
+        if j not in self.dealers or j in self.retiring:
             return
+        self.retiring[j] = asyncio.create_task(self._retire(j), name=f"retire-{j}")
+
+    async def _retire(self, j: int) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.queues[j].join(), self.retire_grace)
+        del self.retiring[j]
         self.flush(j)
         for t in [t for t in self.tasks if t.get_name() == f"send-{j}"]:
             t.cancel()
@@ -212,7 +232,7 @@ class Transport:
         del self.queues[j]
         d = self.dealers.pop(j)
         asyncio.get_running_loop().remove_reader(d.FD)
-        d.close(0)
+        d.close(RETIRE_LINGER_MS)  # what the socket accepted is on its way: let the I/O thread send it
 
     # ZMQ_FD is readable while the socket has unprocessed commands (a message arrived, room was
     # freed); reading ZMQ_EVENTS processes them and clears it. The callbacks always read it, so a
@@ -280,6 +300,7 @@ class Transport:
         n = 0
         while not q.empty():
             q.get_nowait()
+            q.task_done()
             n += 1
         w = self.held.get(peer)
         if w is not None and not w.done():
@@ -316,6 +337,7 @@ class Transport:
                     raise
                 finally:
                     del self.held[peer]
+            q.task_done()  # sent, or dropped: `_retire` waits on these
 
     async def recv(self) -> tuple[bytes, int | None, list[zmq.Frame]]:
         """Next message as (routing identity, CURVE-authenticated peer id or None, frames).
@@ -351,9 +373,9 @@ class Transport:
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
-        for t in self.tasks:
+        for t in [*self.tasks, *self.retiring.values()]:
             t.cancel()
-        for t in self.tasks:
+        for t in [*self.tasks, *self.retiring.values()]:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         loop = asyncio.get_running_loop()

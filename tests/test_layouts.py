@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -19,10 +20,17 @@ from p2pfl.state import load_state
 from .conftest import ROOT, make_topology
 
 
-def run_layout(path, run_dir, blocks: list[str], *args: str, timeout: float = 400) -> None:
+def run_layout(path, run_dir, blocks: list[str], *args: str, timeout: float = 400,
+               late: tuple[str, float] | None = None) -> None:
+    """One process per block of peer ids. `late` = (block, seconds): that block starts that long
+    after the others have started their peers."""
     run_dir.mkdir(parents=True)
     procs = []
+    blocks = sorted(blocks, key=lambda b: late is not None and b == late[0])
     for ids in blocks:
+        if late is not None and ids == late[0]:
+            wait_for_start(run_dir, [b for b in blocks if b != ids])
+            time.sleep(late[1])
         log = open(run_dir / f"stdout-{ids}.log", "wb")  # noqa: SIM115 - the child owns it
         procs.append(subprocess.Popen([sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(path), "--id", ids,
                                        "--run-dir", str(run_dir), *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
@@ -32,6 +40,14 @@ def run_layout(path, run_dir, blocks: list[str], *args: str, timeout: float = 40
         for p in procs:
             p.kill()
     assert codes == [0] * len(blocks), [(run_dir / f"stdout-{b}.log").read_text()[-2000:] for b in blocks]
+
+
+def wait_for_start(run_dir, blocks: list[str], timeout: float = 120) -> None:
+    """Until every process of `blocks` has logged its peers' start line."""
+    logs, end = [run_dir / f"stdout-{b}.log" for b in blocks], time.monotonic() + timeout
+    while not all(b"run dir" in f.read_bytes() for f in logs):
+        assert time.monotonic() < end, f"blocks {blocks} did not start within {timeout}s"
+        time.sleep(0.1)
 
 
 @pytest.mark.slow

@@ -292,7 +292,10 @@ def test_links_to_past_round_peers_are_closed_and_stay_few():
 @pytest.mark.slow
 def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_processes(tmp_path):
     """16 peers in 4 processes (4 co-hosted each: in process within, TCP across), links opened on
-    demand: after log2(16) = 4 rounds every saved model is the average of the starting ones."""
+    demand: after log2(16) = 4 rounds every saved model is the average of the starting ones.
+
+    Peers 4-7 start 3 s after the others: what the others queued for them while they were not up
+    (peer 3's round-0 delta to peer 4, for one) must arrive once they bind, and no deadline fires."""
     from p2pfl.metrics import read_jsonl
     from p2pfl.state import load_state
 
@@ -304,12 +307,12 @@ def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_proces
     topo.dump(path)
     dim = 4096
     run_layout(path, tmp_path / "run", ["0-3", "4-7", "8-11", "12-15"], "--rounds", "4", "--no-train", "--dim", str(dim),
-               "--min-wait", "60", "--sketch-dim", "0")
+               "--min-wait", "60", "--sketch-dim", "0", late=("4-7", 3.0))
     x0 = [flatten(synthetic_state(0, p, dim)) for p in topo.ids]
     avg = mean(x0)
     for p in topo.ids:
+        recs = read_jsonl(tmp_path / "run" / "metrics" / f"peer-{p}.jsonl")
+        assert [r["round"] for r in recs] == [0, 1, 2, 3] and all(r["late_neighbors"] == [] for r in recs), (p, recs)
+        assert all(r["live_neighbors"] == 1 for r in recs), (p, recs)
         got = flatten(load_state(tmp_path / "run" / f"peer-{p}" / "adapter.safetensors")).double()
         assert float((got - avg).abs().max()) < 1e-5 * float(avg.abs().max()), p
-        recs = read_jsonl(tmp_path / "run" / "metrics" / f"peer-{p}.jsonl")
-        assert [r["round"] for r in recs] == [0, 1, 2, 3] and all(r["late_neighbors"] == [] for r in recs)
-        assert all(r["live_neighbors"] == 1 for r in recs)

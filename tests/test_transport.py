@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from p2pfl.topology import PeerSpec
@@ -95,3 +96,48 @@ def test_flush_drops_what_waits_for_a_down_peer_so_its_next_incarnation_gets_onl
     assert caller_ok
     assert got == [b"ping", b"fresh"]
     assert idle
+
+
+async def _disconnect_before_the_receiver_is_up(grace: float, take_back: bool) -> tuple[list[bytes], bool, int]:
+    """A schedule's link closed two rounds after its last use, while the peer it sent to is still
+    starting: what waited on it must still arrive (or, past the grace, be dropped and counted)."""
+    base = free_base_port(2)
+    a_spec, b_spec = PeerSpec(0, "127.0.0.1", base), PeerSpec(1, "127.0.0.1", base + 1)
+    a = Transport(a_spec, {}, max_frame=1 << 20, retire_grace=grace)
+    b = Transport(b_spec, {}, max_frame=1 << 20)
+    await a.start()
+    a.connect(1, b_spec)
+    for i in range(3):
+        assert a.send(1, [f"delta-{i}".encode()])
+    a.disconnect(1)
+    if take_back:
+        a.connect(1, b_spec)  # needed again before it closed: the same link, its queue kept in order
+        a.send(1, [b"delta-3"])
+    await asyncio.sleep(min(grace, 1.0) + 0.2)
+    await b.start()
+    got: list[bytes] = []
+    with contextlib.suppress(TimeoutError):
+        while len(got) < 4:
+            _, _, frames = await asyncio.wait_for(b.recv(), 3 if got or grace < 1 else 20)
+            got.append(frames[0].bytes)
+    if not take_back:
+        await until(lambda: 1 not in a.dealers, "the retired link closed")
+    still_open = 1 in a.dealers
+    await a.close()
+    await b.close()
+    return got, still_open, a.stats.dropped
+
+
+def test_a_disconnected_link_delivers_its_queue_to_a_late_peer_then_closes():
+    got, still_open, dropped = asyncio.run(_disconnect_before_the_receiver_is_up(grace=30, take_back=False))
+    assert got == [b"delta-0", b"delta-1", b"delta-2"] and not still_open and dropped == 0
+
+
+def test_a_disconnected_link_taken_back_keeps_its_queue_and_stays_open():
+    got, still_open, dropped = asyncio.run(_disconnect_before_the_receiver_is_up(grace=30, take_back=True))
+    assert got == [b"delta-0", b"delta-1", b"delta-2", b"delta-3"] and still_open and dropped == 0
+
+
+def test_a_disconnected_link_drops_and_counts_its_queue_after_the_grace():
+    got, still_open, dropped = asyncio.run(_disconnect_before_the_receiver_is_up(grace=0.3, take_back=False))
+    assert got == [] and not still_open and dropped == 3
