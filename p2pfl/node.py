@@ -195,6 +195,7 @@ class Node:
         self.cfg, self.topo, self.spec = cfg, topo, spec
         self.me = cfg.id
         self.neighbors = topo.neighbors(self.me)
+        self.net = topo.network_id()  # stamped on every message sent, checked on every one received
         self.log = log or logging.getLogger(f"p2pfl.node.{self.me}")
         weights = topo.mh_weights(self.me)
         weights.pop(self.me)
@@ -346,6 +347,10 @@ class Node:
         if vouched != msg.sender:
             what = f"CURVE key of peer {vouched}" if self.spec.secure else f"routing id {vouched}"
             self._reject("identity", f"{what} sent a message claiming to be peer {msg.sender}")
+            return self._flush()
+        if msg.net != self.net:  # not a strike: the sender's id is another network's
+            self._reject("network", f"a message from peer {msg.sender} of network {msg.net:016x}; this peer's is {self.net:016x} "
+                                    "(a stale run on a reused port, or a peer started with another topology file)")
             return self._flush()
         if msg.sender in self.engine.replicas:
             self.heard.add(msg.sender)
@@ -599,6 +604,9 @@ class Node:
 
     def _flush(self) -> list[Action]:
         out, self._out = self._out, []
+        for a in out:
+            if isinstance(a, Send):
+                a.msg.net = self.net
         return out
 
     def _advance(self, now: float) -> list[Action]:

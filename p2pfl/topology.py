@@ -8,6 +8,8 @@ has a graph per round (`p2pfl.schedule`); its figures are the schedule's.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +134,19 @@ class Topology:
         if self.settings:
             out["settings"] = self.settings
         return out
+
+    def network_id(self) -> int:
+        """A 64-bit digest of the peers' addresses and the graph (or schedule): every message
+        carries it, so one from another network on a reused port, or from a peer started with a
+        different file, is refused instead of mixed. Settings are left out: they may change
+        between restarts of one network."""
+        core: dict[str, Any] = {"peers": [[p, self.peers[p].host, self.peers[p].port] for p in self.ids]}
+        if self.schedule is not None:
+            core["schedule"] = str(self.schedule)
+        else:
+            core["edges"] = sorted([min(a, b), max(a, b)] for a, b in self.graph.edges)
+        digest = hashlib.blake2b(json.dumps(core, sort_keys=True).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") >> 1  # 63 bits: a non-negative msgpack int
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))

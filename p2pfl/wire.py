@@ -24,7 +24,7 @@ import torch
 from p2pfl.config import PeerConfig
 from p2pfl.errors import P2pflError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: every header carries the sender's network id (`net`)
 MAX_HEADER = 4 * 1024 * 1024
 MAX_TENSORS = 4096
 BASE, CLUSTER, GLOBAL = "base", "cluster", "global"
@@ -82,6 +82,7 @@ class Message:
     tensors: dict[str, TensorPayload] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     channel: str = BASE
+    net: int = 0  # the sender's `Topology.network_id`, stamped by its node
 
 
 def _as_frame(t: torch.Tensor) -> memoryview:
@@ -110,6 +111,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         "kind": str(msg.kind),
         "sender": msg.sender,
         "inc": msg.inc,
+        "net": msg.net,
         "round": msg.round,
         "seq": msg.seq,
         "tensors": descs,
@@ -199,6 +201,7 @@ def decode(frames: Sequence[Any], max_frame: int = PeerConfig.max_frame, check_f
         kind=kind,
         sender=_int(header, "sender", 0, 2**31),
         inc=_int(header, "inc"),
+        net=_int(header, "net"),
         round=_int(header, "round"),
         seq=_int(header, "seq"),
         info=info,

@@ -39,19 +39,26 @@ def _port_range(n: int) -> tuple[int, int]:
     return low, high
 
 
+_HANDED: list[range] = []  # blocks this worker handed out: an earlier test's peers may still retry them
+
+
 def free_base_port(n: int) -> int:
     """A base port with n consecutive free TCP ports on 127.0.0.1, below the ephemeral range: the
     kernel hands ephemeral ports to outgoing connections (every peer's DEALERs), which could
-    otherwise take a port between this check and a later peer's bind."""
+    otherwise take a port between this check and a later peer's bind. No port is handed out twice
+    in a worker, so no test's peers ever listen where an earlier test's peers connected."""
     low, high = _port_range(n)
     for _ in range(200):
         base = random.randint(low, high)
+        if any(base < r.stop and r.start < base + n for r in _HANDED):
+            continue
         socks = []
         try:
             for k in range(n):
                 s = socket.socket()
                 s.bind(("127.0.0.1", base + k))
                 socks.append(s)
+            _HANDED.append(range(base, base + n))
             return base
         except OSError:
             continue

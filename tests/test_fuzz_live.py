@@ -46,23 +46,23 @@ def _payloads(state: dict[str, torch.Tensor], codec_spec: str, seed: int) -> dic
     return out
 
 
-def base_messages(seed: int) -> list[Frames]:
-    """Valid messages of every kind, shaped like the live peers' own traffic (same layout)."""
+def base_messages(seed: int, net: int) -> list[Frames]:
+    """Valid messages of every kind, shaped like the live peers' own traffic (same layout and network)."""
     state = synthetic_state(seed, 1, DIM)
     senders = [99, 0, 1, 2, 99]
     out: list[Frames] = []
     for i, sender in enumerate(senders):
         inc = time.time_ns() // 1000 + i
         for kind in (Kind.HELLO, Kind.HEARTBEAT, Kind.RESYNC, Kind.BYE):
-            out.append([bytes(f) for f in encode(Message(kind, sender, round=i, seq=i, inc=inc, info={"next_seq": i}))])
+            out.append([bytes(f) for f in encode(Message(kind, sender, round=i, seq=i, inc=inc, info={"next_seq": i}, net=net))])
         for spec in ("none", "fp16", "int8", "topk:0.25", "sign", "topk:0.25+int8"):
-            msg = Message(Kind.DELTA, sender, round=i + 1, seq=i, inc=inc, tensors=_payloads(state, spec, i))
+            msg = Message(Kind.DELTA, sender, round=i + 1, seq=i, inc=inc, tensors=_payloads(state, spec, i), net=net)
             out.append([bytes(f) for f in encode(msg)])
-        out.append([bytes(f) for f in encode(Message(Kind.STATE, sender, round=i, seq=i, inc=inc, tensors=_payloads(state, "none", 0)))])
+        out.append([bytes(f) for f in encode(Message(Kind.STATE, sender, round=i, seq=i, inc=inc, tensors=_payloads(state, "none", 0), net=net))])
         sk = torch.randn(3, 16, dtype=torch.float64)
         tensors = {**_payloads(state, "none", 0), "_sketches": TensorPayload("none", (3, 16), {"data": sk})}
         info = {"sketches": [[0, i], [1, i], [2, i]]}
-        out.append([bytes(f) for f in encode(Message(Kind.DELTA, sender, round=i, seq=i, inc=inc, tensors=tensors, info=info))])
+        out.append([bytes(f) for f in encode(Message(Kind.DELTA, sender, round=i, seq=i, inc=inc, tensors=tensors, info=info, net=net))])
     return out
 
 
@@ -186,7 +186,7 @@ class Mutator:
 
 
 def test_mutator_is_seeded_and_yields_rejectable_messages():
-    bases = base_messages(0)
+    bases = base_messages(0, 1)
     a, b = Mutator(5, bases), Mutator(5, bases)
     seq_a = [a() for _ in range(300)]
     assert seq_a == [b() for _ in range(300)]
@@ -229,7 +229,7 @@ def test_live_peer_survives_100k_mutated_messages(tmp_path, cluster_dir):
             assert time.monotonic() < end, "peer 0 never started its rounds"
             assert all(pr.poll() is None for pr in procs.values()), "a peer died at start"
             time.sleep(0.2)
-        mutate = Mutator(20240607, base_messages(0))
+        mutate = Mutator(20240607, base_messages(0, topo.network_id()))
         ctx = zmq.Context()
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.IDENTITY, FUZZ_ID)

@@ -75,7 +75,8 @@ def hostile(draw: st.DrawFn, sender: int) -> Message:
     number = st.one_of(st.integers(0, 12), st.integers(0, BIG))
     msg = Message(kind, sender, round=draw(st.one_of(st.integers(0, ROUNDS + 4), st.integers(0, BIG))), seq=draw(number),
                   inc=draw(st.one_of(st.integers(0, 2000), st.integers(0, BIG))), tensors=draw(tensors()),
-                  channel=draw(st.sampled_from([BASE, BASE, BASE, *CHANNELS])))
+                  channel=draw(st.sampled_from([BASE, BASE, BASE, *CHANNELS])),
+                  net=draw(st.sampled_from([0, 0, 0, 1, 2**63 - 1])))  # 0: this network's (see HostileSim)
     if draw(st.booleans()):
         extra, info = draw(sketch_block(SKETCH_TENSOR, "sketches", 16))
         msg.tensors.update(extra)
@@ -194,6 +195,7 @@ class HostileSim(Simulation):
             self.states_from[src] = self.states_from.get(src, 0) + 1
         if src == self.bad and self.batches:
             for m in self.batches.pop(0):
+                m.net = m.net or self.nodes[src].net  # an insider: its messages carry this network's id unless drawn otherwise
                 frames = [bytes(f) for f in encode(m)]
                 dst = self.nodes[a.dest]
                 self._at(self.now, a.dest, lambda dst=dst, frames=frames: [] if dst.finished else dst.receive(frames, src, self.now))

@@ -101,12 +101,29 @@ def test_heartbeats_mark_a_silent_neighbour_down_and_its_weight_moves_to_self():
     node = Node(cfg(rounds=3, peer_timeout=5.0, startup_timeout=100.0), topo, NodeSpec(x0=synthetic_state(0, 0, 2048), inc=5, train=False))
     out = node.start(0.0)
     assert {a.dest for a in out if isinstance(a, Send) and a.msg.kind == Kind.HELLO} == {1, 2}
-    hello = Message(Kind.HELLO, 1, inc=7)
+    hello = Message(Kind.HELLO, 1, inc=7, net=topo.network_id())
     node.receive([bytes(f) for f in encode(hello)], 1, 0.1)
     assert node.live == {1} and node.phase is Phase.STARTUP  # still waiting for 2
     node.tick(6.0)
     assert node.live == set() and node.phase is Phase.STARTUP
     assert node.next_wakeup() <= 7.0
+
+
+def test_a_message_of_another_network_is_refused_without_a_strike():
+    topo = T.generate("ring", 4, base_port=20000)
+    same = T.generate("ring", 4, base_port=20000)
+    same.settings = {"trainer": {"lr": 0.1}}  # settings may change between restarts of one network
+    other = T.generate("ring", 4, base_port=20010)  # a stale run on other ports, or another file
+    assert topo.network_id() == same.network_id() != other.network_id()
+    assert T.generate("complete", 4, base_port=20000).network_id() != topo.network_id()  # the graph counts
+    node = Node(cfg(), topo, NodeSpec(x0=synthetic_state(0, 0, 2048), inc=5, train=False))
+    out = node.start(0.0)
+    assert {a.msg.net for a in out if isinstance(a, Send)} == {topo.network_id()}
+    for k in range(30):  # more than `strikes`: were they strikes, peer 1 would be marked misbehaving
+        node.receive([bytes(f) for f in encode(Message(Kind.HELLO, 1, inc=7, net=other.network_id()))], 1, 0.1 + k / 100)
+    assert node.rejected_by_reason == {"network": 30} and node.live == set() and node.conduct.bans == 0 and node.phase is Phase.STARTUP
+    node.receive([bytes(f) for f in encode(Message(Kind.HELLO, 1, inc=7, net=topo.network_id()))], 1, 0.5)
+    assert node.live == {1} and node.rejected == 30
 
 
 def test_a_forged_sender_is_refused_by_identity():
@@ -171,7 +188,8 @@ def test_estimator_payload_that_is_malformed_is_refused_and_the_delta_still_appl
     delta.tensors["_estimate"] = TensorPayload("none", (1, 65), {"data": torch.full((1, 65), math.nan, dtype=torch.float64)})
     delta.info["estimate"] = [[0, 0]]
     node.start(0.0)
-    node.receive([bytes(f) for f in encode(Message(Kind.HELLO, sender, inc=9))], sender, 0.0)
+    node.receive([bytes(f) for f in encode(Message(Kind.HELLO, sender, inc=9, net=topo.network_id()))], sender, 0.0)
+    delta.net = topo.network_id()
     node.receive([bytes(f) for f in encode(delta)], sender, 0.1)
     assert node.rejected_by_reason.get("estimate") == 1
     assert 0 in node.engine.replicas[sender].pending  # the CHOCO delta was kept (held for round 0)

@@ -106,15 +106,15 @@ def client(ctx, endpoint: str, keys: tuple[bytes, bytes] | None, server_key: byt
     return s
 
 
-def heartbeat(sender: int, inc: int = 1) -> list:
-    return encode(Message(Kind.HEARTBEAT, sender=sender, inc=inc))
+def heartbeat(sender: int, inc: int = 1, net: int = 0) -> list:
+    return encode(Message(Kind.HEARTBEAT, sender=sender, inc=inc, net=net))
 
 
-def delta(sender: int, seq: int, rnd: int, inc: int, state: State | None = None) -> list:
+def delta(sender: int, seq: int, rnd: int, inc: int, state: State | None = None, net: int = 0) -> list:
     tensors = {}
     for name, v in (state or {}).items():
         tensors[name] = TensorPayload(codec="none", shape=tuple(v.shape), parts={"data": v.contiguous()})
-    return encode(Message(Kind.DELTA, sender=sender, round=rnd, seq=seq, inc=inc, tensors=tensors))
+    return encode(Message(Kind.DELTA, sender=sender, round=rnd, seq=seq, inc=inc, tensors=tensors, net=net))
 
 
 class RecordingProxy:
@@ -314,6 +314,7 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
 
     Forgery: while the real peer 1 runs, messages signed with key 1 but claiming sender 2 are
     rejected ("identity": CURVE key of peer 1 ... claiming to be peer 2) and counted.
+    Another network: the same key and id with another network id is refused as "network".
     Replay: after peer 1 has left (so its routing id is free), messages of an incarnation older
     than the one peer 0 saw from the real peer 1 (a recorded or zombie peer 1) are rejected as
     "stale incarnation"; a newer incarnation's delta sent twice is applied once and the copy
@@ -329,7 +330,7 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
     server0 = topo.peers[0].extra["public_key"].encode()
     key1 = peer_keys(path, 1)
     state2 = synthetic_state(0, 2, DIM)
-    n_forged, n_stale = 10, 6
+    n_forged, n_stale, n_foreign = 10, 6, 1
     ctx = zmq.Context()
     try:
         wait_round(cluster_dir, 0, 1, procs)
@@ -347,17 +348,20 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
 
         replayer = client(ctx, "", key1, server0, identity=b"1")
         replayer.connect(topo.peers[0].endpoint)
+        net = topo.network_id()
         for k in range(n_stale // 3):
-            replayer.send_multipart(heartbeat(1, inc=old_inc))
-            replayer.send_multipart(delta(1, seq=k, rnd=k, inc=old_inc, state=synthetic_state(0, 1, DIM)))
-            replayer.send_multipart(encode(Message(Kind.HELLO, sender=1, inc=old_inc - k)))
+            replayer.send_multipart(heartbeat(1, inc=old_inc, net=net))
+            replayer.send_multipart(delta(1, seq=k, rnd=k, inc=old_inc, state=synthetic_state(0, 1, DIM), net=net))
+            replayer.send_multipart(encode(Message(Kind.HELLO, sender=1, inc=old_inc - k, net=net)))
         new_inc = time.time_ns() // 1000
-        dup = delta(1, seq=0, rnd=0, inc=new_inc)  # an empty delta: counts, moves no model
+        # The same key and id as a peer of another network (a stale run on this port): refused first.
+        replayer.send_multipart(delta(1, seq=0, rnd=0, inc=new_inc, state=synthetic_state(0, 1, DIM), net=net ^ 1))
+        dup = delta(1, seq=0, rnd=0, inc=new_inc, net=net)  # an empty delta: counts, moves no model
         replayer.send_multipart(dup)
         replayer.send_multipart(dup)
-        replayer.send_multipart(encode(Message(Kind.BYE, sender=1, inc=new_inc)))
+        replayer.send_multipart(encode(Message(Kind.BYE, sender=1, inc=new_inc, net=net)))
         end = time.monotonic() + 60
-        while f"[total {n_forged + n_stale}]" not in log_of(cluster_dir, 0):
+        while f"[total {n_forged + n_stale + n_foreign}]" not in log_of(cluster_dir, 0):
             assert time.monotonic() < end, "the replayed messages never arrived"
             time.sleep(0.1)
         replayer.close(0)
@@ -370,7 +374,8 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
     assert codes == {0: 0, 1: 0, 2: 0}
     final0 = records(cluster_dir, 0)[-1]
     assert final0["round"] == rounds - 1
-    assert final0["rejected_messages"] == n_forged + n_stale
+    assert final0["rejected_messages"] == n_forged + n_stale + n_foreign
+    assert final0["rejected_by_reason"]["network"] == n_foreign
     assert final0["duplicates"] == 1
     assert records(cluster_dir, 2)[-1]["rejected_messages"] == 0
     assert records(cluster_dir, 2)[-1]["duplicates"] == 0
