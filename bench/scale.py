@@ -10,9 +10,12 @@ batch x peers x rounds over the time from the first round's start to the last re
 co-hosted 8 vs 8 processes, and 256 vs 8 co-hosted. Cases ``loopW`` give the machine's ceiling
 without the daemon: W trainers of the shared model, one per worker thread, each calling
 ``train_round`` back to back in one process; the co-hosted 8 is also reported as a fraction of
-``loop2``. Prints one JSON line.
+``loop2``. Case ``batches`` asks what batching co-hosted peers' forward passes through the
+frozen model could gain: one thread trains at batch 32, 64, 128 and 256 (the same samples per
+round), rounds interleaved, and it reports samples per second by batch and the best over 32.
+Prints one JSON line.
 
-usage: python bench/scale.py [--cases 1,8,64,256,procs8,notrain1024,loop1,loop2] [--rounds 3] [--set KEY=VALUE ...]
+usage: python bench/scale.py [--cases 1,8,64,256,procs8,notrain1024,loop1,loop2,batches] [--rounds 3] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -117,9 +120,40 @@ def loop(workers: int, rounds: int, sets: list[str]) -> dict:
     return {"workers": workers, "rounds": rounds, "samples_per_s": round(sum(samples) / (time.perf_counter() - t0), 1)}
 
 
+BATCHES = (32, 64, 128, 256)
+
+
+def batches(rounds: int, sets: list[str]) -> dict:
+    """Training samples per second of one thread at each of `BATCHES` (512 samples a round), the
+    rounds interleaved so that the machine's load hits every batch size alike."""
+    from dataclasses import replace
+
+    import torch
+
+    from p2pfl.config import TrainerConfig, parse_sets
+    from p2pfl.trainer import Trainer
+
+    torch.set_num_threads(1)
+    base = replace(TrainerConfig(), **parse_sets(sets))
+    base = replace(base, samples_per_peer=max(base.samples_per_peer, 1024))  # 768 training samples: room for a batch of 256
+    trainers = {b: Trainer(replace(base, batch_size=b, local_steps=512 // b), 0, 8, replica=k) for k, b in enumerate(BATCHES)}
+    for t in trainers.values():
+        t.train_round()
+    took = dict.fromkeys(BATCHES, 0.0)
+    done = dict.fromkeys(BATCHES, 0)
+    for _ in range(rounds):
+        for b, t in trainers.items():
+            t0 = time.perf_counter()
+            done[b] += int(t.train_round()["steps"]) * b
+            took[b] += time.perf_counter() - t0
+    rate = {str(b): round(done[b] / took[b], 1) for b in BATCHES}
+    return {"rounds": rounds, "samples_per_s_by_batch": rate, "best_over_32": round(max(rate.values()) / rate["32"], 3)}
+
+
 def loop_case(workers: int, rounds: int, sets: list[str]) -> dict:
-    """`loop` in a process of its own, so that its torch and trainers do not stay in this one."""
-    cmd = [sys.executable, __file__, "--loop", str(workers), "--rounds", str(rounds)] + [a for s in sets for a in ("--set", s)]
+    """`loop` (workers > 0) or `batches` (0) in a process of its own, so that its torch and
+    trainers do not stay in this one."""
+    cmd = [sys.executable, __file__, "--loop", str(workers or -1), "--rounds", str(rounds)] + [a for s in sets for a in ("--set", s)]
     done = subprocess.run(cmd, cwd=ROOT, env=SINGLE_THREAD_ENV, capture_output=True, text=True)
     if done.returncode:
         return {"workers": workers, "error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
@@ -136,7 +170,7 @@ def main() -> None:
     ap.add_argument("--loop", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.loop:
-        print(json.dumps(loop(args.loop, args.rounds, args.set)))
+        print(json.dumps(loop(args.loop, args.rounds, args.set) if args.loop > 0 else batches(args.rounds, args.set)))
         return
     results: dict[str, dict] = {}
     port = 26000
@@ -145,6 +179,8 @@ def main() -> None:
             results[case] = run_case(8, 8, args.rounds, True, args.set, port, args.timeout)
         elif case.startswith("loop"):
             results[case] = loop_case(int(case.removeprefix("loop")), args.rounds, args.set)
+        elif case == "batches":
+            results[case] = loop_case(0, args.rounds, args.set)
         elif case.startswith("notrain"):
             results[case] = run_case(int(case.removeprefix("notrain")), 1, args.rounds, False, args.set, port, args.timeout)
         else:
