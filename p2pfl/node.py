@@ -249,7 +249,7 @@ class Node:
         self.records = RecordQueue(give_up_after=lag + 2)
         self.last_seen: dict[int, float] = {}
         self.live: set[int] = set()
-        self.heard: set[int] = set()  # neighbours that sent anything with a valid identity, accepted or not
+        self.heard: set[int] = set()  # neighbours (on a schedule: peers) that sent anything with a valid identity, accepted or not
         self.neighbor_round: dict[int, int] = {}
         self.rejected = 0
         self.rejected_by_reason: dict[str, int] = {}
@@ -352,7 +352,7 @@ class Node:
             self._reject("network", f"a message from peer {msg.sender} of network {msg.net:016x}; this peer's is {self.net:016x} "
                                     "(a stale run on a reused port, or a peer started with another topology file)")
             return self._flush()
-        if msg.sender in self.engine.replicas:
+        if msg.sender in self.engine.replicas or (self.dyn is not None and msg.sender in self.topo.peers):
             self.heard.add(msg.sender)
         try:
             if self.conduct.banned(msg.sender):
@@ -849,11 +849,20 @@ class Node:
             if j in live:
                 self._send(j, gmsg, now)
 
+    def _wait_until(self) -> float:
+        """The round's deadline; on a schedule, while some peer has never been heard from, at
+        least the end of the start-up window: that peer may still be starting, and a peer waited
+        for now may be waiting for it (a static topology waits for its neighbours before round 0
+        instead, `_startup`)."""
+        if self.dyn is not None and len(self.heard) < self.topo.n - 1:
+            return max(self._deadline_at, self._startup_end)
+        return self._deadline_at
+
     def _wait(self, now: float) -> bool:
         rnd = self.rnd
         late = self._waiting_for(rnd)
-        if late and now < self._deadline_at:
-            return self._until(self._deadline_at)
+        if late and now < self._wait_until():
+            return self._until(self._wait_until())
         self._waited = now - self._wait_start
         if late:
             self.log.warning("peer %d: round %d deadline passed; mixing without %s", self.me, rnd, late)

@@ -31,10 +31,13 @@ DropRule = Callable[[int, int, Message], bool]  # (src, dst, msg) -> drop it?
 class Simulation:
     def __init__(self, topo: Topology, cfg: PeerConfig, learners: dict[int, Learner] | None = None,
                  states: dict[int, State] | None = None, latency: float = 1e-3, drop: DropRule | None = None,
-                 teachers: bool = False, per_peer: dict[int, dict[str, Any]] | None = None) -> None:
+                 teachers: bool = False, per_peer: dict[int, dict[str, Any]] | None = None,
+                 starts: dict[int, float] | None = None) -> None:
         """`learners` train and evaluate (a peer without one gossips `states[p]` or its synthetic
         `--no-train` state); `teachers`: hand neighbours' replicas to the learners (augmentation);
-        `per_peer`: settings of single peers over `cfg` (e.g. one `byzantine` peer)."""
+        `per_peer`: settings of single peers over `cfg` (e.g. one `byzantine` peer); `starts`:
+        when single peers start (else at 0); what is sent to one before then arrives when it
+        starts, as a DEALER holds messages for a peer that is not listening yet."""
         self.topo, self.latency, self.drop = topo, latency, drop
         self.learners = learners or {}
         self.nodes: dict[int, N.Node] = {}
@@ -56,8 +59,9 @@ class Simulation:
         self.channel_bytes: dict[str, int] = {}  # by gossip level: base, cluster, global
         self.messages = self.dropped = 0
         self.codes: dict[int, int] = {}
+        self.starts = {p: (starts or {}).get(p, 0.0) for p in topo.ids}
         for p, nd in self.nodes.items():
-            self._at(0.0, p, lambda nd=nd: nd.start(self.now))
+            self._at(self.starts[p], p, lambda nd=nd: nd.start(self.now))
 
     def _at(self, t: float, p: int, event: Callable[[], list[N.Action]]) -> None:
         heapq.heappush(self._queue, (t, next(self._seq), event, p))
@@ -98,7 +102,8 @@ class Simulation:
         self.channel_bytes[a.msg.channel] = self.channel_bytes.get(a.msg.channel, 0) + n
         self.messages += 1
         dst = self.nodes[a.dest]
-        self._at(self.now + self.latency, a.dest, lambda: [] if dst.finished else dst.receive(frames, src, self.now))
+        at = max(self.now + self.latency, self.starts[a.dest])
+        self._at(at, a.dest, lambda: [] if dst.finished else dst.receive(frames, src, self.now))
 
     def _work(self, p: int, a: N.Train | N.Evaluate) -> None:
         metrics, state = perform(self.learners[p], a, self.nodes[p].spec.augment)

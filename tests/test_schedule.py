@@ -265,6 +265,28 @@ def test_a_silent_peer_is_skipped_in_its_rounds_and_not_waited_for_again(spec):
     assert any(r["late_neighbors"] for p in receivers for r in sim.records[p])
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_peer_that_starts_late_is_waited_for_within_the_start_up_window(spec):
+    """Sites start their peers minutes apart. A peer never heard from may still be starting, so
+    rounds wait for it up to the start-up window, not the adaptive deadline its fast neighbours set;
+    once heard from, the adaptive deadline applies. Exact gossip: every model ends at the mean."""
+    topo = T.scheduled(spec, 8)
+    late, at = 3, 20.0
+    c = cfg(rounds=6, min_wait=0.5, round_timeout=3.0, startup_timeout=40.0, sketch_dim=0)
+    sim = Simulation(topo, c, starts={late: at})
+    x0 = [flatten(synthetic_state(0, p, 1024)).double() for p in topo.ids]
+    sim.run()
+    for p in topo.ids:
+        assert [r["round"] for r in sim.records[p]] == list(range(6)) and all(r["late_neighbors"] == [] for r in sim.records[p]), p
+    s = topo.schedule_for(0)
+    first = min(t for t in range(6) for p in topo.ids if late in s.graph(t).inn[p])
+    waiting = [p for p in topo.ids if late in s.graph(first).inn[p]]
+    assert all(sim.records[p][first]["wait_s"] > at - 1 for p in waiting)  # waited for it, past round_timeout
+    if spec == "one-peer-exponential":  # exact averaging in log2(8) rounds, the late peer included
+        avg = mean(x0)
+        assert float((sim.flat() - avg).abs().max()) < 1e-5 * float(avg.abs().max())
+
+
 def test_links_to_past_round_peers_are_closed_and_stay_few():
     topo = T.scheduled("epidemic:2", 16)
     sim = Simulation(topo, cfg(rounds=8))
@@ -294,8 +316,9 @@ def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_proces
     """16 peers in 4 processes (4 co-hosted each: in process within, TCP across), links opened on
     demand: after log2(16) = 4 rounds every saved model is the average of the starting ones.
 
-    Peers 4-7 start 3 s after the others: what the others queued for them while they were not up
-    (peer 3's round-0 delta to peer 4, for one) must arrive once they bind, and no deadline fires."""
+    Peers 4-7 start 8 s after the others, later than the 5 s floor of the round deadline: what the
+    others queued for them (peer 3's round-0 delta to peer 4, for one) must arrive once they bind,
+    and no deadline fires, since peers never heard from are waited for through the start-up window."""
     from p2pfl.metrics import read_jsonl
     from p2pfl.state import load_state
 
@@ -307,7 +330,7 @@ def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_proces
     topo.dump(path)
     dim = 4096
     run_layout(path, tmp_path / "run", ["0-3", "4-7", "8-11", "12-15"], "--rounds", "4", "--no-train", "--dim", str(dim),
-               "--min-wait", "60", "--sketch-dim", "0", late=("4-7", 3.0))
+               "--min-wait", "5", "--sketch-dim", "0", late=("4-7", 8.0))
     x0 = [flatten(synthetic_state(0, p, dim)) for p in topo.ids]
     avg = mean(x0)
     for p in topo.ids:
