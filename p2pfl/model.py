@@ -13,7 +13,7 @@ import math
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,6 +31,14 @@ VIT_LORA_TARGETS = ("in_proj", "c_fc", "c_proj")
 # wrappers there are inert (checked in tests/test_augment.py), as with out_proj above.
 RESNET_LORA_TARGETS = ("conv",)
 LORA_TARGETS = VIT_LORA_TARGETS + RESNET_LORA_TARGETS
+
+# peft's LoRA on the fused attention weight (`target_parameters`) runs each forward inside torch's
+# `parametrize.cached()`, whose switch and cache are process-wide. With two worker threads in
+# forwards at once, one thread's cached W + BA outlives its forward while the other holds the switch
+# on, and its next step reads that stale weight: a freed graph in training ("backward through the
+# graph a second time"), the previous adapter in evaluation. Each forward reads the weight once, so
+# the cache saves nothing here; it is switched off for the process.
+nn.utils.parametrize.cached = nullcontext
 
 
 @dataclass(frozen=True)

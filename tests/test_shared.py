@@ -140,3 +140,32 @@ def test_device_choice_and_errors(monkeypatch):
     assert tr.device == torch.device("cpu") and tr.foundation.device == torch.device("cpu")
     assert all(v.device.type == "cpu" for v in tr.adapter_state().values())
     assert TrainerConfig.from_dict(TrainerConfig(device="auto").to_dict()).device == "auto"
+
+
+def test_a_forward_in_another_worker_thread_leaves_no_stale_fused_weight():
+    """Two worker threads, two model replicas. peft's LoRA on the fused attention weight runs each
+    forward inside torch's `parametrize.cached()`, whose switch and cache are process-wide: while
+    one thread is inside a forward, the other's cached W + BA outlived its own forward, and its next
+    step read that freed, stale weight. Thread b is held inside such a forward while a trains."""
+    import threading
+
+    a, b = Trainer(PLAIN, 0, 2, replica=0), Trainer(PLAIN, 1, 2, replica=1)
+    solo = Trainer(PLAIN, 0, 2, share=False)
+    attention = next(m for m in b.model.foundation.clip.modules() if isinstance(m, torch.nn.MultiheadAttention))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        inside.set()
+        release.wait(60)
+
+    hook = attention.register_forward_pre_hook(hold)
+    other = threading.Thread(target=b.evaluate)
+    other.start()
+    try:
+        assert inside.wait(60), "thread b never reached the fused-weight forward"
+        got = a.train_round()
+    finally:
+        release.set()
+        other.join(60)
+        hook.remove()
+    assert same_metrics(got, solo.train_round()) and same_tensors(a.adapter_state(), solo.adapter_state())
