@@ -158,14 +158,30 @@ def canonical(labels: Mapping[int, int]) -> Labels:
     return {p: order[labels[p]] for p in sorted(labels)}
 
 
+def best_cut(fps: Fingerprints, max_k: int = 8) -> tuple[Labels, float]:
+    """The dendrogram cut into 2..min(max_k, n-1) clusters with the best mean silhouette (smaller k
+    on ties), and that silhouette; one cluster and -inf with fewer than 3 peers."""
+    ids, s, _ = similarity_grid(fps)
+    top = min(max_k, len(ids) - 1)
+    if top < 2:
+        return dict.fromkeys(ids, 0), -math.inf
+    cuts = _dendrogram(s, 2)
+    best, best_sil = 2, -math.inf
+    for m in range(2, top + 1):
+        sil = _silhouette(s, cuts[m])
+        if sil > best_sil:
+            best, best_sil = m, sil
+    return _as_labels(ids, cuts[best]), best_sil
+
+
 def cluster_fingerprints(
     fps: Fingerprints, k: K = "auto", max_k: int = 8, min_silhouette: float = MIN_SILHOUETTE
 ) -> Labels:
     """Peer -> canonical cluster label from update fingerprints (see the module docstring).
 
     An int k larger than the number of peers is clamped (peers may have left). With "auto" the
-    candidates are 2..min(max_k, n-1); the best silhouette wins, smaller k on ties, and one cluster
-    is returned unless it reaches `split_bar(fingerprint length, min_silhouette)`.
+    best cut (`best_cut`) wins, and one cluster is returned unless its silhouette reaches
+    `split_bar(fingerprint length, min_silhouette)`.
     """
     _check_k(k)
     ids, s, dim = similarity_grid(fps)
@@ -174,16 +190,8 @@ def cluster_fingerprints(
         return {}
     if k != "auto":
         return _as_labels(ids, _dendrogram(s, min(k, n))[min(k, n)])
-    top = min(max_k, n - 1)
-    cuts = _dendrogram(s, 2) if top >= 2 else {}
-    best, best_sil = 1, -math.inf
-    for m in range(2, top + 1):
-        sil = _silhouette(s, cuts[m])
-        if sil > best_sil:
-            best, best_sil = m, sil
-    if best_sil < split_bar(dim, min_silhouette):
-        return dict.fromkeys(ids, 0)
-    return _as_labels(ids, cuts[best])
+    labels, sil = best_cut(fps, max_k)
+    return labels if sil >= split_bar(dim, min_silhouette) else dict.fromkeys(ids, 0)
 
 
 def quality(labels: Mapping[int, int], fps: Fingerprints, min_silhouette: float = MIN_SILHOUETTE) -> float:
@@ -224,6 +232,9 @@ class ClusterState:
     labels: Labels = field(default_factory=dict)
     adopted_round: int | None = None
     evaluated_round: int | None = None
+    # At the last evaluation: the best cut's silhouette, the bar "auto" holds it to, and the held
+    # labels' quality (what a fresh assignment must beat by `margin`). How near a split came.
+    scores: dict[str, float] = field(default_factory=dict, compare=False)  # a report, not state: not in `to_dict`
 
     def __post_init__(self) -> None:
         _check_k(self.k)
@@ -239,9 +250,12 @@ class ClusterState:
         fresh = cluster_fingerprints(fps, self.k, self.max_k, self.min_silhouette)
         self.evaluated_round = rnd
         old = self.labels or (dict.fromkeys(fresh, 0) if self.k == "auto" else fresh)
+        held = quality(old, fps, self.min_silhouette) if set(fresh) == set(old) else math.nan
+        self.scores = {"best_split_silhouette": best_cut(fps, self.max_k)[1],
+                       "split_bar": split_bar(similarity_grid(fps)[2], self.min_silhouette), "held_quality": held}
         new = fresh
         if fresh != old and set(fresh) == set(old):
-            gain = quality(fresh, fps, self.min_silhouette) - quality(old, fps, self.min_silhouette)
+            gain = quality(fresh, fps, self.min_silhouette) - held
             if gain < self.margin:
                 new = old
         if new == self.labels:

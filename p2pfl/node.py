@@ -933,7 +933,8 @@ class Node:
         self.labels_at[rnd + 1] = dict(lv.labels)
         return {"cluster": lv.labels[self.me], "cluster_size": len(lv.members), "representative": lv.rep,
                 "overlay_neighbors": sorted(lv.overlay_peers()), "clusters": len(set(lv.labels.values())),
-                "cluster_labels": [lv.labels[p] for p in self.topo.ids]}
+                "cluster_labels": [lv.labels[p] for p in self.topo.ids], "cluster_evaluated_round": lv.state.evaluated_round,
+                **{f"cluster_{k}": v for k, v in lv.state.scores.items()}}
 
     def _record(self, now: float) -> None:
         rnd = self.rnd

@@ -200,12 +200,15 @@ def test_first_split_needs_the_margin_and_peer_set_change_adopts():
     assert q > C.MIN_SILHOUETTE
     strict = C.ClusterState(margin=q - C.MIN_SILHOUETTE + 0.01)
     assert strict.update(fps, 0) and set(strict.labels.values()) == {0}  # starts as one cluster
+    # what the records report: the split came within the margin of the one-cluster start
+    assert strict.scores == {"best_split_silhouette": q, "split_bar": C.MIN_SILHOUETTE, "held_quality": C.MIN_SILHOUETTE}
     loose = C.ClusterState(margin=q - C.MIN_SILHOUETTE - 0.01)
     assert loose.update(fps, 0) and loose.labels == fresh
     fps.pop(9)
     assert strict.update(fps, 10) and strict.labels == C.cluster_fingerprints(fps, "auto")
     fixed = C.ClusterState(k=2, margin=10.0)
     assert fixed.update(fps, 0) and len(set(fixed.labels.values())) == 2  # explicit k: no one-cluster start
+    assert fixed.scores["held_quality"] == C.quality(fixed.labels, fps)
 
 
 def test_cluster_state_round_trips_through_json():

@@ -61,6 +61,8 @@ def test_planted_task_groups_are_found_and_beat_flat_gossip(tmp_path, cluster_di
         assert last["cluster_consensus_distance"] < last["global_consensus_distance"]
     split = [next(r["round"] for r in rs if r["clusters"] == 2) for rs in recs.values()]
     assert len(set(split)) == 1  # all peers adopted the split in the same round
+    at = next(r for r in recs[0] if r["round"] == split[0])  # the evaluation that split: it cleared both bars
+    assert at["cluster_evaluated_round"] == split[0] and at["cluster_best_split_silhouette"] >= at["cluster_split_bar"]
     reps = [p for p in topo.ids if recs[p][-1]["representative"] == p]
     assert all(any("global_model_accuracy" in r for r in recs[p]) for p in reps)
     ppfm = [recs[p][-1]["global_accuracy"] for p in topo.ids]
@@ -83,3 +85,5 @@ def test_one_homogeneous_group_is_not_split(tmp_path):
         assert [r["round"] for r in rs] == list(range(ROUNDS))
         assert all(r["cluster_labels"] == [0] * N for r in rs), p
         assert rs[-1]["rejected_messages"] == 0
+        evaluated = [r for r in rs if r["cluster_evaluated_round"] is not None]  # auto's bar kept one cluster
+        assert evaluated and all(r["cluster_held_quality"] == r["cluster_split_bar"] for r in evaluated)
