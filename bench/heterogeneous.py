@@ -148,7 +148,8 @@ def run_scenario(name: str, rounds: int, local_steps: int, seed: int, arms: list
         records = arm(a, configs, kinds, datasets, rounds, clusters)
         out[a] = by_kind(records, kinds, own)
         if a == "mixed_ppfm":
-            out[a]["cluster_labels"] = records[0]["cluster_labels"]
+            out[a].update({k: records[0][k] for k in ("cluster_labels", "cluster_evaluated_round", "cluster_best_split_silhouette",
+                                                      "cluster_split_bar", "cluster_held_quality")})
         out[a]["seconds"] = round(time.time() - t0, 1)
     out["targets"] = targets(name, out)
     return out
