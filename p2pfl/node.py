@@ -352,7 +352,7 @@ class Node:
             self._reject("network", f"a message from peer {msg.sender} of network {msg.net:016x}; this peer's is {self.net:016x} "
                                     "(a stale run on a reused port, or a peer started with another topology file)")
             return self._flush()
-        if msg.sender in self.engine.replicas or (self.dyn is not None and msg.sender in self.topo.peers):
+        if msg.sender in self.engine.replicas or (self.dyn is not None and msg.sender in self.topo.peers and msg.sender != self.me):
             self.heard.add(msg.sender)
         try:
             if self.conduct.banned(msg.sender):
