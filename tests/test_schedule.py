@@ -339,3 +339,47 @@ def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_proces
         assert all(r["live_neighbors"] == 1 for r in recs), (p, recs)
         got = flatten(load_state(tmp_path / "run" / f"peer-{p}" / "adapter.safetensors")).double()
         assert float((got - avg).abs().max()) < 1e-5 * float(avg.abs().max()), p
+
+
+@pytest.mark.slow
+def test_a_killed_schedule_peer_resumes_and_rejoins_over_real_processes(tmp_path, cluster_dir, spawn):
+    """Epidemic schedule, peer 3 in a process of its own: SIGKILL after the start-up window, then
+    `--resume`. The others go on without it (left out of its rounds, then not waited for), it
+    comes back from its checkpoint, never writes a round twice, mixes again, and all finish."""
+    import signal
+    import time
+
+    from p2pfl.metrics import read_jsonl
+
+    from .conftest import free_base_port, wait_all
+
+    topo = T.scheduled("epidemic:3", 8, base_port=free_base_port(8))
+    path = tmp_path / "epi8.yaml"
+    topo.dump(path)
+    rounds = 140  # after the restart about 20 s of paced rounds remain: room for a slow start under load
+    args = ["--rounds", str(rounds), "--no-train", "--dim", "1024", "--round-period", "0.2", "--checkpoint-every", "1",
+            "--sketch-dim", "0", "--startup-timeout", "5", "--min-wait", "3"]
+    procs = {"others": spawn(path, "0-2,4-7", cluster_dir, *args), 3: spawn(path, 3, cluster_dir, *args)}
+
+    def records(p: int) -> list[dict]:
+        f = cluster_dir / "metrics" / f"peer-{p}.jsonl"
+        return read_jsonl(f) if f.exists() else []
+
+    def wait_records(p: int, n: int) -> None:
+        end = time.monotonic() + 120
+        while len(records(p)) < n:
+            assert time.monotonic() < end, f"peer {p} never wrote {n} records"
+            time.sleep(0.1)
+
+    wait_records(3, 25)  # 5 s of paced rounds: past the start-up window
+    procs[3].send_signal(signal.SIGKILL)
+    procs[3].wait()
+    killed_at = len(records(3))
+    wait_records(0, len(records(0)) + 10)
+    procs[3] = spawn(path, 3, cluster_dir, *args, "--resume")
+    assert wait_all(procs, timeout=300) == {"others": 0, 3: 0}
+    assert all(records(p)[-1]["round"] == rounds - 1 for p in topo.ids)
+    assert any(3 in r["late_neighbors"] for p in topo.ids if p != 3 for r in records(p))  # left out while down
+    mine = [r["round"] for r in records(3)]
+    assert mine == sorted(set(mine)) and len(mine) < rounds  # no round twice; the rounds it was down are skipped
+    assert sum(r["live_neighbors"] for r in records(3)[killed_at:]) > 0  # it mixes again after the restart
