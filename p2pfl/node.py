@@ -861,8 +861,9 @@ class Node:
     def _wait(self, now: float) -> bool:
         rnd = self.rnd
         late = self._waiting_for(rnd)
-        if late and now < self._wait_until():
-            return self._until(self._wait_until())
+        until = self._wait_until()
+        if late and now < until:
+            return self._until(until)
         self._waited = now - self._wait_start
         if late:
             self.log.warning("peer %d: round %d deadline passed; mixing without %s", self.me, rnd, late)

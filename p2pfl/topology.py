@@ -136,15 +136,12 @@ class Topology:
         return out
 
     def network_id(self) -> int:
-        """A 64-bit digest of the peers' addresses and the graph (or schedule): every message
-        carries it, so one from another network on a reused port, or from a peer started with a
-        different file, is refused instead of mixed. Settings are left out: they may change
-        between restarts of one network."""
-        core: dict[str, Any] = {"peers": [[p, self.peers[p].host, self.peers[p].port] for p in self.ids]}
-        if self.schedule is not None:
-            core["schedule"] = str(self.schedule)
-        else:
-            core["edges"] = sorted([min(a, b), max(a, b)] for a, b in self.graph.edges)
+        """A 63-bit digest of the peers' addresses and the graph (or schedule), as `to_dict` writes
+        them: every message carries it, so one from another network on a reused port, or from a
+        peer started with a different file, is refused instead of mixed. Settings, the name and
+        peers' extra keys are left out: they may change between restarts of one network."""
+        d = self.to_dict()
+        core = {"peers": [[q["id"], q["host"], q["port"]] for q in d["peers"]], **{k: d[k] for k in ("schedule", "edges") if k in d}}
         digest = hashlib.blake2b(json.dumps(core, sort_keys=True).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") >> 1  # 63 bits: a non-negative msgpack int
 
