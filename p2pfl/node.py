@@ -29,6 +29,7 @@ import torch
 
 from p2pfl import topology as topo_mod
 from p2pfl.abuse import Abuser, abuse_rate
+from p2pfl.compress import CodecError, CompressionPlan
 from p2pfl.conduct import Conduct, Limits, check_claim
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import SketchBook, flatten, shared_sketcher
@@ -205,7 +206,11 @@ class Node:
         x0 = {**spec.x0, **{TRACK + k: torch.zeros_like(v) for k, v in spec.x0.items()}} if self.tracking else spec.x0
         self.correction: State = zeros_like_state(spec.x0) if self.tracking else {}  # K-GT's c_i, as a displacement per round
         self._sent_track: State = {}  # this round's tracked model change, as it went out (before mixing)
-        self.engine = ChocoEngine(self.me, weights, x0, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc,
+        try:
+            plan = CompressionPlan.parse(cfg.compress)
+        except CodecError as e:
+            raise ConfigError(f"--compress {cfg.compress!r}: {e}") from None
+        self.engine = ChocoEngine(self.me, weights, x0, plan, cfg.gamma, seed=cfg.seed, inc=self.inc,
                                   robust=cfg.robust, norm_factor=cfg.norm_factor, window=cfg.window)
         self.dyn: EdgeGossip | FullGossip | None = None
         if self.schedule is not None:  # the engine above only holds the model; this exchanges it
@@ -238,7 +243,7 @@ class Node:
         if k is not None:
             pcfg = PpfmConfig(k=k, recluster_every=cfg.recluster_every, global_every=cfg.global_every, lam=cfg.global_lambda,
                               beta=cfg.cluster_beta, margin=cfg.cluster_margin, fingerprint_dim=cfg.fingerprint_dim, lag=self.diameter + 1)
-            self.levels = Levels(self.me, topo, spec.x0, pcfg, cfg.compress, cfg.gamma, seed=cfg.seed, inc=self.inc)
+            self.levels = Levels(self.me, topo, spec.x0, pcfg, plan, cfg.gamma, seed=cfg.seed, inc=self.inc)
             for eng, stride in ((self.levels.cluster, 1), (self.levels.glob, cfg.global_every)):  # the global level sends every K rounds
                 eng.window, eng.round_window = cfg.window, cfg.window * stride
         self.fbook = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)

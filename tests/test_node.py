@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from p2pfl import topology as T
-from p2pfl.config import PeerConfig
+from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import exact_distance, network_mean
 from p2pfl.node import Node, NodeSpec, Phase, Send
 from p2pfl.sim import Simulation
@@ -71,6 +71,15 @@ def test_simulated_exact_gossip_meets_the_spectral_bound_and_keeps_the_mean():
     assert all(r["round"] == 19 and r["consensus_peers"] == 8 for r in last.values())
     for r in last.values():  # every peer's own estimate of the final spread
         assert r["consensus_distance"] == pytest.approx(xi, rel=0.15)
+
+
+@pytest.mark.parametrize(("spec", "why"), [("topk:2", "fraction 2 is outside (0, 1]"), ("int8,int8", "two defaults"),
+                                          ("fp16,*lora_A*=zip", "unknown codec 'zip'")])
+def test_a_bad_codec_plan_is_a_config_error_that_names_compress(spec, why):
+    topo = T.generate("ring", 4)
+    with pytest.raises(ConfigError) as e:
+        Node(cfg(compress=spec), topo, NodeSpec(x0=synthetic_state(0, 0, 64), inc=1, train=False))
+    assert str(e.value).startswith(f"--compress {spec!r}: ") and why in str(e.value)
 
 
 def test_deadline_mixes_without_a_silent_neighbour_and_records_it():
