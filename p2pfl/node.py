@@ -34,16 +34,14 @@ from p2pfl.conduct import Conduct, Limits, check_claim
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import SketchBook, flatten, shared_sketcher
 from p2pfl.dynamic import EdgeGossip, FullGossip, scheduled_gossip
-from p2pfl.estimate import WINDOW, EstimatorConfig, EstimatorError, GossipEstimator
+from p2pfl.estimate import EstimatorConfig, GossipEstimator
 from p2pfl.gossip import ChocoEngine, GossipError, Refused, State, zeros_like_state
 from p2pfl.metrics import RecordQueue
+from p2pfl.piggyback import SKETCH_TENSOR, Piggyback
 from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
 from p2pfl.robust import Attack, parse_byzantine
-from p2pfl.wire import BASE, CLUSTER, GLOBAL, Kind, Message, TensorPayload, WireError, all_finite, decode
+from p2pfl.wire import BASE, CLUSTER, GLOBAL, Kind, Message, WireError, decode
 
-SKETCH_TENSOR = "_sketches"
-FINGERPRINT_TENSOR = "_fingerprints"  # PPFM update fingerprints, flooded like the sketches
-ESTIMATE_TENSOR = "_estimate"  # the gossip estimator's in-flight instances (p2pfl.estimate)
 HELLO_EVERY = 0.25  # seconds between start-up hellos to neighbours not seen yet
 FLOOD_UP_TO = 32  # --estimator auto floods sketches up to this many peers, and gossip-averages beyond
 PPFM_MAX_PEERS = 64  # PPFM floods every peer's fingerprint: O(n) per message, so bounded
@@ -247,6 +245,8 @@ class Node:
             for eng, stride in ((self.levels.cluster, 1), (self.levels.glob, cfg.global_every)):  # the global level sends every K rounds
                 eng.window, eng.round_window = cfg.window, cfg.window * stride
         self.fbook = SketchBook(self.me, topo.ids, horizon=self.diameter + 2)
+        self.piggyback = Piggyback(self.me, self.book, self.sketcher.k if self.sketcher else -1, self.fbook,
+                                   self.levels.cfg.fingerprint_dim if self.levels else None, self.estimator, self.diameter)
         self.overlay_seen: dict[int, float] = {}  # overlay peers that are not base neighbours
         self.overlay_down: set[int] = set()
         self.labels_at: dict[int, dict[int, int]] = {}  # sketch round -> clustering its record reports
@@ -344,7 +344,7 @@ class Node:
         id, or the co-hosted sender), None if it proves nothing."""
         try:
             # Values are checked where they are read: codecs refuse non-finite output before
-            # anything reaches a replica, `_take_sketches` checks the float64 blocks.
+            # anything reaches a replica, `piggyback` checks the float64 blocks.
             msg = decode(frames, self.cfg.max_frame, check_finite=False)
         except WireError as e:
             self._reject("wire", str(e))
@@ -431,7 +431,7 @@ class Node:
             self._reject("round-claim", lie, msg.sender, now)
             return
         try:
-            self._take_sketches(msg, now)
+            self._take_piggyback(msg)
             replies = self.engine.receive(msg) if self.dyn is None else self.dyn.receive(msg)
         except Refused as e:
             self._reject(e.reason, str(e), msg.sender, now)
@@ -476,76 +476,11 @@ class Node:
         for dest, reply in replies:
             self._send(dest, reply, now)
 
-    def _blocks(self) -> list[tuple[str, str, SketchBook, int]]:
-        """(tensor name, info key, book, row length) of what base-channel messages flood."""
-        out = [] if self.estimator else [(SKETCH_TENSOR, "sketches", self.book, self.sketcher.k if self.sketcher else -1)]
-        if self.levels is not None:
-            out.append((FINGERPRINT_TENSOR, "fingerprints", self.fbook, self.levels.cfg.fingerprint_dim))
-        return out
-
-    def _take_estimate(self, msg: Message) -> None:
-        """The gossip estimator's payload; a bad one is refused without losing the delta it rode on."""
-        tp = msg.tensors.pop(ESTIMATE_TENSOR, None)
-        if tp is None:
-            return
-        if self.estimator is None:
-            self._reject("estimate", f"estimator payload from peer {msg.sender}, but this peer floods sketches (--estimator)")
-            return
-        if msg.kind != Kind.DELTA or abs(msg.round - max(self.round, 0)) > WINDOW:
-            return  # a neighbour too far ahead or behind: its estimate instances are not this peer's
-        try:
-            self.estimator.receive(msg.sender, msg.round, msg.info.get("estimate"), tp.parts.get("data"))
-        except EstimatorError as e:
-            self._reject("estimate", f"from peer {msg.sender}: {e}")
-
-    def _take_sketches(self, msg: Message, now: float) -> None:
-        """Flooded rows go into the books, except this peer's own (only it makes those; a copy
-        that comes back is redundant, and one that comes first would be a forgery), rows too old
-        to matter, and rows of rounds no honest flood can have reached yet (counted: they would
-        never be pruned)."""
-        self._take_estimate(msg)
-        lo = self.round - self.diameter - 4
-        hi = max(self.round, msg.round) + self.diameter + 2
-        for name, key, book, k in self._blocks():
-            tp = msg.tensors.pop(name, None)
-            if tp is None:
-                continue
-            keys = msg.info.get(key)
-            data = tp.parts.get("data")
-            if (
-                not isinstance(keys, list)
-                or data is None
-                or data.dtype != torch.float64
-                or tuple(data.shape) != (len(keys), k)
-                or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, int) for v in e) for e in keys)
-            ):
-                raise GossipError(f"{key} from peer {msg.sender}: malformed block (keys/shape/dtype; rows of {k} float64 expected)")
-            if not all_finite(data):
-                raise GossipError(f"{key} from peer {msg.sender}: contains NaN or Inf")
-            future = 0
-            for (origin, rnd), row in zip(keys, data, strict=True):
-                if rnd > hi:
-                    future += 1
-                elif origin != self.me and rnd >= lo:
-                    book.add(origin, rnd, row.clone(), via=msg.sender)
-            if future:  # no strike: an honest neighbour may relay rows that a liar gave it
-                self._reject("sketch-round", f"{key} from peer {msg.sender}: {future} rows of rounds after {hi}", strike=False)
-        if FINGERPRINT_TENSOR in msg.tensors:
-            raise GossipError(f"fingerprints from peer {msg.sender}: clustering is off here")
-
-    def _with_sketches(self, msg: Message, peer: int) -> Message:
-        tensors, info = dict(msg.tensors), dict(msg.info)
-        for name, key, book, _ in self._blocks():
-            out = book.outgoing(peer, max(self.round, 0))
-            if out:
-                data = torch.stack([s for _, _, s in out])
-                tensors[name] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
-                info[key] = [[o, r] for o, r, _ in out]
-        if self._payload is not None and msg.kind == Kind.DELTA:
-            keys, data = self._payload
-            tensors[ESTIMATE_TENSOR] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
-            info["estimate"] = keys
-        return Message(msg.kind, msg.sender, msg.round, msg.seq, msg.inc, tensors, info)
+    def _take_piggyback(self, msg: Message) -> None:
+        """File the sketch, fingerprint and estimator blocks riding on `msg`; a malformed one
+        raises `GossipError` (a strike), a stale or misdirected one is counted and dropped."""
+        for reason, detail in self.piggyback.take(msg, self.round):
+            self._reject(reason, detail, strike=False)
 
     # ------------------------------------------------------------------ liveness
 
@@ -813,7 +748,7 @@ class Node:
         self._payload = self.estimator.payload(rnd) if self.estimator is not None else None
         self.round = rnd
         for j, msg in out:
-            self._send(j, self._with_sketches(msg, j))
+            self._send(j, self.piggyback.attach(msg, j, self.round, self._payload))
         self._send_owed(now)
         self._wait_start = now
         self._deadline_at = now + self._deadline()

@@ -19,7 +19,8 @@ from p2pfl import topology as T
 from p2pfl.conduct import Conduct, Limits, check_claim
 from p2pfl.config import PeerConfig
 from p2pfl.gossip import FLAT, ChocoEngine, GossipError, Refused
-from p2pfl.node import FINGERPRINT_TENSOR, SKETCH_TENSOR, Node, NodeSpec
+from p2pfl.node import Node, NodeSpec
+from p2pfl.piggyback import FINGERPRINT_TENSOR, SKETCH_TENSOR
 from p2pfl.sim import Simulation
 from p2pfl.state import synthetic_state
 from p2pfl.wire import BASE, CHANNELS, Kind, Message, TensorPayload, decode, encode

@@ -19,7 +19,7 @@ from p2pfl.wire import Kind, Message, TensorPayload, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = ["node", "gossip", "consensus", "wire", "compress", "topology", "robust", "ppfm", "cluster", "config", "sim", "estimate",
-        "schedule", "dynamic"]
+        "schedule", "dynamic", "piggyback"]
 IO = {"asyncio", "zmq", "time", "socket", "selectors", "threading", "uvloop"}
 
 

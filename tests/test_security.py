@@ -27,7 +27,8 @@ from p2pfl.config import PeerConfig
 from p2pfl.consensus import exact_distance, flatten, network_mean
 from p2pfl.gossip import GossipError
 from p2pfl.metrics import read_jsonl
-from p2pfl.node import SKETCH_TENSOR, Node, NodeSpec
+from p2pfl.node import Node, NodeSpec
+from p2pfl.piggyback import SKETCH_TENSOR
 from p2pfl.robust import NormGuard, RobustSpec
 from p2pfl.state import State, load_state, synthetic_state
 from p2pfl.wire import Kind, Message, TensorPayload, encode
@@ -522,10 +523,10 @@ def test_non_finite_sketch_block_is_refused_by_the_peer(tmp_path):
     rows[0, 5] = math.inf
     msg = Message(Kind.DELTA, 1, info={"sketches": [[1, 0]]}, tensors={SKETCH_TENSOR: TensorPayload("none", (1, 64), {"data": rows})})
     with pytest.raises(GossipError, match="NaN or Inf"):
-        peer._take_sketches(msg, now=0.0)
+        peer._take_piggyback(msg)
     assert (1, 0) not in peer.book.entries
     rows[0, 5] = 0.0
     msg.tensors[SKETCH_TENSOR] = TensorPayload("none", (1, 64), {"data": rows})
-    peer._take_sketches(msg, now=0.0)  # the same block, finite, is taken
+    peer._take_piggyback(msg)  # the same block, finite, is taken
     assert torch.equal(peer.book.entries[(1, 0)], rows[0])
     assert SKETCH_TENSOR not in msg.tensors
