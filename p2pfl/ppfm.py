@@ -44,7 +44,7 @@ from p2pfl import cluster as C
 from p2pfl.compress import CompressionPlan
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import Sketcher, flatten
-from p2pfl.gossip import Action, ChocoEngine, GossipError, State
+from p2pfl.gossip import Action, ChocoEngine, GossipError, Refused, State
 from p2pfl.topology import Topology
 from p2pfl.wire import CLUSTER, GLOBAL, Message
 
@@ -200,8 +200,15 @@ class Levels:
         raise GossipError(f"channel: {channel!r} is not a meta-level channel")
 
     def receive(self, msg: Message) -> list[Action]:
-        """Feed a validated cluster- or global-channel message; replies go out on the same channel."""
-        return [(dest, _on(reply, msg.channel)) for dest, reply in self.engine_for(msg.channel).receive(msg)]
+        """Feed a validated cluster- or global-channel message; replies go out on the same channel,
+        those of a refusal too (its resync request would otherwise reach the other end's base
+        engine, and this level's replica of the sender would never be resynced)."""
+        try:
+            replies = self.engine_for(msg.channel).receive(msg)
+        except Refused as e:
+            e.replies = [(dest, _on(reply, msg.channel)) for dest, reply in e.replies]
+            raise
+        return [(dest, _on(reply, msg.channel)) for dest, reply in replies]
 
     def control(self, channel: str, make: str) -> Message:
         """A heartbeat or goodbye for overlay peers that are not base-graph neighbours."""

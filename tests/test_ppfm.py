@@ -15,6 +15,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from p2pfl import checkpoint as ckpt
 from p2pfl.config import PeerConfig
+from p2pfl.gossip import Refused
 from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
 from p2pfl.sim import Simulation
 from p2pfl.topology import PeerSpec, Topology
@@ -128,6 +129,25 @@ def test_parse_clusters():
     for bad in ("0", "-2", "many", "2.5"):
         with pytest.raises(ValueError, match="--clusters"):
             parse_clusters(bad)
+
+
+def test_a_refused_level_delta_asks_for_the_state_on_its_own_channel():
+    """A peer that rejoins this peer's overlay after more than a window of rounds away (a
+    re-clustering) sends a delta too far ahead: the refusal's resync request must travel on the
+    level's channel, or the sender's base engine answers it and this replica stays stale."""
+    topo = Topology(peers={p: PeerSpec(p, "127.0.0.1", 30000 + p) for p in range(4)}, graph=nx.cycle_graph(4), name="ring-4")
+    lv = Levels(0, topo, {"w": torch.zeros(8)}, PpfmConfig(lag=topo.diameter() + 1), "none", None, seed=0, inc=1)
+    j = lv.cluster_neighbors[0]
+
+    def delta(seq: int, channel: str) -> Message:
+        return Message(Kind.DELTA, j, round=seq, seq=seq, inc=5, channel=channel,
+                       tensors={"w": TensorPayload("none", (8,), {"data": torch.zeros(8)})})
+
+    assert lv.receive(delta(0, CLUSTER)) == []  # in sync from its first delta
+    with pytest.raises(Refused, match="ahead of the next expected") as e:
+        lv.receive(delta(lv.cluster.window + 1, CLUSTER))
+    assert e.value.reason == "seq-window"
+    assert [(d, m.kind, m.channel) for d, m in e.value.replies] == [(j, Kind.RESYNC, CLUSTER)]
 
 
 # ------------------------------------------------------------------ the simulated network
