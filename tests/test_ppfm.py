@@ -171,6 +171,33 @@ def test_planted_groups_are_found_identically_and_personalise():
     assert max(clustered) < 0.6 < min(flat_err), (clustered, flat_err)  # flat sits between the targets (~0.8)
 
 
+def test_peers_that_rejoin_a_cluster_after_more_than_a_window_resync_and_are_waited_for_again():
+    """The groups change after the first split; the re-clustering that follows puts peers back into
+    one overlay after more than `window` rounds apart. Each such pair refuses one delta, resyncs on
+    the cluster channel, and mixes again: no round after that leaves a neighbour out."""
+    topo = interleaved_ring(8, 2)
+    n, gen = topo.n, torch.Generator().manual_seed(0)
+    first, second = [torch.randn(D, generator=gen) for _ in range(2)], [torch.randn(D, generator=gen) for _ in range(2)]
+
+    def train(targets, groups):
+        return lambda p, theta: {"w": theta["w"] + 0.3 * (targets[groups(p)] - theta["w"]) + 0.3 * torch.randn(D, generator=gen)}
+
+    net = PpfmNetwork(topo, {p: torch.zeros(D) for p in topo.ids}, PpfmConfig(lag=topo.diameter() + 1),
+                      [train(first, lambda p: group_of(p, n, 2))], 40)
+    history = []
+    for r in range(40):
+        net.step(train(second, lambda p: p % 2) if r == 6 else None)
+        history.append(net.labels()[0])
+    assert adjusted_rand_score([group_of(p, n, 2) for p in range(n)], [history[6][p] for p in range(n)]) == 1.0
+    changed = next(r for r in range(7, 40) if history[r] != history[6])
+    assert changed - 5 > PeerConfig.window  # apart for more than a window of rounds
+    assert adjusted_rand_score([p % 2 for p in range(n)], [history[-1][p] for p in range(n)]) == 1.0
+    assert sum(recs[-1]["rejected_by_reason"].get("seq-window", 0) for recs in net.records.values()) > 0
+    for p, recs in net.records.items():
+        late = [(r["round"], r["late_neighbors"]) for r in recs if r["round"] > changed + 1 and r["late_neighbors"]]
+        assert not late, (p, late)
+
+
 def test_homogeneous_population_is_not_split():
     topo = interleaved_ring(8, 2)
     for seed in range(3):
