@@ -479,8 +479,9 @@ class Node:
     def _take_piggyback(self, msg: Message) -> None:
         """File the sketch, fingerprint and estimator blocks riding on `msg`; a malformed one
         raises `GossipError` (a strike), a stale or misdirected one is counted and dropped."""
-        for reason, detail in self.piggyback.take(msg, self.round):
-            self._reject(reason, detail, strike=False)
+        for take in (self.piggyback.take_estimate, self.piggyback.take_blocks):  # the first's drops count even if the second raises
+            for reason, detail in take(msg, self.round):
+                self._reject(reason, detail, strike=False)
 
     # ------------------------------------------------------------------ liveness
 

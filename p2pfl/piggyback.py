@@ -44,15 +44,15 @@ class Piggyback:
         if fingerprint_dim is not None:
             self.blocks.append(Block(FINGERPRINT_TENSOR, "fingerprints", fbook, fingerprint_dim))
 
-    def take(self, msg: Message, round_: int) -> list[tuple[str, str]]:
-        """File the blocks of `msg` (taking them out of it) at this peer's last round `round_`.
-        Raises `GossipError` for a malformed block, which is a strike against the sender; returns
-        the (reason, detail) of what it dropped without blaming the sender.
+    def take_blocks(self, msg: Message, round_: int) -> list[tuple[str, str]]:
+        """File the flooded blocks of `msg` (taking them out of it) at this peer's last round
+        `round_`. Raises `GossipError` for a malformed block, which is a strike against the sender;
+        returns the (reason, detail) of what it dropped without blaming the sender.
 
         Rows go into the books except this peer's own (only it makes those; a copy that comes back
         is redundant, and one that comes first would be a forgery), rows too old to matter, and
         rows of rounds no honest flood can have reached yet (they would never be pruned)."""
-        dropped = self._take_estimate(msg, round_)
+        dropped: list[tuple[str, str]] = []
         lo = round_ - self.diameter - 4
         hi = max(round_, msg.round) + self.diameter + 2
         for b in self.blocks:
@@ -83,8 +83,9 @@ class Piggyback:
             raise GossipError(f"fingerprints from peer {msg.sender}: clustering is off here")
         return dropped
 
-    def _take_estimate(self, msg: Message, round_: int) -> list[tuple[str, str]]:
-        """The gossip estimator's payload; a bad one is refused without losing the delta it rode on."""
+    def take_estimate(self, msg: Message, round_: int) -> list[tuple[str, str]]:
+        """Feed the gossip estimator's payload of `msg` (taking it out); a bad one is dropped, as
+        (reason, detail), without losing the delta it rode on."""
         tp = msg.tensors.pop(ESTIMATE_TENSOR, None)
         if tp is None:
             return []

@@ -28,7 +28,7 @@ from p2pfl.consensus import exact_distance, flatten, network_mean
 from p2pfl.gossip import GossipError
 from p2pfl.metrics import read_jsonl
 from p2pfl.node import Node, NodeSpec
-from p2pfl.piggyback import SKETCH_TENSOR
+from p2pfl.piggyback import ESTIMATE_TENSOR, SKETCH_TENSOR
 from p2pfl.robust import NormGuard, RobustSpec
 from p2pfl.state import State, load_state, synthetic_state
 from p2pfl.wire import Kind, Message, TensorPayload, encode
@@ -512,6 +512,21 @@ def test_byzantine_scaler_is_contained_by_trimmed_mean_and_not_without(tmp_path,
     assert plain_dev > DAMAGED_MIN  # visibly damaged without robust mixing
     assert robust_dev == pytest.approx(simulate_byzantine("trimmed:1")[0], rel=1e-3)
     assert plain_dev == pytest.approx(simulate_byzantine("off")[0], rel=1e-2)
+
+
+def test_a_message_with_two_bad_blocks_counts_both(tmp_path):
+    """An estimator payload this peer cannot use is dropped and counted even when the sketch block
+    beside it is malformed and refuses the message."""
+    topo, path = make_topology(tmp_path, "ring", 4)
+    cfg = PeerConfig(topology=path, id=0, no_train=True, dim=1024, run_dir=tmp_path / "run", sketch_dim=64)
+    peer = Node(cfg, topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
+    rows = torch.zeros(2, 64, dtype=torch.float64)  # two rows, one key: malformed
+    msg = Message(Kind.DELTA, 1, info={"sketches": [[1, 0]], "estimate": [[0, 0]]},
+                  tensors={SKETCH_TENSOR: TensorPayload("none", (2, 64), {"data": rows}),
+                           ESTIMATE_TENSOR: TensorPayload("none", (1, 64), {"data": torch.zeros(1, 64, dtype=torch.float64)})})
+    with pytest.raises(GossipError, match="malformed block"):
+        peer._take_piggyback(msg)
+    assert peer.rejected_by_reason == {"estimate": 1}
 
 
 def test_non_finite_sketch_block_is_refused_by_the_peer(tmp_path):
