@@ -214,14 +214,19 @@ def quality(labels: Mapping[int, int], fps: Fingerprints, min_silhouette: float 
 class ClusterState:
     """Cluster assignment with hysteresis, re-evaluated every `every` rounds.
 
-    A fresh assignment replaces the current one only if, on the current fingerprints, its quality
-    exceeds the current one's by at least `margin`: noise re-draws that reshuffle a borderline
-    peer leave both scores about equal and the labels stay, while a real change of structure makes
-    the old labels score badly and they are replaced. A change of the peer set always adopts the
-    fresh assignment (new peers need a label), except that before the first evaluation the
-    population counts as one cluster: a split must beat that by the margin too. Every peer that
-    feeds the same fingerprints at the same rounds holds the same state; a late joiner copies it
-    from a neighbour (`to_dict`).
+    Before anything is split the population counts as one cluster, and a fresh split replaces it
+    only if, on the current fingerprints, its quality beats that by at least `margin` (an explicit
+    k splits at the first evaluation). Once a split is held, clusters only split further, as in
+    clustered FL's recursive bipartitioning (Sattler et al., IEEE TNNLS 2020): a cluster of
+    "auto" whose own best cut, on its members' fingerprints centred among themselves, reaches the
+    split bar plus `margin` is divided; peers never move between held clusters and clusters never
+    merge. Fingerprints accumulate updates relative to each peer's cluster model, so once the
+    clusters are right what told them apart stops growing while each peer's label skew keeps
+    adding the same direction every round; re-partitioning from scratch on them drifted to a split
+    by label skew across the true clusters (docs/experiments.md#ppfm-fingerprints). A change of
+    the peer set adopts the fresh assignment (new peers need a label). Every peer that feeds the
+    same fingerprints at the same rounds holds the same state; a late joiner copies it from a
+    neighbour (`to_dict`).
     """
 
     k: K = "auto"
@@ -254,7 +259,9 @@ class ClusterState:
         self.scores = {"best_split_silhouette": best_cut(fps, self.max_k)[1],
                        "split_bar": split_bar(similarity_grid(fps)[2], self.min_silhouette), "held_quality": held}
         new = fresh
-        if fresh != old and set(fresh) == set(old):
+        if set(fresh) == set(old) and len(set(old.values())) > 1:
+            new = self._refine(old, fps)
+        elif fresh != old and set(fresh) == set(old):
             gain = quality(fresh, fps, self.min_silhouette) - held
             if gain < self.margin:
                 new = old
@@ -262,6 +269,25 @@ class ClusterState:
             return False
         self.labels, self.adopted_round = new, rnd
         return True
+
+    def _refine(self, held: Labels, fps: Fingerprints) -> Labels:
+        """`held` with each cluster split where its own fingerprints show a split of "auto"
+        quality plus the margin; unchanged with an explicit k, which the held split already has."""
+        if self.k != "auto":
+            return held
+        bar = split_bar(similarity_grid(fps)[2], self.min_silhouette) + self.margin
+        out, fresh_label = dict(held), max(held.values()) + 1
+        for c in sorted(set(held.values())):
+            ms = members(held, c)
+            rows = {p: torch.as_tensor(fps[p], dtype=torch.float64).reshape(-1) for p in ms}
+            mean = torch.stack(list(rows.values())).mean(0)
+            cut, sil = best_cut({p: v - mean for p, v in rows.items()}, self.max_k)
+            if sil >= bar:
+                for p in ms:
+                    if cut[p] > 0:
+                        out[p] = fresh_label + cut[p] - 1
+                fresh_label += max(cut.values())
+        return canonical(out)
 
     def step(self, fps: Fingerprints, rnd: int) -> bool:
         return self.update(fps, rnd) if self.due(rnd) else False
