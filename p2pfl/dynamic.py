@@ -45,6 +45,7 @@ from p2pfl.schedule import Schedule
 from p2pfl.wire import Kind, Message
 
 WHOLE_MODEL_CODECS = ("none", "fp16", "bf16")  # codecs a whole model may travel with: no replica corrects them
+MIN_WEIGHT = 1e-300  # a push-sum weight stays positive (receivers refuse 0) after ~500 rounds alone
 
 
 class EdgeEngine(ChocoEngine):
@@ -209,13 +210,18 @@ class FullGossip:
                     acc += row[j] * (m[name] - self.own[name])
                 v += acc
             return
+        # The coefficients are normalised in float64 before they touch the float32 tensors: a peer
+        # that mixes alone divides its weight by S + 1 every round, and after a few dozen such
+        # rounds (a restart behind the network) a weight times a tensor underflows float32, which
+        # first blurs x and then turns it into 0/0.
         mass = row[self.me] * self.weight + math.fsum(row[j] * w for j, (_, w) in have.items())
+        own = row[self.me] * self.weight / mass if mass > 0 else 1.0
         for name, v in x.items():
-            acc = (row[self.me] * self.weight) * v
+            acc = own * v
             for j, (m, w) in have.items():
-                acc += (row[j] * w) * m[name]
-            v.copy_(acc / mass)
-        self.prior_weight, self.weight = self.weight, mass
+                acc += (row[j] * w / mass) * m[name]
+            v.copy_(acc)
+        self.prior_weight, self.weight = self.weight, max(mass, MIN_WEIGHT)
 
     def end_round(self, rnd: int) -> None:
         self.done = rnd

@@ -233,7 +233,13 @@ class Host:
 
     def _tick(self, h: Hosted) -> None:
         h.timer = None
-        self._run(h, h.node.tick(asyncio.get_running_loop().time()))
+        now = asyncio.get_running_loop().time()
+        try:
+            actions = h.node.tick(now)
+        except Exception as e:  # a fault in a round's transition: that peer stops with it, the others go on
+            h.log.exception("peer %d: internal error in round %d: %s", h.cfg.id, h.node.rnd, e)
+            actions = h.node.fail(f"internal error: {type(e).__name__}: {e}", now)
+        self._run(h, actions)
 
     def _run(self, h: Hosted, actions: list[N.Action]) -> None:
         """Carry out a node's actions, then set its timer to the node's next wake-up."""

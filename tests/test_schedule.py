@@ -55,6 +55,24 @@ def test_push_sum_weights_turn_the_epidemic_products_into_averaging():
     assert np.abs(p.sum(0) - 1).max() < 1e-12  # and no mass was lost on the way
 
 
+def test_a_push_sum_peer_that_mixes_alone_for_hundreds_of_rounds_keeps_its_model():
+    """A restarted epidemic peer behind the network hears nobody for a while, and its push-sum
+    weight shrinks by S + 1 each round. Its model must stay exactly what it was: the old mix
+    multiplied the float32 tensors by the weight first, which underflowed after ~60 rounds (the
+    model blurred) and then gave 0/0 (NaN, and a peer that could no longer send)."""
+    from p2pfl.dynamic import MIN_WEIGHT, FullGossip
+
+    x = {"w": torch.randn(1024, generator=torch.Generator().manual_seed(0)) * 0.35}
+    before = x["w"].clone()
+    g = FullGossip(3, schedule("epidemic:3", 8), x, "none", seed=0, inc=1, window=8)
+    for rnd in range(600):
+        g.outgoing(rnd, x, empty=False)
+        g.mix(rnd, x, set())
+        g.end_round(rnd)
+    assert torch.equal(x["w"], before)
+    assert g.weight == MIN_WEIGHT > 0  # 4^-600 underflows float64; the weight stays sendable
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_every_peer_computes_the_same_round_graph_from_seed_and_round_alone(spec):
     n = 24
