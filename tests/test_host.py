@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import subprocess
 import sys
 
@@ -69,10 +70,11 @@ def test_a_trainer_that_raises_is_reported_by_id_and_the_others_finish(tmp_path,
 def test_a_fault_in_a_peers_round_fails_that_peer_instead_of_stopping_its_clock(tmp_path, caplog):
     """An exception inside a node's tick used to end that peer's timer silently: the peer hung and
     the process never exited. Now it is logged, the peer finishes with code 1, the others go on.
-    Paced rounds (`round_period`) start on the clock, so round 2 starts inside a tick."""
+    Paced rounds (`round_period`) and heartbeats wake every peer on its clock, so a tick comes
+    during round 2 or later however loaded the machine is."""
     _, path = make_topology(tmp_path, "ring", 3)
-    cfg = PeerConfig(topology=path, id=0, run_dir=tmp_path / "run", no_train=True, rounds=4, min_wait=0.2, sketch_dim=64,
-                     round_period=0.2)
+    cfg = PeerConfig(topology=path, id=0, run_dir=tmp_path / "run", no_train=True, rounds=8, min_wait=0.2, sketch_dim=64,
+                     round_period=0.5, heartbeat=0.25)
     host = Host(cfg, [0, 1, 2])
     node = host.peers[1].node
     calls = {"n": 0}
@@ -80,7 +82,7 @@ def test_a_fault_in_a_peers_round_fails_that_peer_instead_of_stopping_its_clock(
 
     def faulty(now: float):
         calls["n"] += 1
-        if node.rnd == 2:
+        if node.rnd >= 2:
             raise ValueError("injected fault in a round")
         return tick(now)
 
@@ -88,10 +90,10 @@ def test_a_fault_in_a_peers_round_fails_that_peer_instead_of_stopping_its_clock(
     with caplog.at_level(logging.ERROR):
         code = asyncio.run(asyncio.wait_for(host.run(), 120))
     assert code == 1 and calls["n"] > 0
-    assert any("peer 1: internal error in round 2: injected fault in a round" in r.getMessage() for r in caplog.records)
+    assert any(re.fullmatch(r"peer 1: internal error in round \d+: injected fault in a round", r.getMessage()) for r in caplog.records)
     assert any("peers [1] failed" in r.getMessage() for r in caplog.records)
     for p in (0, 2):
-        assert [r["round"] for r in read_jsonl(tmp_path / "run" / "metrics" / f"peer-{p}.jsonl")] == [0, 1, 2, 3]
+        assert [r["round"] for r in read_jsonl(tmp_path / "run" / "metrics" / f"peer-{p}.jsonl")] == list(range(8))
 
 
 def _folder(root, peer: int) -> None:
