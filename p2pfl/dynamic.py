@@ -215,7 +215,7 @@ class FullGossip:
         # rounds (a restart behind the network) a weight times a tensor underflows float32, which
         # first blurs x and then turns it into 0/0.
         mass = row[self.me] * self.weight + math.fsum(row[j] * w for j, (_, w) in have.items())
-        own = row[self.me] * self.weight / mass if mass > 0 else 1.0
+        own = row[self.me] * self.weight / mass  # mass > 0: the weight keeps its floor
         for name, v in x.items():
             acc = own * v
             for j, (m, w) in have.items():
