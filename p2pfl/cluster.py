@@ -260,7 +260,7 @@ class ClusterState:
                        "split_bar": split_bar(similarity_grid(fps)[2], self.min_silhouette), "held_quality": held}
         new = fresh
         if set(fresh) == set(old) and len(set(old.values())) > 1:
-            new = self._refine(old, fps)
+            new = self._refine(old, fps, self.scores["split_bar"] + self.margin)
         elif fresh != old and set(fresh) == set(old):
             gain = quality(fresh, fps, self.min_silhouette) - held
             if gain < self.margin:
@@ -270,12 +270,12 @@ class ClusterState:
         self.labels, self.adopted_round = new, rnd
         return True
 
-    def _refine(self, held: Labels, fps: Fingerprints) -> Labels:
-        """`held` with each cluster split where its own fingerprints show a split of "auto"
-        quality plus the margin; unchanged with an explicit k, which the held split already has."""
+    def _refine(self, held: Labels, fps: Fingerprints, bar: float) -> Labels:
+        """`held` with each cluster split where its own fingerprints cut with a silhouette of at
+        least `bar` (the split bar plus the margin); unchanged with an explicit k, which the held
+        split already has."""
         if self.k != "auto":
             return held
-        bar = split_bar(similarity_grid(fps)[2], self.min_silhouette) + self.margin
         out, fresh_label = dict(held), max(held.values()) + 1
         for c in sorted(set(held.values())):
             ms = members(held, c)
