@@ -5,22 +5,28 @@ as a topology file's peer entries are):
 - a: shapes peers (shape task, contrast+clutter) and digits peers, alternating on the ring, with
   the main job's Dirichlet 0.5 label skew (so that a dataset's peers need each other);
 - b: labelled, caption and unlabelled shapes peers on three shifted domains;
-- c: every peer unlabelled but one labelled peer, on one shifted domain.
+- c: every peer unlabelled but one labelled peer, on one shifted domain;
+- b1: b's peers all on the labelled peers' domain, the control that tells what the data kinds do
+  from what the domain shifts between them do.
 Three arms of the same peers (same data shares, rounds and local steps): ``mixed`` (every peer
 gossips on the ring: the daemon's rounds in `p2pfl.sim`), ``by_kind`` (each kind gossips only
 with its own kind, on a ring of its own; a kind of one peer trains alone) and ``alone``; with
 ``--arms`` also ``mixed_ppfm``: every peer on the ring with PPFM's levels on (``--clusters auto``),
 so each peer ends on its cluster's model while the global level still mixes across clusters
-(``--clusters K`` fixes the number of clusters instead). For each
+(``--clusters K`` fixes the number of clusters instead); ``oracle``: the mixed ring with every
+unlabelled peer training on its hidden labels, the supervised ceiling of the unlabelled targets at
+the same budget (domain adaptation's usual upper bound); ``without_captions``: the mixed ring
+without the caption peers, the counterfactual of "caption peers' gossip raises ...". For each
 kind: zero-shot and final global accuracy on its own task and on every dataset of the run;
 unlabelled peers' pseudo-label accuracy; labelled peers' accuracy on held-out compositions.
 Prints one JSON line. usage: python bench/heterogeneous.py [--rounds 20] [--local-steps 5]
-[--scenarios a,b,c] [--arms mixed,by_kind,alone[,mixed_ppfm]] [--clusters auto|K] [--seed 0]
+[--scenarios a,b,c] [--arms mixed,by_kind,alone[,mixed_ppfm,oracle,without_captions]] [--clusters auto|K] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -46,14 +52,16 @@ def scenario(name: str) -> tuple[dict[str, Any], dict[int, dict[str, Any]], dict
     if name == "a":
         entries = {p: {"dataset": "shapes"} if p % 2 == 0 else {"dataset": "digits"} for p in range(N)}
         return {"partition": "dirichlet:0.5"}, entries, {p: e["dataset"] for p, e in entries.items()}
-    if name == "b":
+    if name in ("b", "b1"):
         kinds = [LABELLED, CAPTIONS, UNLABELLED, LABELLED, CAPTIONS, UNLABELLED, LABELLED, CAPTIONS]
         domain = {LABELLED: "contrast+clutter", CAPTIONS: "noise+clutter", UNLABELLED: "contrast+noise"}
+        if name == "b1":
+            domain = dict.fromkeys(domain, domain[LABELLED])
         return {}, {p: {"data_kind": k, "domain": domain[k]} for p, k in enumerate(kinds)}, dict(enumerate(kinds))
     if name == "c":
         kinds = [LABELLED] + [UNLABELLED] * (N - 1)
         return {}, {p: {"data_kind": k} for p, k in enumerate(kinds)}, dict(enumerate(kinds))
-    raise SystemExit(f"--scenarios: unknown scenario {name!r} (a, b, c)")
+    raise SystemExit(f"--scenarios: unknown scenario {name!r} (a, b, c, b1)")
 
 
 def ring(ids: list[int]) -> Topology:
@@ -94,6 +102,11 @@ def arm(name: str, configs: Mapping[int, TrainerConfig], kinds: Mapping[int, str
         return alone(make_trainers(configs, datasets), rounds)
     if name in ("mixed", "mixed_ppfm"):
         return gossip(make_trainers(configs, datasets), rounds, clusters if name == "mixed_ppfm" else "off")
+    if name == "oracle":
+        labelled = {p: dataclasses.replace(c, data_kind=LABELLED) if kinds[p] == UNLABELLED else c for p, c in configs.items()}
+        return gossip(make_trainers(labelled, datasets), rounds)
+    if name == "without_captions":
+        return gossip(make_trainers({p: c for p, c in configs.items() if kinds[p] != CAPTIONS}, datasets), rounds)
     out: dict[int, dict[str, Any]] = {}
     for kind in sorted(set(kinds.values())):
         ids = [p for p in configs if kinds[p] == kind]
@@ -111,7 +124,7 @@ def by_kind(records: Mapping[int, Mapping[str, Any]], kinds: Mapping[int, str], 
     """Per kind: own-task global accuracy (zero-shot and final), accuracy on each dataset, and the
     kind-specific figures, averaged over the kind's peers."""
     out: dict[str, Any] = {}
-    for kind in sorted(set(kinds.values())):
+    for kind in sorted({kinds[p] for p in records}):
         ids = [p for p in records if kinds[p] == kind]
         recs = [records[p] for p in ids]
         names = sorted({n for r in recs for n in r.get("dataset_accuracy", {})})
@@ -125,6 +138,8 @@ def by_kind(records: Mapping[int, Mapping[str, Any]], kinds: Mapping[int, str], 
         if "composition_accuracy" in recs[0]:
             row["composition"] = _mean([r["composition_accuracy"] for r in recs])
             row["composition_zero_shot"] = _mean([r["composition_accuracy_before"] for r in recs])
+            row["composition_seen_pairs"] = _mean([r["composition_seen_accuracy"] for r in recs])
+            row["composition_seen_pairs_zero_shot"] = _mean([r["composition_seen_accuracy_before"] for r in recs])
         if "pseudo_label_accuracy" in recs[0]:
             row["pseudo_label_accuracy_first_round"] = _mean([r["first_pseudo_label_accuracy"] for r in recs])
             row["pseudo_label_accuracy_last_round"] = _mean([r["pseudo_label_accuracy"] for r in recs])
@@ -177,11 +192,17 @@ def targets(name: str, r: Mapping[str, Any]) -> dict[str, Any]:
         t.update(unlabelled_gain_over_zero_shot_points=gain0, unlabelled_gain_over_zero_shot_at_least_10=gain0 is not None and gain0 >= 10,
                  unlabelled_gain_over_self_training_alone_points=gain_alone,
                  unlabelled_gain_over_self_training_alone_at_least_5=gain_alone is not None and gain_alone >= 5)
+    if r.get("oracle") is not None and UNLABELLED in r["kinds"].values():  # the same peers with their hidden labels
+        u = r["oracle"][UNLABELLED]
+        t["unlabelled_with_hidden_labels_gain_over_zero_shot_points"] = _points(u["own_task"], u["zero_shot"])
     if mixed is not None and CAPTIONS in mixed and kind is not None:
         lab_mixed, lab_kind = mixed[LABELLED].get("composition"), kind[LABELLED].get("composition")
         t["labelled_composition_mixed_minus_labelled_only_points"] = _points(lab_mixed, lab_kind)
         t["labelled_composition_mixed_minus_zero_shot_points"] = _points(lab_mixed, mixed[LABELLED].get("composition_zero_shot"))
         t["caption_gossip_raises_labelled_composition"] = (lab_mixed or 0) > (lab_kind or 0)
+    if mixed is not None and r.get("without_captions") is not None and CAPTIONS in mixed:
+        t["labelled_composition_mixed_minus_without_captions_points"] = _points(
+            mixed[LABELLED].get("composition"), r["without_captions"][LABELLED].get("composition"))
     return t
 
 
@@ -190,7 +211,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--scenarios", default="a,b,c")
-    ap.add_argument("--arms", default="mixed,by_kind,alone", help="of mixed, by_kind, alone, mixed_ppfm (the targets need the first three)")
+    ap.add_argument("--arms", default="mixed,by_kind,alone", help="of mixed, by_kind, alone, mixed_ppfm, oracle, without_captions (the targets need the first three)")
     ap.add_argument("--clusters", default="auto", help="PPFM's clusters in the mixed_ppfm arm: auto or a number")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

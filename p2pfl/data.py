@@ -298,13 +298,18 @@ def _digits_shares(domain: str, seed: int, size: int, global_test_size: int, mem
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
-def composition_test(domain: str, seed: int, size: int) -> Split:
+def composition_test(domain: str, seed: int, size: int, pairs: str = "unseen") -> Split:
     """Held-out compositions: scenes of the shape x colour pairs that pretraining never showed and
     caption peers never draw, labelled by their 64-way pair "{colour} {shape}" (`shapes.PAIR_NAMES`).
     No peer trains on this label space, so accuracy on it is zero-shot: it measures what adapting
-    the text tower does to composing attributes."""
+    the text tower does to composing attributes. ``pairs="seen"`` draws the other pairs instead,
+    the seen half of compositional zero-shot learning's seen/unseen pair, which tells binding the
+    pairs a peer trained on from composing new ones."""
+    if pairs not in ("seen", "unseen"):
+        raise DataError(f"compositions: pairs {pairs!r} is not seen or unseen")
     dom = _domain(domain)
-    scenes = shapes.sample_scenes(rng_for(seed, "compositions", dom.name), size, "unseen", dom)
+    keys = ("compositions", dom.name) if pairs == "unseen" else ("compositions", dom.name, pairs)
+    scenes = shapes.sample_scenes(rng_for(seed, *keys), size, pairs, dom)
     labels = scenes.attrs[:, 0] * len(shapes.COLOURS) + scenes.attrs[:, 1]
     images = torch.from_numpy(shapes.render(scenes, dom, seed=int(rng_for(seed, "compositions-render").integers(2**31))))
     return Split(images, torch.from_numpy(labels), shapes.PAIR_NAMES, shapes.TEMPLATES["shape"])

@@ -418,14 +418,15 @@ class Trainer:
 
     def _other_tasks(self, own: float) -> dict[str, Any]:
         """Accuracy on every dataset of a run with several (``dataset_accuracy``: name -> accuracy)
-        and, for a shapes peer whose text tower adapts, zero-shot on held-out compositions."""
+        and, for a shapes peer whose text tower adapts, zero-shot on held-out compositions and the
+        same 64-way task on the seen pairs."""
         out: dict[str, Any] = {}
         if self.eval_sets:
             out["dataset_accuracy"] = {name: own if split is self.data.global_test else self._accuracy(split)[0]
                                        for name, split in self.eval_sets.items()}
         if self.model.spec.text and self.cfg.dataset == "shapes":
-            held_out = composition_test(self.data.domain, self.cfg.seed, self.cfg.global_test_size)
-            out["composition_accuracy"] = self._accuracy(held_out)[0]
+            for key, pairs in (("composition_accuracy", "unseen"), ("composition_seen_accuracy", "seen")):
+                out[key] = self._accuracy(composition_test(self.data.domain, self.cfg.seed, self.cfg.global_test_size, pairs))[0]
         return out
 
     def _unseen_accuracy(self) -> float:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2pfl import tasks
+from p2pfl import shapes, tasks
 from p2pfl.config import (
     MUST_AGREE,
     ConfigError,
@@ -19,7 +19,7 @@ from p2pfl.config import (
     resolve,
     run_datasets,
 )
-from p2pfl.data import DataError, folder_captions
+from p2pfl.data import DataError, composition_test, folder_captions
 from p2pfl.metrics import read_jsonl
 from p2pfl.report import dataset_table, summarize
 from p2pfl.topology import load
@@ -107,6 +107,16 @@ def test_folder_captions_by_relative_path_or_file_name(tmp_path):
     (tmp_path / "captions.tsv").write_text("cat/1.png\ta cat\n")
     with pytest.raises(DataError, match=re.escape("no caption for 'dog/1.png'")):
         folder_captions(tmp_path)
+
+
+def test_composition_sets_hold_only_the_held_out_or_only_the_seen_pairs():
+    held = {s * len(shapes.COLOURS) + c for s, c in shapes.HELD_OUT_PAIRS}
+    unseen, seen = (composition_test("contrast", 0, 256, pairs) for pairs in ("unseen", "seen"))
+    assert set(unseen.labels.tolist()) == held and len(unseen.class_names) == 64
+    assert not set(seen.labels.tolist()) & held and len(set(seen.labels.tolist())) > 40
+    assert not torch.equal(seen.images[:8], unseen.images[:8])
+    with pytest.raises(DataError, match="pairs 'all' is not seen or unseen"):
+        composition_test("contrast", 0, 16, "all")
 
 
 def _fixed_caption_loss(t: Trainer) -> float:
