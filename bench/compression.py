@@ -27,7 +27,8 @@ import torch
 from learning import run_peers, trainer_config  # bench/ is on sys.path when run as a script
 
 from p2pfl import topology as T
-from p2pfl.compress import encoded_nbytes, get_codec
+from p2pfl.codec import encoded_nbytes
+from p2pfl.compress import get_codec
 from p2pfl.consensus import exact_distance
 from p2pfl.gossip import ChocoEngine
 from p2pfl.wire import decode, encode, frames_nbytes

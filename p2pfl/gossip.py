@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from p2pfl.compress import CodecError, CompressionPlan, Encoded, get_codec
+from p2pfl.codec import CodecError, Encoded
+from p2pfl.compress import CompressionPlan, get_codec
 from p2pfl.errors import P2pflError
 from p2pfl.robust import NormGuard, RobustSpec, robust_step
 from p2pfl.wire import Kind, Message, TensorPayload

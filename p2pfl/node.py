@@ -29,7 +29,8 @@ import torch
 
 from p2pfl import topology as topo_mod
 from p2pfl.abuse import Abuser, abuse_rate
-from p2pfl.compress import CodecError, CompressionPlan
+from p2pfl.codec import CodecError
+from p2pfl.compress import CompressionPlan
 from p2pfl.conduct import Conduct, Limits, check_claim
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import SketchBook, flatten, shared_sketcher

@@ -18,7 +18,7 @@ from p2pfl.state import synthetic_state
 from p2pfl.wire import Kind, Message, TensorPayload, encode
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["node", "gossip", "consensus", "wire", "compress", "topology", "robust", "ppfm", "cluster", "config", "sim", "estimate",
+PURE = ["node", "gossip", "consensus", "wire", "compress", "codec", "sparsify", "topology", "robust", "ppfm", "cluster", "config", "sim", "estimate",
         "schedule", "dynamic", "piggyback"]
 IO = {"asyncio", "zmq", "time", "socket", "selectors", "threading", "uvloop"}
 
