@@ -21,6 +21,7 @@ kind: zero-shot and final global accuracy on its own task and on every dataset o
 unlabelled peers' pseudo-label accuracy; labelled peers' accuracy on held-out compositions.
 Prints one JSON line. usage: python bench/heterogeneous.py [--rounds 20] [--local-steps 5]
 [--scenarios a,b,c] [--arms mixed,by_kind,alone[,mixed_ppfm,oracle,without_captions]] [--clusters auto|K] [--seed 0]
+[--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from p2pfl.config import PeerConfig, dataset_key, dataset_name, peer_trainers, run_datasets
+from p2pfl.config import PeerConfig, dataset_key, dataset_name, parse_sets, peer_trainers, run_datasets
 from p2pfl.sim import train_network
 from p2pfl.topology import PeerSpec, Topology, generate_graph
 from p2pfl.trainer import Trainer, TrainerConfig
@@ -148,10 +149,12 @@ def by_kind(records: Mapping[int, Mapping[str, Any]], kinds: Mapping[int, str], 
     return out
 
 
-def run_scenario(name: str, rounds: int, local_steps: int, seed: int, arms: list[str], clusters: str = "auto") -> dict[str, Any]:
+def run_scenario(name: str, rounds: int, local_steps: int, seed: int, arms: list[str], clusters: str = "auto",
+                 sets: tuple[str, ...] = ()) -> dict[str, Any]:
     settings, entries, kinds = scenario(name)
+    overrides = parse_sets(sets)  # over the settings and every peer's entry, as --set is for a topology file
     cfg = PeerConfig(topology=Path(f"heterogeneous-{name}"), id=0, seed=seed,
-                     trainer={"local_steps": local_steps, "eval_every": rounds, **settings})
+                     trainer={"local_steps": local_steps, "eval_every": rounds, **settings, **overrides}, trainer_sets=overrides)
     options = peer_trainers(cfg, {p: {"trainer": e} for p, e in entries.items()}, f"scenario {name}")
     configs = {p: TrainerConfig.from_dict({"seed": seed, **o}) for p, o in options.items()}
     datasets = run_datasets(options)
@@ -214,13 +217,14 @@ def main() -> None:
     ap.add_argument("--arms", default="mixed,by_kind,alone", help="of mixed, by_kind, alone, mixed_ppfm, oracle, without_captions (the targets need the first three)")
     ap.add_argument("--clusters", default="auto", help="PPFM's clusters in the mixed_ppfm arm: auto or a number")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option of every peer, over its entry")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     out: dict[str, Any] = {"bench": "heterogeneous", "peers": N, "topology": "ring", "rounds": args.rounds,
-                           "local_steps": args.local_steps, "seed": args.seed}
+                           "local_steps": args.local_steps, "seed": args.seed, "sets": args.set}
     for name in args.scenarios.split(","):
-        out[name] = run_scenario(name, args.rounds, args.local_steps, args.seed, args.arms.split(","), args.clusters)
+        out[name] = run_scenario(name, args.rounds, args.local_steps, args.seed, args.arms.split(","), args.clusters, tuple(args.set))
     out["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(out))
 

@@ -2,7 +2,7 @@
 
 The host (`p2pfl.peer`) feeds events: frames that arrived (`receive`), the clock (`tick`, with
 `now` in seconds of any monotonic clock), finished work (`trained`, `evaluated`) and `stop`. Each
-returns the actions to carry out: messages to send, work to run (training and evaluation belong
+returns the actions (`p2pfl.actions`) to carry out: messages to send, work to run (training and evaluation belong
 to the host, which may share one model among many nodes), records to write, checkpoints to take.
 `next_wakeup()` says when the clock must be fed again. Every protocol decision lives here, once:
 liveness, the adaptive deadline, sketch flooding and validation, catch-up and late join, max-lag,
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 
 from p2pfl import topology as topo_mod
 from p2pfl.abuse import Abuser, abuse_rate
+from p2pfl.actions import Action, Checkpoint, Disconnect, Evaluate, Finish, Flush, Record, Send, Train
 from p2pfl.codec import CodecError
 from p2pfl.compress import CompressionPlan
 from p2pfl.conduct import Conduct, Limits, check_claim
@@ -82,74 +83,6 @@ def estimator_config(kind: str, topo: topo_mod.Topology, k: int, rounds: int) ->
     base = EstimatorConfig.for_topology(k, topo.mixing_lambda())
     every = max(d for d in range(1, base.every + 1) if rounds % d == 0) if rounds > 0 else base.every
     return EstimatorConfig(k=k, lag=base.lag, every=every if 2 * every >= base.every else base.every)
-
-
-# ---------------------------------------------------------------- actions
-
-
-@dataclass
-class Send:
-    dest: int
-    msg: Message
-    offer: bool = False  # now or never: a periodic ping to a peer that is down must not queue
-
-
-@dataclass
-class Flush:
-    """Drop what waits to be sent to a peer that went down."""
-
-    peer: int
-
-
-@dataclass
-class Disconnect:
-    """A PPFM overlay peer, or a peer of a schedule's past rounds, that is no longer needed."""
-
-    peer: int
-
-
-@dataclass
-class Train:
-    """Load `start` into this peer's adapter, run one round of local steps, answer `trained`.
-    `correction` (gradient tracking): the local steps also move the adapter by -correction over
-    the round, in equal parts per step."""
-
-    round: int
-    start: State
-    teachers: list[State] = field(default_factory=list)
-    correction: State | None = None
-
-
-@dataclass
-class Evaluate:
-    """Evaluate `state` on this peer's data, answer `evaluated`."""
-
-    round: int
-    state: State
-    global_eval: bool
-    purpose: str  # "before" (zero-shot start), "global-model" (PPFM), "round"
-
-
-@dataclass
-class Record:
-    """One round's metrics record; the host adds wall time and its byte counters."""
-
-    record: dict[str, Any]
-
-
-@dataclass
-class Checkpoint:
-    """Save the model and a checkpoint (`Node.checkpoint_state` plus the host's trainer state)."""
-
-    round: int
-
-
-@dataclass
-class Finish:
-    code: int = 0
-
-
-Action = Send | Flush | Disconnect | Train | Evaluate | Record | Checkpoint | Finish
 
 
 class Phase(Enum):

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from p2pfl import actions as A
 from p2pfl import checkpoint as ckpt
 from p2pfl import node as N
 from p2pfl import topology as topo_mod
@@ -241,22 +242,22 @@ class Host:
             actions = h.node.fail(f"internal error: {type(e).__name__}: {e}", now)
         self._run(h, actions)
 
-    def _run(self, h: Hosted, actions: list[N.Action]) -> None:
+    def _run(self, h: Hosted, actions: list[A.Action]) -> None:
         """Carry out a node's actions, then set its timer to the node's next wake-up."""
         loop = asyncio.get_running_loop()
         for a in actions:
-            if isinstance(a, N.Send):
+            if isinstance(a, A.Send):
                 self._send(h, a)
-            elif isinstance(a, N.Flush | N.Disconnect):
+            elif isinstance(a, A.Flush | A.Disconnect):
                 if h.transport is not None and a.peer in h.transport.queues:
-                    h.transport.flush(a.peer) if isinstance(a, N.Flush) else h.transport.disconnect(a.peer)
-            elif isinstance(a, N.Train | N.Evaluate):
+                    h.transport.flush(a.peer) if isinstance(a, A.Flush) else h.transport.disconnect(a.peer)
+            elif isinstance(a, A.Train | A.Evaluate):
                 self._submit(h, a)
-            elif isinstance(a, N.Record):
+            elif isinstance(a, A.Record):
                 self._write(h, a.record)
-            elif isinstance(a, N.Checkpoint):
+            elif isinstance(a, A.Checkpoint):
                 self._checkpoint(h, a.round)
-            elif isinstance(a, N.Finish):
+            elif isinstance(a, A.Finish):
                 h.code = a.code
                 if all(x.code is not None for x in self.peers.values()):
                     self.done.set()
@@ -267,7 +268,7 @@ class Host:
         if wake != float("inf"):
             h.timer = loop.call_at(wake, self._tick, h)
 
-    def _send(self, h: Hosted, a: N.Send) -> None:
+    def _send(self, h: Hosted, a: A.Send) -> None:
         if a.dest in self.peers:
             frames = [bytes(f) for f in encode(a.msg)]  # what the wire would carry, and no aliasing
             h.counters.sent += frames_nbytes(frames)
@@ -282,7 +283,7 @@ class Host:
         t.connect(a.dest, self.topo.peers[a.dest])
         (t.offer if a.offer else t.send)(a.dest, encode(a.msg))
 
-    def _submit(self, h: Hosted, a: N.Train | N.Evaluate) -> None:
+    def _submit(self, h: Hosted, a: A.Train | A.Evaluate) -> None:
         """Run the work on the peer's worker thread; the answer goes back to the node on the loop."""
         loop = asyncio.get_running_loop()
         work = copy_inputs(a)  # the node's tensors keep changing while the work waits its turn
@@ -295,7 +296,7 @@ class Host:
                 h.log.exception("peer %d: %s failed: %s", h.cfg.id, type(a).__name__.lower(), e)
                 self._run(h, h.node.fail(f"{type(a).__name__.lower()} failed: {e}", now))
                 return
-            self._run(h, h.node.trained(metrics, out, now) if isinstance(a, N.Train) else h.node.evaluated(metrics, now))
+            self._run(h, h.node.trained(metrics, out, now) if isinstance(a, A.Train) else h.node.evaluated(metrics, now))
 
         fut = loop.run_in_executor(self.work[self.worker_of[h.cfg.id]], perform, h.trainer, work, h.node.spec.augment)
         fut.add_done_callback(answer)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from p2pfl import actions as A
 from p2pfl import node as N
 from p2pfl.config import PeerConfig
 from p2pfl.consensus import flatten
@@ -49,10 +50,10 @@ class Simulation:
                               eval_every=getattr(getattr(lr, "cfg", None), "eval_every", 1))
             self.nodes[p] = N.Node(pc, topo, spec, logging.getLogger(f"p2pfl.sim.{p}"))
         self.now = 0.0
-        self._queue: list[tuple[float, int, Callable[[], list[N.Action]], int]] = []
+        self._queue: list[tuple[float, int, Callable[[], list[A.Action]], int]] = []
         self._seq = itertools.count()
         self._timers: dict[int, float] = {}
-        self._held: dict[int, N.Train] = {}  # training of a round past the one `step` runs to
+        self._held: dict[int, A.Train] = {}  # training of a round past the one `step` runs to
         self._until: int | None = None
         self.records: dict[int, list[dict[str, Any]]] = {p: [] for p in topo.ids}
         self.bytes_sent: dict[int, int] = dict.fromkeys(topo.ids, 0)
@@ -63,36 +64,36 @@ class Simulation:
         for p, nd in self.nodes.items():
             self._at(self.starts[p], p, lambda nd=nd: nd.start(self.now))
 
-    def _at(self, t: float, p: int, event: Callable[[], list[N.Action]]) -> None:
+    def _at(self, t: float, p: int, event: Callable[[], list[A.Action]]) -> None:
         heapq.heappush(self._queue, (t, next(self._seq), event, p))
 
-    def _run(self, p: int, actions: list[N.Action]) -> None:
+    def _run(self, p: int, actions: list[A.Action]) -> None:
         nd = self.nodes[p]
         for a in actions:
-            if isinstance(a, N.Send):
+            if isinstance(a, A.Send):
                 self._send(p, a)
-            elif isinstance(a, N.Train | N.Evaluate):
-                if isinstance(a, N.Train) and self._until is not None and a.round > self._until:
+            elif isinstance(a, A.Train | A.Evaluate):
+                if isinstance(a, A.Train) and self._until is not None and a.round > self._until:
                     self._held[p] = a
                 else:
                     self._work(p, a)
-            elif isinstance(a, N.Record):
+            elif isinstance(a, A.Record):
                 a.record["time"] = a.record.pop("at", self.now)  # virtual seconds
                 self.records[p].append(a.record)
-            elif isinstance(a, N.Finish):
+            elif isinstance(a, A.Finish):
                 self.codes[p] = a.code
         wake = nd.next_wakeup()
         if wake != float("inf") and self._timers.get(p) != wake:
             self._timers[p] = wake
             self._at(wake, p, lambda: self._tick(p, wake))
 
-    def _tick(self, p: int, wake: float) -> list[N.Action]:
+    def _tick(self, p: int, wake: float) -> list[A.Action]:
         if self._timers.get(p) != wake:
             return []  # superseded by a later timer
         del self._timers[p]
         return self.nodes[p].tick(self.now)
 
-    def _send(self, src: int, a: N.Send) -> None:
+    def _send(self, src: int, a: A.Send) -> None:
         if self.drop is not None and self.drop(src, a.dest, a.msg):
             self.dropped += 1
             return
@@ -105,10 +106,10 @@ class Simulation:
         at = max(self.now + self.latency, self.starts[a.dest])
         self._at(at, a.dest, lambda: [] if dst.finished else dst.receive(frames, src, self.now))
 
-    def _work(self, p: int, a: N.Train | N.Evaluate) -> None:
+    def _work(self, p: int, a: A.Train | A.Evaluate) -> None:
         metrics, state = perform(self.learners[p], a, self.nodes[p].spec.augment)
         nd = self.nodes[p]
-        if isinstance(a, N.Train):
+        if isinstance(a, A.Train):
             self._at(self.now, p, lambda: nd.trained(metrics, state, self.now))
         else:
             self._at(self.now, p, lambda: nd.evaluated(metrics, self.now))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from p2pfl.actions import Evaluate, Train
 from p2pfl.gossip import State
-from p2pfl.node import Evaluate, Train
 
 
 class Learner(Protocol):

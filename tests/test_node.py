@@ -10,16 +10,17 @@ import pytest
 import torch
 
 from p2pfl import topology as T
+from p2pfl.actions import Send
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import exact_distance, network_mean
-from p2pfl.node import Node, NodeSpec, Phase, Send
+from p2pfl.node import Node, NodeSpec, Phase
 from p2pfl.sim import Simulation
 from p2pfl.state import synthetic_state
 from p2pfl.wire import Kind, Message, TensorPayload, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = ["node", "gossip", "consensus", "wire", "compress", "codec", "sparsify", "topology", "robust", "ppfm", "cluster", "config", "sim", "estimate",
-        "schedule", "dynamic", "piggyback"]
+        "schedule", "dynamic", "piggyback", "actions"]
 IO = {"asyncio", "zmq", "time", "socket", "selectors", "threading", "uvloop"}
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from p2pfl import topology as T
+from p2pfl.actions import Disconnect
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.consensus import flatten
-from p2pfl.node import Disconnect, Node, NodeSpec
+from p2pfl.node import Node, NodeSpec
 from p2pfl.schedule import Schedule, ScheduleError, parse_schedule, random_regular_edges
 from p2pfl.sim import Simulation
 from p2pfl.state import synthetic_state
