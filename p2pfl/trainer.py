@@ -418,8 +418,7 @@ class Trainer:
 
     def _other_tasks(self, own: float) -> dict[str, Any]:
         """Accuracy on every dataset of a run with several (``dataset_accuracy``: name -> accuracy)
-        and, for a shapes peer whose text tower adapts, zero-shot on held-out compositions and the
-        same 64-way task on the seen pairs."""
+        and, for a shapes peer whose text tower adapts, the 64-way pair task on held-out and seen pairs."""
         out: dict[str, Any] = {}
         if self.eval_sets:
             out["dataset_accuracy"] = {name: own if split is self.data.global_test else self._accuracy(split)[0]
