@@ -2,7 +2,7 @@
 
 import sys
 
-from p2pfl.cli import peer_main
+from p2pfl.ops.cli import peer_main
 
 if __name__ == "__main__":
     sys.exit(peer_main())

@@ -1,9 +1,9 @@
 """Decentralized baselines on one setting: static and time-varying graphs, D-SGD and gradient tracking.
 
-Every arm is the daemon's own rounds in the simulator (`p2pfl.sim`), uncompressed, sketches off,
+Every arm is the daemon's own rounds in the simulator (`p2pfl.sim.simulation`), uncompressed, sketches off,
 with the same trainer settings and the same samples per peer (rounds x local_steps x batch_size):
 - D-SGD on the static ring and exponential graphs and on the one-peer exponential, random-regular:D
-  and epidemic:S schedules (`p2pfl.schedule`);
+  and epidemic:S schedules (`p2pfl.core.schedule`);
 - gradient tracking (K-GT, `algorithm=gt`) on the D-SGD arm with the best final accuracy;
 - centralized training on the pooled data, batch n x B, the same steps: what averaging after every
   step gives (`bench/learning.py`'s large-batch baseline).
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from learning import run_central, trainer_config  # bench/ is on sys.path when run as a script
 
-from p2pfl import topology as T
 from p2pfl.config import TrainerConfig
-from p2pfl.sim import train_network
-from p2pfl.trainer import Trainer
+from p2pfl.core import topology as T
+from p2pfl.learn.trainer import Trainer
+from p2pfl.sim.simulation import train_network
 
 ARMS = ("ring", "exponential", "one-peer-exponential", "random-regular", "epidemic")
 DEFAULTS = ["partition=dirichlet:0.1", "optimizer=sgd", "lr=0.1", "local_steps=5", "global_test_size=300"]

@@ -1,10 +1,10 @@
 """Byzantine attacks vs robust mixing: the honest peers' accuracy after decentralized training.
 
 One peer (`--bad`) of a ring (or another graph) runs an attack of the `--byzantine` harness
-(`p2pfl/robust.py`): model poisoning through its gossip (scale, noise, signflip, alie, ipm) or data
+(`p2pfl/core/robust.py`): model poisoning through its gossip (scale, noise, signflip, alie, ipm) or data
 poisoning (labelflip: it trains on flipped labels and gossips honestly); every peer mixes with one
 option of `--robust` (off, clip, trimmed:1, median). The daemon's own rounds run in the simulator
-(`p2pfl.sim`) with the real trainers, the same seeds, data and budget in every cell; each cell
+(`p2pfl.sim.simulation`) with the real trainers, the same seeds, data and budget in every cell; each cell
 starts from fresh trainers. Reported per cell: the honest peers' mean and worst accuracy on the
 shared global test set after the last round, and the messages they rejected. Prints one JSON line
 and writes the markdown table of docs/attacks.md to `--table`.
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p2pfl import topology as T
-from p2pfl.cli import _parse_value
 from p2pfl.config import PeerConfig
-from p2pfl.robust import ByzantineSpec, flips_labels
-from p2pfl.sim import Simulation
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.core import topology as T
+from p2pfl.core.robust import ByzantineSpec, flips_labels
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.ops.cli import _parse_value
+from p2pfl.sim.simulation import Simulation
 
 ATTACKS = ("none", "scale:3", "noise:0.1", "labelflip", "signflip", "alie", "ipm", "abuse:400")
 DEFENCES = ("off", "clip", "trimmed:1", "median")

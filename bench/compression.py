@@ -1,7 +1,7 @@
 """Bytes on the wire to reach consensus with CHOCO-Gossip, per codec, relative to exact fp32 gossip.
 
 Sans-IO ring of 16 real `ChocoEngine`s, each codec at its `default_gamma`. Every DELTA is
-wire-encoded (msgpack header + raw part frames, `p2pfl.wire`) and decoded once, as a receiver
+wire-encoded (msgpack header + raw part frames, `p2pfl.core.wire`) and decoded once, as a receiver
 would; bytes = frame bytes x recipients. A run stops when the exact consensus distance
 Xi = sqrt(1/n sum_i ||x_i - xbar||^2) falls to `target` x its start (default 1e-4), or gives up
 after `max_factor` x the rounds exact gossip needed (then `reached` is false and the ratio is a
@@ -26,12 +26,12 @@ import time
 import torch
 from learning import run_peers, trainer_config  # bench/ is on sys.path when run as a script
 
-from p2pfl import topology as T
-from p2pfl.codec import encoded_nbytes
-from p2pfl.compress import get_codec
-from p2pfl.consensus import exact_distance
-from p2pfl.gossip import ChocoEngine
-from p2pfl.wire import decode, encode, frames_nbytes
+from p2pfl.core import topology as T
+from p2pfl.core.codec import encoded_nbytes
+from p2pfl.core.compress import get_codec
+from p2pfl.core.consensus import exact_distance
+from p2pfl.core.gossip import ChocoEngine
+from p2pfl.core.wire import decode, encode, frames_nbytes
 
 CODECS = [
     "fp16",

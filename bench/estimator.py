@@ -1,4 +1,4 @@
-"""Error and lag of the gossip consensus estimator (`p2pfl.estimate`) per topology, and under faults.
+"""Error and lag of the gossip consensus estimator (`p2pfl.core.estimate`) per topology, and under faults.
 
 usage: .venv/bin/python bench/estimator.py   (prints a table; about 10 s)
 """
@@ -13,13 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2pfl.estimate import EstimatorConfig, simulate
+from p2pfl.core.estimate import EstimatorConfig, simulate
 
 
 def main() -> None:
     import numpy as np
 
-    from p2pfl import consensus, topology
+    from p2pfl.core import consensus, topology
 
     k, dim = 1024, 4096
     print(

@@ -1,10 +1,10 @@
 """Fairness under label skew: decentralized training with vs without zero-shot augmentation.
 
 Same foundation model, adapter, data partition (Dirichlet alpha = 0.05 by default), ring, the
-daemon's own rounds in the simulator (p2pfl.sim: teachers are the live, synced neighbours'
+daemon's own rounds in the simulator (p2pfl.sim.simulation: teachers are the live, synced neighbours'
 replicas, as in the daemon) and the same budget (rounds x local steps x batch of real samples) in
 both arms; the augmented arm additionally synthesises samples of each peer's under-represented
-classes every round (p2pfl/augment.py) and mixes them into its batches. Reported per arm, on the
+classes every round (p2pfl/learn/augment.py) and mixes them into its batches. Reported per arm, on the
 shared global test set after the last round: mean accuracy over peers, std across peers, worst
 peer and the worst-peer gap (mean - worst), and "unseen at peer" accuracy (each peer's accuracy
 on the classes it never saw locally, averaged over peers), plus synthesis cost. Prints one JSON line.
@@ -26,11 +26,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from p2pfl import topology as T
-from p2pfl.cli import _parse_value
-from p2pfl.metrics import fairness_figures
-from p2pfl.sim import train_network
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.core import topology as T
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.ops.cli import _parse_value
+from p2pfl.ops.report import fairness_figures
+from p2pfl.sim.simulation import train_network
 
 
 def run_arm(cfg: TrainerConfig, n: int, rounds: int, kind: str) -> dict:

@@ -7,7 +7,7 @@ uvloop and ZeroMQ context, over loopback TCP. Ours: `wire.encode` of a float32 t
 NaN/Inf check happens where the daemon reads the values, in the codec). A third arm,
 `ours_scanned`, also scans every value on the wire level (`check_finite=True`). Bare:
 `send_multipart(copy=False)` of the raw payload and `recv_multipart(copy=False)`, nothing else.
-Every process of these arms runs with the allocator settings a peer uses (`p2pfl.alloc`), so the
+Every process of these arms runs with the allocator settings a peer uses (`p2pfl.net.alloc`), so the
 ratio isolates the code path; `--alloc default` runs them all on glibc's defaults instead. One more
 bare arm on glibc's defaults gives `alloc_speedup`, what those settings are worth by themselves.
 Trials alternate the arms (in rotating order) and each reported ratio is the median of the per-trial
@@ -33,10 +33,10 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from p2pfl.alloc import keep_message_memory
-from p2pfl.topology import PeerSpec
-from p2pfl.transport import Transport
-from p2pfl.wire import Kind, Message, TensorPayload, decode, encode
+from p2pfl.core.topology import PeerSpec
+from p2pfl.core.wire import Kind, Message, TensorPayload, decode, encode
+from p2pfl.net.alloc import keep_message_memory
+from p2pfl.net.transport import Transport
 
 HOST = "127.0.0.1"
 

@@ -9,7 +9,7 @@ as a topology file's peer entries are):
 - b1: b's peers all on the labelled peers' domain, the control that tells what the data kinds do
   from what the domain shifts between them do.
 Three arms of the same peers (same data shares, rounds and local steps): ``mixed`` (every peer
-gossips on the ring: the daemon's rounds in `p2pfl.sim`), ``by_kind`` (each kind gossips only
+gossips on the ring: the daemon's rounds in `p2pfl.sim.simulation`), ``by_kind`` (each kind gossips only
 with its own kind, on a ring of its own; a kind of one peer trains alone) and ``alone``; with
 ``--arms`` also ``mixed_ppfm``: every peer on the ring with PPFM's levels on (``--clusters auto``),
 so each peer ends on its cluster's model while the global level still mixes across clusters
@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from p2pfl.config import PeerConfig, dataset_key, dataset_name, parse_sets, peer_trainers, run_datasets
-from p2pfl.sim import train_network
-from p2pfl.topology import PeerSpec, Topology, generate_graph
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.core.topology import PeerSpec, Topology, generate_graph
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.sim.simulation import train_network
 
 N = 8
 LABELLED, CAPTIONS, UNLABELLED = "labelled", "captions", "unlabelled"

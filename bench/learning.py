@@ -2,7 +2,7 @@
 
 Same foundation model, adapter, data partition and optimizer steps per sample budget:
 - decentralized: n trainers, each `local_steps` per round, then one CHOCO round: the daemon's own
-  rounds (`p2pfl.node`) in the discrete-event simulator `p2pfl.sim`, on a ring or another graph;
+  rounds (`p2pfl.node.node`) in the discrete-event simulator `p2pfl.sim.simulation`, on a ring or another graph;
 - local-only: the same trainers without any mixing;
 - centralized: one trainer on the union of the peers' training data, n * local_steps per round.
 Accuracy is each trainer's accuracy on the shared global test set. With ``--compress SPEC`` the
@@ -22,9 +22,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from p2pfl import topology as T
-from p2pfl.sim import train_network
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.core import topology as T
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.sim.simulation import train_network
 
 
 def run_peers(cfg: TrainerConfig, n: int, rounds: int, mix: bool, kind: str, compress: str) -> dict:

@@ -2,7 +2,7 @@
 
 Same peers, data, trainer and rounds for all three; only what is gossiped differs:
   flat   one CHOCO engine on the base graph: every peer ends with (nearly) one global model;
-  ppfm   the daemon's rounds with PPFM on (p2pfl.sim: real nodes, engines, wire encoding,
+  ppfm   the daemon's rounds with PPFM on (p2pfl.sim.simulation: real nodes, engines, wire encoding,
          fingerprint flooding): clusters found from fingerprints, cluster models on overlays,
          global model among representatives every K rounds;
   local  no communication.
@@ -29,9 +29,10 @@ from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2pfl import topology as T
-from p2pfl.sim import train_network
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.core import topology as T
+from p2pfl.host.files import load_topology
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.sim.simulation import train_network
 
 
 def accuracy(t: Trainer, state: dict[str, torch.Tensor]) -> float:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option over the topology's")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    topo = T.load(args.topology)
+    topo = load_topology(args.topology)
     settings = dict(topo.settings.get("trainer", {}) or {})
     for item in args.set:
         k, _, v = item.partition("=")

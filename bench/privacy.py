@@ -1,9 +1,9 @@
 """Differential privacy: accuracy and membership inference at several budgets, FFA-LoRA vs train_a.
 
 Every cell is one decentralized training run of the daemon's own rounds in the simulator
-(`p2pfl.sim`) with the real trainers: a ring, the shapes task, Dirichlet label skew, the same data,
+(`p2pfl.sim.simulation`) with the real trainers: a ring, the shapes task, Dirichlet label skew, the same data,
 seeds, rounds and optimizer in every cell. A cell's budget epsilon (``inf``: no DP) is met by
-DP-SGD (`p2pfl.privacy`) with the noise calibrated to spend it over the run at the stated delta;
+DP-SGD (`p2pfl.learn.privacy`) with the noise calibrated to spend it over the run at the stated delta;
 the adapter exchange is FFA-LoRA (B alone trains and travels) or ``train_a`` (A and B).
 
 The attack is the loss-threshold membership inference of Yeom et al. (CSF 2018) run by a
@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from p2pfl import topology as T
-from p2pfl.cli import _parse_value
 from p2pfl.config import PeerConfig
-from p2pfl.data import Split
-from p2pfl.gossip import State
-from p2pfl.sim import Simulation
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.core import topology as T
+from p2pfl.core.gossip import State
+from p2pfl.learn.data import Split
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.ops.cli import _parse_value
+from p2pfl.sim.simulation import Simulation
 
 ARMS = {"ffa": False, "train_a": True}  # arm -> train_a
 

@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from p2pfl import topology as T  # noqa: E402
-from p2pfl.metrics import read_jsonl  # noqa: E402
+from p2pfl.core import topology as T  # noqa: E402
+from p2pfl.host.files import dump_topology, read_jsonl  # noqa: E402
 
 SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # every process the bench starts
 
@@ -52,14 +52,14 @@ def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], 
              threads: int = 0) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="p2pfl-scale-"))
     path = tmp / "ring.yaml"
-    T.generate("ring", n, base_port=base_port).dump(path)
+    dump_topology(T.generate("ring", n, base_port=base_port), path)
     run = tmp / "run"
     args = ["--topology", str(path), "--run-dir", str(run), "--rounds", str(rounds), "--round-timeout", "3600",
             "--peer-timeout", "600", "--startup-timeout", "600", "--log-level", "WARNING", "--threads", str(threads)]
     args += ["--no-train"] if not train else [a for s in sets for a in ("--set", s)]
     blocks = [list(range(n))[i * n // processes : (i + 1) * n // processes] for i in range(processes)]
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, "-m", "p2pfl.cli_peer", *args, "--id", f"{b[0]}-{b[-1]}"], cwd=ROOT, env=SINGLE_THREAD_ENV,
+    procs = [subprocess.Popen([sys.executable, "-m", "p2pfl", *args, "--id", f"{b[0]}-{b[-1]}"], cwd=ROOT, env=SINGLE_THREAD_ENV,
                               stdout=subprocess.DEVNULL, stderr=open(tmp / f"err-{b[0]}.log", "wb")) for b in blocks]  # noqa: SIM115
     peak = 0
     while any(p.poll() is None for p in procs):
@@ -98,7 +98,7 @@ def loop(workers: int, rounds: int, sets: list[str]) -> dict:
     import torch
 
     from p2pfl.config import TrainerConfig, parse_sets
-    from p2pfl.trainer import Trainer
+    from p2pfl.learn.trainer import Trainer
 
     torch.set_num_threads(1)
     cfg = replace(TrainerConfig(), **parse_sets(sets))
@@ -131,7 +131,7 @@ def batches(rounds: int, sets: list[str]) -> dict:
     import torch
 
     from p2pfl.config import TrainerConfig, parse_sets
-    from p2pfl.trainer import Trainer
+    from p2pfl.learn.trainer import Trainer
 
     torch.set_num_threads(1)
     base = replace(TrainerConfig(), **parse_sets(sets))

@@ -31,12 +31,12 @@ import torch
 import uvloop
 import zmq
 
-from p2pfl import topology as T
-from p2pfl.cli import topology_main
-from p2pfl.metrics import read_jsonl
-from p2pfl.topology import PeerSpec
-from p2pfl.transport import CurveKeys, Transport
-from p2pfl.wire import Kind, Message, TensorPayload, decode, encode
+from p2pfl.core import topology as T
+from p2pfl.core.topology import PeerSpec
+from p2pfl.core.wire import Kind, Message, TensorPayload, decode, encode
+from p2pfl.host.files import dump_topology, read_jsonl
+from p2pfl.net.transport import CurveKeys, Transport
+from p2pfl.ops.cli import topology_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ def run_cluster(tmp: Path, keyed: bool, rounds: int, dim: int) -> dict[str, floa
     topo = T.generate("ring", 4, base_port=free_base_port(4))
     (tmp / name).mkdir()
     path = tmp / name / "ring-4.yaml"
-    topo.dump(path)
+    dump_topology(topo, path)
     if keyed:
         with open(os.devnull, "w") as null:
             stdout, sys.stdout = sys.stdout, null
@@ -134,7 +134,7 @@ def run_cluster(tmp: Path, keyed: bool, rounds: int, dim: int) -> dict[str, floa
     t0 = time.perf_counter()
     for p in topo.ids:
         log = open(run / f"stdout-{p}.log", "wb")  # noqa: SIM115 - the child owns it
-        procs.append(subprocess.Popen([sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(path), "--id", str(p),
+        procs.append(subprocess.Popen([sys.executable, "-m", "p2pfl", "--topology", str(path), "--id", str(p),
                                        "--run-dir", str(run), *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
     codes = [pr.wait(timeout=600) for pr in procs]
     wall = time.perf_counter() - t0

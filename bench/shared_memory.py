@@ -27,7 +27,7 @@ import time
 import torch
 import yaml
 
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.learn.trainer import Trainer, TrainerConfig
 
 
 def pss_mib(field: str = "Pss") -> float:

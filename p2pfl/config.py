@@ -16,15 +16,11 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from p2pfl.errors import P2pflError
-
-if TYPE_CHECKING:
-    from p2pfl.model import LoraSpec
-
 
 # Shift applied when a config leaves ``domain`` empty: shapes peers start away from pretraining.
 DEFAULT_DOMAIN = {"shapes": "contrast+clutter", "digits": "clean", "folder": "clean"}
@@ -46,7 +42,7 @@ class PeerConfig:
     dim: int = 131072  # --no-train state size (floats)
     compress: str = "none"  # exact by default, as a library call expects; the shipped topologies choose a codec
     gamma: float | None = None
-    algorithm: str = "dsgd"  # dsgd: decentralized SGD; gt: gradient tracking with local steps (K-GT; p2pfl/node.py)
+    algorithm: str = "dsgd"  # dsgd: decentralized SGD; gt: gradient tracking with local steps (K-GT; p2pfl/node/node.py)
     sketch_dim: int = 1024
     estimator: str = "auto"  # consensus estimate: flood (every sketch to every peer), gossip (averaged), auto
     heartbeat: float = 1.0  # seconds between heartbeats
@@ -55,7 +51,7 @@ class PeerConfig:
     round_timeout: float = 120.0  # ceiling of the adaptive round deadline
     startup_timeout: float = 60.0
     max_frame: int = 256 * 1024 * 1024
-    keep_memory: bool = True  # fixed glibc malloc thresholds: received messages reuse freed pages (p2pfl.alloc)
+    keep_memory: bool = True  # fixed glibc malloc thresholds: received messages reuse freed pages (p2pfl.net.alloc)
     # A crash loses at most this many rounds (besides the checkpoint at exit). A checkpoint is one
     # safetensors write plus a checksum, both fsynced, far below a training round, and only the last
     # two are kept, so a short period costs little time and no disk; 0 writes only at exit.
@@ -63,7 +59,7 @@ class PeerConfig:
     resume: bool = False
     robust: str = "off"  # off, clip[:TAU], trimmed:B, median
     norm_factor: float = 0.0  # reject deltas this many times the recent median norm (0: off, the default)
-    byzantine: str = "off"  # fault injection for experiments (this peer misbehaves): p2pfl.robust.USAGE
+    byzantine: str = "off"  # fault injection for experiments (this peer misbehaves): p2pfl.core.robust.USAGE
     metrics_port: int = 0  # serve Prometheus metrics on 127.0.0.1:PORT (0: off)
     metrics_host: str = "127.0.0.1"
     secret_key: Path | None = None  # CurveZMQ secret key file; default <topology dir>/keys/peer-<id>.key_secret
@@ -90,7 +86,7 @@ class TrainerConfig:
     """Everything that decides a peer's model, data and local optimisation: per peer
     (`peer_trainers`), the keys of `MUST_AGREE` the same on every peer.
 
-    Value ranges and choices are checked where they are used (`p2pfl.trainer.Trainer`); keys and
+    Value ranges and choices are checked where they are used (`p2pfl.learn.trainer.Trainer`); keys and
     types are checked here, by `from_dict`."""
 
     model: str = "shapes-clip"
@@ -119,7 +115,7 @@ class TrainerConfig:
     samples_per_peer: int = 256
     test_fraction: float = 0.25
     global_test_size: int = 500
-    # zero-shot data augmentation for under-represented classes (p2pfl/augment.py)
+    # zero-shot data augmentation for under-represented classes (p2pfl/learn/augment.py)
     augment: str = "off"  # "off" | "zero-shot"
     augment_threshold: float = 0.5  # a class is under-represented below this fraction of the uniform share
     augment_per_class: int = 4  # synthetic samples per under-represented class, re-synthesised every round
@@ -131,7 +127,7 @@ class TrainerConfig:
     augment_distill: float = 0.0  # synthetic targets: (1 - d) * one-hot + d * the teacher's soft labels
     augment_claim: float | None = None  # neighbours: skip a class unless a teacher claims it >= this x the peer's own model (0 = never skip; None: the method's)
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto" (cuda if available); adapters travel as CPU tensors either way
-    # differential privacy of everything the peer sends: DP-SGD on the trainable adapter tensors (p2pfl/privacy.py);
+    # differential privacy of everything the peer sends: DP-SGD on the trainable adapter tensors (p2pfl/learn/privacy.py);
     # on when dp_epsilon or dp_noise is set
     dp_epsilon: float | None = None  # budget over the planned rounds; alone, the noise is calibrated to spend it
     dp_delta: float | None = None  # None: 1 / (2 x the peer's training samples)
@@ -148,13 +144,6 @@ class TrainerConfig:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
         return d
-
-    def lora_spec(self) -> LoraSpec:
-        # Imported here, not above: only a trainer calls this, and this module stays free of torch.
-        from p2pfl.model import LoraSpec
-
-        # A's seed is the run seed: the same frozen A on every peer is what makes FFA averaging exact.
-        return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), self.text_lora, self.train_a, self.seed)
 
 
 # ------------------------------------------------------------------ keys and typed values

@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from p2pfl import topology as T
-    from p2pfl.metrics import read_jsonl
-    from p2pfl.state import load_state
+    from p2pfl.core import topology as T
+    from p2pfl.host.checkpoint import load_state
+    from p2pfl.host.files import dump_topology, read_jsonl
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", type=int, default=8)
@@ -38,12 +38,12 @@ def main() -> int:
     out["device_name"] = torch.cuda.get_device_name(0)
     tmp = Path(tempfile.mkdtemp(prefix="p2pfl-gpu-"))
     path = tmp / "ring.yaml"
-    T.generate("ring", args.peers, base_port=28600).dump(path)
+    dump_topology(T.generate("ring", args.peers, base_port=28600), path)
     final = {}
     for device in ("cuda", "cpu"):
         run = tmp / device
         t0 = time.time()
-        code = subprocess.call([sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(path), "--id", f"0-{args.peers - 1}",
+        code = subprocess.call([sys.executable, "-m", "p2pfl", "--topology", str(path), "--id", f"0-{args.peers - 1}",
                                 "--run-dir", str(run), "--rounds", str(args.rounds), "--set", f"device={device}",
                                 "--set", "eval_every=1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         recs = {p: read_jsonl(run / "metrics" / f"peer-{p}.jsonl") for p in range(args.peers)}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start every peer of a topology on this machine, one process each; see `p2pfl/launch.py`.
+# Start every peer of a topology on this machine, one process each; see `p2pfl/ops/launch.py`.
 # usage: scripts/launch.sh TOPOLOGY [--rounds N] [--run-dir DIR] [-- EXTRA PEER ARGS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -7,4 +7,4 @@ py=${P2PFL_PYTHON:-}
 if [[ -z $py ]]; then
   if [[ -x $root/.venv/bin/python ]]; then py=$root/.venv/bin/python; else py=python3; fi
 fi
-exec "$py" -m p2pfl.launch "$@"
+exec "$py" -m p2pfl.ops.launch "$@"

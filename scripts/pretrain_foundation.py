@@ -7,7 +7,7 @@ negatives. Held-out shape x colour pairs never appear. Writes ``shapes_clip.json
 
 ``--arch rn`` trains the BatchNorm variant ``shapes-clip-rn`` instead: the same text tower and
 recipe with open_clip's ``ModifiedResNet`` image tower (BatchNorm layers whose running statistics
-DeepInversion-style synthesis matches, see ``p2pfl/augment.py``); it writes ``shapes_clip_rn.*``,
+DeepInversion-style synthesis matches, see ``p2pfl/learn/augment.py``); it writes ``shapes_clip_rn.*``,
 ``MODEL_CARD_RN.md`` and ``pretrain_log_rn.json`` and leaves the ViT files alone.
 
     .venv/bin/python scripts/pretrain_foundation.py --steps 1500 --max-minutes 16
@@ -28,10 +28,16 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from p2pfl import shapes
-from p2pfl.foundation import SHAPES_CLIP, SHAPES_CLIP_RN, Foundation, compact_token_spec, foundation_from_spec
-from p2pfl.tasks import contrastive_loss
-from p2pfl.trainer import shapes_zero_shot_report
+from p2pfl.learn import shapes
+from p2pfl.learn.foundation import (
+    SHAPES_CLIP,
+    SHAPES_CLIP_RN,
+    Foundation,
+    compact_token_spec,
+    foundation_from_spec,
+)
+from p2pfl.learn.tasks import contrastive_loss
+from p2pfl.learn.trainer import shapes_zero_shot_report
 
 log = logging.getLogger("pretrain")
 EXTRA_WORDS = [
@@ -195,7 +201,7 @@ def write_outputs(args, spec, clip, report, domains, steps, minutes, n_params, h
     card = f"""# {spec['name']}: {"the BatchNorm (ResNet) variant of " if args.arch == "rn" else ""}the embedded foundation model
 
 A tiny open_clip `CLIP` pretrained by this project (`scripts/pretrain_foundation.py`) with
-contrastive image-caption training on the procedural shapes world (`p2pfl/shapes.py`). It exists
+contrastive image-caption training on the procedural shapes world (`p2pfl/learn/shapes.py`). It exists
 so that p2pfl runs with no download: peers adapt it with LoRA to shifted domains and other tasks.
 
 ## Architecture (`{stem(args)}.json`)
@@ -230,7 +236,7 @@ from `shapes.TEMPLATES` averaged per class. `*_pair` is the 64-way "a {{colour}}
 
 ## Zero-shot accuracy under domain shift
 Shape and colour tasks on {domain_n} seen-pair scenes per domain (seed 20241), as peers see them
-before any adaptation (`p2pfl/shapes.py:parse_domain`; combinations with `+` are harder still).
+before any adaptation (`p2pfl/learn/shapes.py:parse_domain`; combinations with `+` are harder still).
 
 | domain | shape | colour |
 |---|---|---|
@@ -242,7 +248,7 @@ prompt embeddings are nearly identical, so other label spaces (e.g. the digits "
 start at chance and need many adaptation steps. {weakest.capitalize()} ({report[weakest]:.2f}) is the weakest
 attribute, and shape on unseen shape x colour pairs ({report['unseen_shape']:.2f}) is far below seen pairs:
 the colour of a novel pair pulls the shape guess, although the joint 64-way prompt still finds
-the right pair {report['unseen_pair']:.2f} of the time (chance 0.016). Zero-shot accuracy drops under the domain shifts of `p2pfl/shapes.py` (noise, rotation, low contrast,
+the right pair {report['unseen_pair']:.2f} of the time (chance 0.016). Zero-shot accuracy drops under the domain shifts of `p2pfl/learn/shapes.py` (noise, rotation, low contrast,
 clutter, blur): that gap is what peers close with LoRA.
 {VARIANT_NOTE if args.arch == "vit" else RN_NOTE}"""
     (out / ("MODEL_CARD_RN.md" if args.arch == "rn" else "MODEL_CARD.md")).write_text(card)
@@ -255,13 +261,13 @@ VARIANT_NOTE = """
 ## Variant: shapes-clip-rn
 `shapes-clip-rn` (`shapes_clip_rn.json`, card `MODEL_CARD_RN.md`) is the same recipe with an open_clip
 ModifiedResNet image tower whose BatchNorm running statistics image-space zero-shot augmentation
-matches (`p2pfl/augment.py`); select it with `--set model=shapes-clip-rn`.
+matches (`p2pfl/learn/augment.py`); select it with `--set model=shapes-clip-rn`.
 """
 RN_NOTE = """
 ## Use
 `--set model=shapes-clip-rn`. LoRA goes on the bottleneck convolutions (peft Conv2d LoRA), BatchNorm
 statistics stay frozen during adaptation, and `--set augment=zero-shot` synthesises images by
-DeepInversion against them (`p2pfl/augment.py`). Reproduce with
+DeepInversion against them (`p2pfl/learn/augment.py`). Reproduce with
 `scripts/pretrain_foundation.py --arch rn --rn-width 16 --rn-layers 1,1,1,1 --steps 4000 --max-minutes 14 --threads 1 --eval-every 0`.
 """
 
@@ -279,7 +285,7 @@ def chance(task: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "p2pfl" / "assets"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "p2pfl" / "learn" / "assets"))
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--max-minutes", type=float, default=18.0,
                     help="wall budget; the cosine schedule follows max(step/steps, time/budget). 0 = steps only (deterministic)")

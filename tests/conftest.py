@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pfl import topology as T
+from p2pfl.core import topology as T
+from p2pfl.host.files import dump_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +72,7 @@ def free_base_port(n: int) -> int:
 def make_topology(tmp: Path, kind: str, n: int, **params) -> tuple[T.Topology, Path]:
     topo = T.generate(kind, n, base_port=free_base_port(n), **params)
     path = tmp / f"{kind}-{n}.yaml"
-    topo.dump(path)
+    dump_topology(topo, path)
     return topo, path
 
 
@@ -81,7 +82,7 @@ def start_peer(topo_path: Path, peer: int | str, run_dir: Path, *args: str) -> s
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(run_dir / f"stdout-{peer}.log", "ab") as log:  # the child keeps its own handle
         return subprocess.Popen(
-            [sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(topo_path), "--id", str(peer), "--run-dir", str(run_dir), *args],
+            [sys.executable, "-m", "p2pfl", "--topology", str(topo_path), "--id", str(peer), "--run-dir", str(run_dir), *args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
         )
 

@@ -1,7 +1,7 @@
 """A test harness of bare CHOCO engines: synchronous exact rounds, the real wire codec.
 
 Engine-level tests (gaps, resyncs, codecs, robust mixing) step `ChocoEngine`s directly here;
-rounds with deadlines, liveness and training run in `p2pfl.sim` on the daemon's own nodes.
+rounds with deadlines, liveness and training run in `p2pfl.sim.simulation` on the daemon's own nodes.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from p2pfl.gossip import Action, ChocoEngine, State
-from p2pfl.topology import Topology
-from p2pfl.wire import Message, decode, encode, frames_nbytes
+from p2pfl.core.gossip import Action, ChocoEngine, State
+from p2pfl.core.topology import Topology
+from p2pfl.core.wire import Message, decode, encode, frames_nbytes
 
 DropRule = Callable[[int, int, Message], bool]  # (src, dst, msg) -> drop it?
 

@@ -1,5 +1,5 @@
 """The peer's allocator settings: a received 1 MiB message reuses freed pages instead of faulting
-fresh ones in (glibc's defaults give tens of minor faults a message, `p2pfl.alloc`)."""
+fresh ones in (glibc's defaults give tens of minor faults a message, `p2pfl.net.alloc`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 # happen to queue (measured 1 to 42 on a busy machine), with HOLD 4 it is 66-105 against 3-10.
 PROBE = """
 import resource, subprocess, sys, zmq
-from p2pfl.alloc import keep_message_memory
+from p2pfl.net.alloc import keep_message_memory
 if sys.argv[1] == "keep":
     assert keep_message_memory()
 N, HOLD = 400, int(sys.argv[2])

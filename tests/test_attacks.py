@@ -10,11 +10,10 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from p2pfl import topology as T
-from p2pfl.consensus import exact_distance, flatten, network_mean
-from p2pfl.data import PeerData, Split, flipped_labels
-from p2pfl.gossip import ChocoEngine
-from p2pfl.robust import (
+from p2pfl.core import topology as T
+from p2pfl.core.consensus import exact_distance, flatten, network_mean
+from p2pfl.core.gossip import ChocoEngine
+from p2pfl.core.robust import (
     ByzantineSpec,
     NormGuard,
     RobustError,
@@ -28,9 +27,10 @@ from p2pfl.robust import (
     scaled,
     sign_flipped,
 )
-from p2pfl.sim import train_network
-from p2pfl.state import State, synthetic_state
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.core.state import State, synthetic_state
+from p2pfl.learn.data import PeerData, Split, flipped_labels
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.sim.simulation import train_network
 
 from .engines import SimNetwork
 
@@ -144,7 +144,7 @@ def test_bad_specs_say_what_is_wrong_and_what_is_valid(spec, problem):
 
 
 def test_label_flipping_poisons_data_and_gossips_honestly():
-    for spec in ("labelflip", "off", "abuse:50"):  # abuse attacks the protocol (p2pfl.abuse), not the model
+    for spec in ("labelflip", "off", "abuse:50"):  # abuse attacks the protocol (p2pfl.core.abuse), not the model
         assert parse_byzantine(spec) is None
     assert flips_labels("labelflip") and not flips_labels("scale:2") and not flips_labels(None)
     assert not flips_labels("abuse")

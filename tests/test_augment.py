@@ -11,13 +11,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from p2pfl import augment
-from p2pfl.data import load_peer_data
-from p2pfl.foundation import SHAPES_CLIP_RN, ModelError, load_foundation
-from p2pfl.metrics import fairness_figures, read_jsonl
-from p2pfl.model import AdaptedClip, LoraSpec, has_resnet_tower
-from p2pfl.report import summarize
-from p2pfl.trainer import Trainer, TrainerConfig, TrainerError
+from p2pfl.host.files import read_jsonl
+from p2pfl.learn import augment
+from p2pfl.learn.data import load_peer_data
+from p2pfl.learn.foundation import SHAPES_CLIP_RN, ModelError, load_foundation
+from p2pfl.learn.model import AdaptedClip, LoraSpec, has_resnet_tower
+from p2pfl.learn.trainer import Trainer, TrainerConfig, TrainerError
+from p2pfl.ops.report import fairness_figures, summarize
 
 from .conftest import make_topology, start_peer, wait_all
 
@@ -55,7 +55,7 @@ def test_rn_variant_is_a_batchnorm_tower_with_zero_shot_skill(rn, peer):
     assert has_resnet_tower(rn.clip) and not has_resnet_tower(load_foundation("shapes-clip").clip)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in rn.clip.visual.modules())
     clean = load_peer_data("shapes", "shape", "clean", "iid", 0, 1, 0, samples_per_peer=200)
-    from p2pfl.foundation import zero_shot_accuracy
+    from p2pfl.learn.foundation import zero_shot_accuracy
 
     acc = zero_shot_accuracy(rn, clean.train.images, clean.train.labels, clean.train.class_names, clean.train.templates)
     assert acc > 0.5  # chance 0.125; the model card states the measured figure

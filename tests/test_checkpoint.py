@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from p2pfl import checkpoint as C
-from p2pfl import topology as T
-from p2pfl.state import synthetic_state
+from p2pfl.core import topology as T
+from p2pfl.core.state import synthetic_state
+from p2pfl.host import checkpoint as C
+from p2pfl.node import snapshot as S
 
 from .engines import SimNetwork
 
@@ -11,12 +12,12 @@ from .engines import SimNetwork
 def test_roundtrip_and_plain_split(tmp_path):
     opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
     tensors: dict = {"w": torch.randn(3, 2)}
-    meta = {"round": 7, "opt": C.split_plain(opt, "opt", tensors)}
+    meta = {"round": 7, "opt": S.split_plain(opt, "opt", tensors)}
     C.save(tmp_path, 7, tensors, meta)
     got = C.load_latest(tmp_path)
     assert got is not None and got.round == 7
     assert torch.equal(got.tensors["w"], tensors["w"])
-    back = C.join_plain(got.meta["opt"], got.tensors)
+    back = S.join_plain(got.meta["opt"], got.tensors)
     assert back["param_groups"] == [{"lr": 0.1, "params": [0]}]
     assert torch.equal(back["state"][0]["exp_avg"], opt["state"][0]["exp_avg"]) and 0 in back["state"]
 
@@ -33,7 +34,7 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, damage):
         newest.write_bytes(bytes(b))
     else:
         newest.with_suffix(".sha256").unlink()
-    with pytest.raises(C.CheckpointError, match=r"checksum|no checksum"):
+    with pytest.raises(S.CheckpointError, match=r"checksum|no checksum"):
         C.read(newest)
     got = C.load_latest(tmp_path)
     assert got is not None and got.round == 5 and torch.equal(got.tensors["w"], torch.zeros(100))
@@ -57,11 +58,11 @@ def test_engine_state_roundtrip(tmp_path):
     for _ in range(4):
         net.step()
     e = net.engines[1]
-    tensors, meta = C.engine_state(e)
+    tensors, meta = S.engine_state(e)
     C.save(tmp_path, e.round, tensors, meta)
     fresh = SimNetwork(topo, {p: synthetic_state(9, p, 2048) for p in topo.ids}, plan="topk:0.1").engines[1]
     got = C.load_latest(tmp_path)
-    C.restore_engine(fresh, got.tensors, got.meta)
+    S.restore_engine(fresh, got.tensors, got.meta)
     assert fresh.round == e.round and fresh.out_seq == e.out_seq
     for k in e.x:
         assert torch.equal(fresh.x[k], e.x[k]) and torch.equal(fresh.xhat[k], e.xhat[k])
@@ -70,5 +71,5 @@ def test_engine_state_roundtrip(tmp_path):
         for k in e.x:
             assert torch.equal(fresh.replicas[j].xhat[k], e.replicas[j].xhat[k])
     bad = {k: (v[:1] if k.startswith("x/") else v) for k, v in got.tensors.items()}
-    with pytest.raises(C.CheckpointError, match="layout"):
-        C.restore_engine(fresh, bad, got.meta)
+    with pytest.raises(S.CheckpointError, match="layout"):
+        S.restore_engine(fresh, bad, got.meta)

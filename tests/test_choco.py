@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2pfl import topology as T
-from p2pfl.compress import get_codec
-from p2pfl.consensus import exact_distance, network_mean
-from p2pfl.gossip import ChocoEngine
-from p2pfl.wire import Message
+from p2pfl.core import topology as T
+from p2pfl.core.compress import get_codec
+from p2pfl.core.consensus import exact_distance, network_mean
+from p2pfl.core.gossip import ChocoEngine
+from p2pfl.core.wire import Message
 
 N = 16
 SHAPE = (80, 128)  # d = 10240

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-from p2pfl.consensus import exact_distance, network_mean
-from p2pfl.metrics import read_jsonl
-from p2pfl.state import load_state, synthetic_state
+from p2pfl.core.consensus import exact_distance, network_mean
+from p2pfl.core.state import synthetic_state
+from p2pfl.host.checkpoint import load_state
+from p2pfl.host.files import read_jsonl
 
 from .conftest import make_topology, wait_all
 
@@ -85,7 +86,7 @@ def test_garbage_from_a_stranger_is_rejected_and_counted(tmp_path, cluster_dir, 
     topo, path = make_topology(tmp_path, "ring", 3)
     args = ["--rounds", "60", "--no-train", "--dim", "4096", "--min-wait", "20", "--round-period", "0.2"]
     procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
-    from p2pfl.wire import Kind, Message, encode
+    from p2pfl.core.wire import Kind, Message, encode
 
     ctx = zmq.Context()
     try:
@@ -123,7 +124,7 @@ def _rounds_of(run_dir, p):
 
 @pytest.mark.slow
 def test_killed_peers_resume_and_rejoin(tmp_path, cluster_dir, spawn):
-    from p2pfl import checkpoint as ckpt
+    from p2pfl.host import checkpoint as ckpt
 
     topo, path = make_topology(tmp_path, "ring", 8)
     rounds, dim = 110, 16384
@@ -176,7 +177,7 @@ def test_killed_peers_resume_and_rejoin(tmp_path, cluster_dir, spawn):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,gamma,rounds", [("topk:0.1", 0.3, 80)])  # sign:tensor (420 rounds): tests/test_node.py, in process
 def test_compressed_choco_reaches_the_exact_gossip_target_with_bit_identical_replicas(tmp_path, cluster_dir, spawn, spec, gamma, rounds):
-    from p2pfl import checkpoint as ckpt
+    from p2pfl.host import checkpoint as ckpt
 
     topo, path = make_topology(tmp_path, "ring", 8)
     dim = 16384

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import adjusted_rand_score
 
-from p2pfl import cluster as C
-from p2pfl.consensus import Sketcher
-from p2pfl.topology import generate_graph
+from p2pfl.core.consensus import Sketcher
+from p2pfl.core.topology import generate_graph
+from p2pfl.ppfm import cluster as C
 
 D = 4099  # not a power of two: the sketch pads
 SKETCH = Sketcher(D, 1024, seed=11)

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from p2pfl import wire
-from p2pfl.codec import Codec, CodecError, Encoded, encoded_nbytes
-from p2pfl.compress import CompressionPlan, get_codec
-from p2pfl.sparsify import RandKCodec
+from p2pfl.core import wire
+from p2pfl.core.codec import Codec, CodecError, Encoded, encoded_nbytes
+from p2pfl.core.compress import CompressionPlan, get_codec
+from p2pfl.core.sparsify import RandKCodec
 
 LOSSY = [
     "fp16",
@@ -317,7 +317,7 @@ def _splitmix64_reference(seed: int, count: int) -> list[int]:
 
 @pytest.mark.parametrize("seed", [0, 1, 1234567, 2**63, 2**64 - 1])
 def test_splitmix64_matches_the_scalar_reference(seed):
-    from p2pfl.sparsify import _splitmix64
+    from p2pfl.core.sparsify import _splitmix64
 
     assert _splitmix64(seed, 50).tolist() == _splitmix64_reference(seed, 50)
     if seed == 0:

@@ -19,10 +19,11 @@ from p2pfl.config import (
     resolve,
     worker_threads,
 )
+from p2pfl.core.topology import PeerSpec, generate
 from p2pfl.errors import P2pflError
-from p2pfl.launch import spread
-from p2pfl.peer import local_ids
-from p2pfl.topology import PeerSpec, generate
+from p2pfl.host.daemon import local_ids
+from p2pfl.host.files import dump_topology
+from p2pfl.ops.launch import spread
 
 from .conftest import ROOT
 
@@ -65,7 +66,7 @@ def test_worker_threads():
 
 def _peer_main(*argv: str) -> subprocess.CompletedProcess:
     """`p2pfl-peer ARGV` in a fresh interpreter that also reports whether torch got imported."""
-    code = ("import sys\nfrom p2pfl.cli import peer_main\nrc = peer_main(sys.argv[1:])\n"
+    code = ("import sys\nfrom p2pfl.ops.cli import peer_main\nrc = peer_main(sys.argv[1:])\n"
             "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\nsys.exit(rc)")
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
@@ -74,7 +75,7 @@ def _topology(tmp_path, settings: dict) -> Path:
     topo = generate("ring", 3)
     topo.settings = settings
     path = tmp_path / "ring.yaml"
-    topo.dump(path)
+    dump_topology(topo, path)
     return path
 
 
@@ -176,20 +177,22 @@ def test_every_error_derives_from_p2pfl_error():
     import p2pfl
 
     found = {}
-    for info in pkgutil.iter_modules(p2pfl.__path__):
-        mod = importlib.import_module(f"p2pfl.{info.name}")
+    for info in pkgutil.walk_packages(p2pfl.__path__, "p2pfl."):
+        if info.name == "p2pfl.__main__":
+            continue
+        mod = importlib.import_module(info.name)
         for name, obj in vars(mod).items():
             if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == mod.__name__:
                 found[f"{mod.__name__}.{name}"] = obj
-    assert {"p2pfl.topology.TopologyError", "p2pfl.wire.WireError", "p2pfl.config.ConfigError"} <= set(found)
+    assert {"p2pfl.core.topology.TopologyError", "p2pfl.core.wire.WireError", "p2pfl.config.ConfigError"} <= set(found)
     assert [n for n, c in found.items() if not issubclass(c, P2pflError)] == []
     value_errors = [n for n, c in found.items() if c is not P2pflError and not issubclass(c, ValueError)]
-    assert value_errors == ["p2pfl.report.ReportError"]  # bad values everywhere else: `except ValueError` still works
+    assert value_errors == ["p2pfl.ops.report.ReportError"]  # bad values everywhere else: `except ValueError` still works
 
 
 def test_each_ppfm_default_is_the_peer_configs():
-    from p2pfl.cluster import ClusterState
-    from p2pfl.ppfm import PpfmConfig
+    from p2pfl.ppfm.cluster import ClusterState
+    from p2pfl.ppfm.levels import PpfmConfig
 
     p, s = PpfmConfig(), ClusterState()
     assert (p.recluster_every, p.global_every, p.lam, p.beta, p.margin, p.fingerprint_dim) == (

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from p2pfl import shapes
-from p2pfl.data import (
+from p2pfl.learn import shapes
+from p2pfl.learn.data import (
     DataError,
     clear_caches,
     group_of,

@@ -2,7 +2,7 @@
 
 The flags come from the real argparse parsers of the console scripts named in pyproject.toml
 (captured when each entry point starts parsing, so nothing runs), the trainer keys from
-``dataclasses.fields(TrainerConfig)`` (the trainer's config, `p2pfl.trainer.TrainerConfig`).
+``dataclasses.fields(TrainerConfig)`` (the trainer's config, `p2pfl.learn.trainer.TrainerConfig`).
 """
 
 from __future__ import annotations
@@ -107,12 +107,12 @@ def test_the_peer_parser_has_the_flags_we_know(monkeypatch: pytest.MonkeyPatch):
 
 def _trainer_config() -> type:
     """`TrainerConfig`, the class the trainer is built from (defined in p2pfl.config, light; older
-    trees define it in p2pfl.trainer)."""
+    trees define it in p2pfl.learn.trainer)."""
     from p2pfl import config
 
     if hasattr(config, "TrainerConfig"):
         return config.TrainerConfig
-    from p2pfl.trainer import TrainerConfig
+    from p2pfl.learn.trainer import TrainerConfig
 
     return TrainerConfig
 

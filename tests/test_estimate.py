@@ -1,4 +1,4 @@
-"""Pipelined gossip estimator of the consensus distance (p2pfl/estimate.py), in-process, no sockets.
+"""Pipelined gossip estimator of the consensus distance (p2pfl/core/estimate.py), in-process, no sockets.
 
 Tolerances come from the theory in the module docstring: the network mean of y is exact, its square
 root is within lambda^t of Xi_hat, every peer is within `error_bound`, and near consensus the worst
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from p2pfl import consensus as C
-from p2pfl import topology as T
-from p2pfl.estimate import (
+from p2pfl.core import consensus as C
+from p2pfl.core import topology as T
+from p2pfl.core.estimate import (
     WINDOW,
     EstimatorConfig,
     EstimatorError,

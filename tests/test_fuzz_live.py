@@ -22,10 +22,10 @@ import msgpack
 import pytest
 import torch
 
-from p2pfl.compress import get_codec
-from p2pfl.metrics import read_jsonl
-from p2pfl.state import synthetic_state
-from p2pfl.wire import Kind, Message, TensorPayload, decode, encode
+from p2pfl.core.compress import get_codec
+from p2pfl.core.state import synthetic_state
+from p2pfl.core.wire import Kind, Message, TensorPayload, decode, encode
+from p2pfl.host.files import read_jsonl
 
 from .conftest import make_topology, start_peer, wait_all
 

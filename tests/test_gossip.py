@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from p2pfl import topology as T
-from p2pfl.consensus import exact_distance, flatten, network_mean
-from p2pfl.gossip import ChocoEngine, GossipError
-from p2pfl.robust import RobustSpec
-from p2pfl.state import synthetic_state
-from p2pfl.wire import Kind, Message, TensorPayload, encode
+from p2pfl.core import topology as T
+from p2pfl.core.consensus import exact_distance, flatten, network_mean
+from p2pfl.core.gossip import ChocoEngine, GossipError
+from p2pfl.core.robust import RobustSpec
+from p2pfl.core.state import synthetic_state
+from p2pfl.core.wire import Kind, Message, TensorPayload, encode
 
 from .engines import SimNetwork
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from p2pfl import shapes, tasks
 from p2pfl.config import (
     MUST_AGREE,
     ConfigError,
@@ -19,11 +18,11 @@ from p2pfl.config import (
     resolve,
     run_datasets,
 )
-from p2pfl.data import DataError, composition_test, folder_captions
-from p2pfl.metrics import read_jsonl
-from p2pfl.report import dataset_table, summarize
-from p2pfl.topology import load
-from p2pfl.trainer import Trainer, TrainerError
+from p2pfl.host.files import dump_topology, load_topology, read_jsonl
+from p2pfl.learn import shapes, tasks
+from p2pfl.learn.data import DataError, composition_test, folder_captions
+from p2pfl.learn.trainer import Trainer, TrainerError
+from p2pfl.ops.report import dataset_table, summarize
 
 from .conftest import ROOT, make_topology, wait_all
 
@@ -71,9 +70,9 @@ def test_a_caption_peer_turns_the_text_tower_on_for_every_peer():
 
 
 def test_the_shipped_heterogeneous_file_mixes_three_kinds_and_prints_per_peer(capsys):
-    from p2pfl.cli import peer_main
+    from p2pfl.ops.cli import peer_main
 
-    topo = load(HETEROGENEOUS)
+    topo = load_topology(HETEROGENEOUS)
     cfg = resolve(HETEROGENEOUS, 0, topo.settings, {}, [], str(HETEROGENEOUS))[0]
     got = peer_trainers(cfg, {p: s.extra for p, s in topo.peers.items()}, str(HETEROGENEOUS))
     assert {t["data_kind"] for t in got.values()} == {"labelled", "captions", "unlabelled"}
@@ -160,7 +159,7 @@ def test_a_mixed_shapes_digits_ring_of_processes_beats_its_peers_trained_alone(t
     topo.settings = {"rounds": 8, "trainer": {"partition": "dirichlet:0.5", "local_steps": 3, "eval_every": 8}}
     for p in topo.ids:
         topo.peers[p].extra["trainer"] = {"dataset": "shapes" if p % 2 == 0 else "digits"}
-    topo.dump(path)
+    dump_topology(topo, path)
     procs = {k: spawn(path, ids, cluster_dir, "--min-wait", "0.5", "--startup-timeout", "60") for k, ids in enumerate(("0,2", "1,3"))}
     assert wait_all(procs, 600) == {0: 0, 1: 0}
     mixed = {p: read_jsonl(cluster_dir / "metrics" / f"peer-{p}.jsonl")[-1] for p in topo.ids}

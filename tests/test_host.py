@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from p2pfl.config import PeerConfig
-from p2pfl.metrics import read_jsonl
-from p2pfl.node import Node, NodeSpec
-from p2pfl.peer import Host
+from p2pfl.host.daemon import Host
+from p2pfl.host.files import read_jsonl
+from p2pfl.node.node import Node, NodeSpec
 
 from .conftest import ROOT, make_topology
 
@@ -113,7 +113,7 @@ def test_a_missing_data_folder_fails_one_cohosted_peer_and_the_process_exits_non
     for p in (0, 2):  # peer 1's folder is missing
         _folder(tmp_path / "data", p)
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(path), "--id", "0-2", "--run-dir", str(run),
+    proc = subprocess.run([sys.executable, "-m", "p2pfl", "--topology", str(path), "--id", "0-2", "--run-dir", str(run),
                            "--rounds", "2", "--startup-timeout", "3", "--min-wait", "0.5", "--set", f'dataset="folder:{tmp_path / "data"}"',
                            "--set", "local_steps=1", "--set", "batch_size=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -15,15 +15,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pfl import topology as T
-from p2pfl.conduct import Conduct, Limits, check_claim
 from p2pfl.config import PeerConfig
-from p2pfl.gossip import FLAT, ChocoEngine, GossipError, Refused
-from p2pfl.node import Node, NodeSpec
-from p2pfl.piggyback import FINGERPRINT_TENSOR, SKETCH_TENSOR
-from p2pfl.sim import Simulation
-from p2pfl.state import synthetic_state
-from p2pfl.wire import BASE, CHANNELS, Kind, Message, TensorPayload, decode, encode
+from p2pfl.core import topology as T
+from p2pfl.core.conduct import Conduct, Limits, check_claim
+from p2pfl.core.gossip import FLAT, ChocoEngine, GossipError, Refused
+from p2pfl.core.state import synthetic_state
+from p2pfl.core.wire import BASE, CHANNELS, Kind, Message, TensorPayload, decode, encode
+from p2pfl.node.node import Node, NodeSpec
+from p2pfl.node.piggyback import FINGERPRINT_TENSOR, SKETCH_TENSOR
+from p2pfl.sim.simulation import Simulation
 
 DIM, ROUNDS, WINDOW = 128, 8, 4
 BIG = 2**62

@@ -8,10 +8,11 @@ import os
 import time
 from pathlib import Path
 
-from p2pfl.cli import topology_main
-from p2pfl.consensus import exact_distance
-from p2pfl.metrics import read_jsonl
-from p2pfl.state import load_state, synthetic_state
+from p2pfl.core.consensus import exact_distance
+from p2pfl.core.state import synthetic_state
+from p2pfl.host.checkpoint import load_state
+from p2pfl.host.files import read_jsonl
+from p2pfl.ops.cli import topology_main
 
 from .conftest import make_topology
 
@@ -74,9 +75,9 @@ def test_an_injected_error_in_message_handling_is_counted_over_tcp_and_the_peers
     """Peers 0-1 run in this process (the error is injected here), 2-3 in another; 0 and 3 talk over TCP."""
     import asyncio
 
-    from p2pfl import node as N
     from p2pfl.config import PeerConfig
-    from p2pfl.peer import Host
+    from p2pfl.host.daemon import Host
+    from p2pfl.node import node as N
 
     _, path = make_topology(tmp_path, "ring", 4)
     run = tmp_path / "run"

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from p2pfl.metrics import read_jsonl
-from p2pfl.state import load_state
+from p2pfl.host.checkpoint import load_state
+from p2pfl.host.files import read_jsonl
 
 from .conftest import ROOT, make_topology
 
@@ -32,7 +32,7 @@ def run_layout(path, run_dir, blocks: list[str], *args: str, timeout: float = 40
             wait_for_start(run_dir, [b for b in blocks if b != ids])
             time.sleep(late[1])
         log = open(run_dir / f"stdout-{ids}.log", "wb")  # noqa: SIM115 - the child owns it
-        procs.append(subprocess.Popen([sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(path), "--id", ids,
+        procs.append(subprocess.Popen([sys.executable, "-m", "p2pfl", "--topology", str(path), "--id", ids,
                                        "--run-dir", str(run_dir), *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
     try:
         codes = [p.wait(timeout=timeout) for p in procs]

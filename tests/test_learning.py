@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from p2pfl.metrics import read_jsonl
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.host.files import read_jsonl
+from p2pfl.learn.trainer import Trainer, TrainerConfig
 
 from .conftest import make_topology, wait_all
 

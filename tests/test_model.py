@@ -12,16 +12,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from p2pfl import shapes
-from p2pfl.foundation import (
+from p2pfl.learn import shapes
+from p2pfl.learn.foundation import (
     CompactTokenizer,
     ModelError,
     compact_token_spec,
     foundation_from_spec,
     load_foundation,
 )
-from p2pfl.model import AdaptedClip, LoraHost, LoraSpec
-from p2pfl.trainer import shapes_zero_shot_report
+from p2pfl.learn.model import AdaptedClip, LoraHost, LoraSpec
+from p2pfl.learn.trainer import shapes_zero_shot_report
 
 TINY_WORDS = ["a", "red", "circle", "photo", "of", "."]
 
@@ -201,7 +201,7 @@ def test_lora_spec_errors():
 
 def test_shipped_model_card_and_zero_shot_far_above_chance():
     fm = load_foundation()
-    assets = Path(__file__).resolve().parents[1] / "p2pfl" / "assets"
+    assets = Path(__file__).resolve().parents[1] / "p2pfl" / "learn" / "assets"
     assert (assets / "shapes_clip.safetensors").stat().st_size < 10e6
     assert "Zero-shot accuracy" in (assets / "MODEL_CARD.md").read_text()
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -3,7 +3,7 @@
 Three namespaces (one "host" per peer, each with its own network stack and address 10.99.X.1..3)
 hang off a bridge that lives in a fourth, hub namespace, so the root namespace is never touched
 and every address the peers use belongs to namespaces this test created. Each peer runs with
-`ip netns exec NS python -m p2pfl.cli_peer`; all of them use the same port number, which is only
+`ip netns exec NS python -m p2pfl`; all of them use the same port number, which is only
 possible because they really are on different hosts. The topology carries CurveZMQ keys, so the
 cross-host traffic is encrypted and authenticated as well. Everything is deleted afterwards
 (deleting a namespace deletes its veth ends and the bridge), also when the test fails.
@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from p2pfl import topology as T
-from p2pfl.cli import topology_main
-from p2pfl.consensus import exact_distance, network_mean
-from p2pfl.metrics import read_jsonl
-from p2pfl.state import load_state, synthetic_state
+from p2pfl.core.consensus import exact_distance, network_mean
+from p2pfl.core.state import synthetic_state
+from p2pfl.host.checkpoint import load_state
+from p2pfl.host.files import load_topology, read_jsonl
+from p2pfl.ops.cli import topology_main
 
 from .conftest import ROOT, wait_all
 
@@ -104,7 +104,7 @@ def test_peers_on_three_hosts_reach_consensus(tmp_path: Path, cluster_dir: Path,
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     assert topology_main(["keygen", "--topology", str(path)]) == 0
-    topo = T.load(path)
+    topo = load_topology(path)
     assert {topo.peers[k].endpoint for k in topo.ids} == {f"tcp://{a}:{PORT}" for a in addrs}
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -114,7 +114,7 @@ def test_peers_on_three_hosts_reach_consensus(tmp_path: Path, cluster_dir: Path,
         for k, ns in enumerate(spaces):
             out = open(cluster_dir / f"stdout-{k}.log", "ab")  # noqa: SIM115 - the child owns it
             procs[k] = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "p2pfl.cli_peer", "--topology", str(path),
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "p2pfl", "--topology", str(path),
                  "--id", str(k), "--run-dir", str(cluster_dir), *args],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
             )

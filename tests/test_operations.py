@@ -7,10 +7,10 @@ import urllib.request
 import pytest
 import torch
 
-from p2pfl import checkpoint as ckpt
 from p2pfl.config import PeerConfig
-from p2pfl.metrics import read_jsonl
-from p2pfl.peer import Host
+from p2pfl.host import checkpoint as ckpt
+from p2pfl.host.daemon import Host
+from p2pfl.host.files import read_jsonl
 
 from .conftest import free_base_port, make_topology, wait_all
 

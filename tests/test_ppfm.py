@@ -13,13 +13,13 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from p2pfl import checkpoint as ckpt
 from p2pfl.config import PeerConfig
-from p2pfl.gossip import Refused
-from p2pfl.ppfm import Levels, PpfmConfig, level_distances, parse_clusters
-from p2pfl.sim import Simulation
-from p2pfl.topology import PeerSpec, Topology
-from p2pfl.wire import CLUSTER, GLOBAL, Kind, Message, TensorPayload, WireError, decode, encode
+from p2pfl.core.gossip import Refused
+from p2pfl.core.topology import PeerSpec, Topology
+from p2pfl.core.wire import CLUSTER, GLOBAL, Kind, Message, TensorPayload, WireError, decode, encode
+from p2pfl.node import snapshot
+from p2pfl.ppfm.levels import Levels, PpfmConfig, level_distances, parse_clusters
+from p2pfl.sim.simulation import Simulation
 
 D = 2048
 
@@ -259,7 +259,7 @@ def test_missing_or_bad_fingerprints_are_refused_by_name():
 
 
 def test_messages_from_outside_the_topology_are_refused():
-    from p2pfl.gossip import GossipError
+    from p2pfl.core.gossip import GossipError
 
     topo = interleaved_ring(4, 2)
     lv = Levels(0, topo, {"w": torch.zeros(8)}, PpfmConfig())
@@ -273,9 +273,9 @@ def test_levels_checkpoint_round_trip():
     topo = interleaved_ring(6, 2)
     net, _, _ = run(topo, 2, 12)
     lv = net.levels[3]
-    tensors, meta = ckpt.levels_state(lv)
+    tensors, meta = snapshot.levels_state(lv)
     fresh = Levels(3, topo, {"w": torch.zeros(D)}, PpfmConfig(lag=topo.diameter() + 1))
-    ckpt.restore_levels(fresh, tensors, meta)
+    snapshot.restore_levels(fresh, tensors, meta)
     assert fresh.labels == lv.labels and fresh.cluster_neighbors == lv.cluster_neighbors
     assert torch.equal(fresh.model()["w"], lv.model()["w"])
     assert torch.equal(fresh.glob.x["w"], lv.glob.x["w"])

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from p2pfl.metrics import read_jsonl
-from p2pfl.sim import train_network
-from p2pfl.topology import PeerSpec, Topology
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.core.topology import PeerSpec, Topology
+from p2pfl.host.files import dump_topology, read_jsonl
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.sim.simulation import train_network
 
 from .conftest import Spawner, free_base_port, wait_all
 
@@ -32,7 +32,7 @@ def ring(order: list[int], path) -> Topology:
     g = nx.Graph()
     g.add_edges_from(zip(order, order[1:] + order[:1], strict=True))
     topo = Topology(peers={p: PeerSpec(p, "127.0.0.1", base + p) for p in order}, graph=g, name="ppfm-ring")
-    topo.dump(path)
+    dump_topology(topo, path)
     return topo
 
 

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from p2pfl import privacy as P
-from p2pfl.foundation import SHAPES_CLIP_RN
-from p2pfl.metrics import read_jsonl
-from p2pfl.model import freeze_norm_statistics
-from p2pfl.page import summary_rows
-from p2pfl.report import summarize
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.host.files import read_jsonl
+from p2pfl.learn import privacy as P
+from p2pfl.learn.foundation import SHAPES_CLIP_RN
+from p2pfl.learn.model import freeze_norm_statistics
+from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.ops.pages import summary_rows
+from p2pfl.ops.report import summarize
 
 from .conftest import make_topology, start_peer, wait_all
 

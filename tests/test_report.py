@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from p2pfl import page as pages
-from p2pfl import report
-from p2pfl import topology as T
-from p2pfl.consensus import exact_distance, flatten
-from p2pfl.launch import bytes_line
-from p2pfl.metrics import read_jsonl
-from p2pfl.state import load_state
+from p2pfl.core import topology as T
+from p2pfl.core.consensus import exact_distance, flatten
+from p2pfl.host.checkpoint import load_state
+from p2pfl.host.files import dump_topology, load_topology, read_jsonl
+from p2pfl.ops import pages, report
+from p2pfl.ops.launch import bytes_line
 
 from .conftest import ROOT, make_topology
 
@@ -73,14 +72,14 @@ def make_records(training: bool, clusters: bool) -> dict[int, list[dict[str, Any
 def write_run(run_dir: Path, records: dict[int, list[dict[str, Any]]], topology: bool = True) -> Path:
     (run_dir / "metrics").mkdir(parents=True)
     if topology:
-        T.generate("ring", 4, base_port=40000).dump(run_dir / "topology.yaml")
+        dump_topology(T.generate("ring", 4, base_port=40000), run_dir / "topology.yaml")
     for p, recs in records.items():
         (run_dir / "metrics" / f"peer-{p}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return run_dir
 
 
 def expected(records: dict[int, list[dict[str, Any]]], lam: float) -> dict[str, Any]:
-    """The numbers the page must show, computed independently of p2pfl.report."""
+    """The numbers the page must show, computed independently of p2pfl.ops.report."""
     all_recs = [r for recs in records.values() for r in recs]
     rounds = sorted({r["round"] for r in all_recs})
     means = {}
@@ -141,7 +140,7 @@ def assert_png(path: Path) -> None:
 def test_report_without_training(tmp_path, capsys):
     records = make_records(training=False, clusters=False)
     run = write_run(tmp_path / "run", records)
-    lam = T.load(run / "topology.yaml").mixing_lambda()
+    lam = load_topology(run / "topology.yaml").mixing_lambda()
     assert lam == pytest.approx(1 / 3)  # ring-4 with Metropolis-Hastings weights
     out = tmp_path / "elsewhere"
     assert pages.main([str(run), "--out", str(out)]) == 0
@@ -282,7 +281,7 @@ def test_report_without_topology_still_reports(tmp_path):
 def test_a_scheduled_run_labels_lambda_as_the_schedules_contraction(tmp_path):
     run = write_run(tmp_path / "run", make_records(training=False, clusters=False), topology=False)
     topo = T.scheduled("one-peer-exponential", 6)  # not a power of 2: lambda > 0
-    topo.dump(run / "topology.yaml")
+    dump_topology(topo, run / "topology.yaml")
     pages.write_report(run)
     rows = md_rows((run / "report" / "summary.md").read_text())
     assert not any(k.startswith("lambda = ") for k in rows)  # no single W to take the norm of
@@ -296,7 +295,7 @@ def test_bad_run_dir_is_a_clear_error(tmp_path, capsys, case):
         run.mkdir()
     if case in ("no-files", "empty-files"):
         (run / "metrics").mkdir()
-        T.generate("ring", 4, base_port=40000).dump(run / "topology.yaml")
+        dump_topology(T.generate("ring", 4, base_port=40000), run / "topology.yaml")
     if case == "empty-files":
         (run / "metrics" / "peer-0.jsonl").write_text("")
     assert pages.main([str(run)]) != 0
@@ -336,7 +335,7 @@ def real_run(request, tmp_path_factory) -> RealRun:
     topo, path = make_topology(tmp, "ring", 4)
     run = tmp / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "p2pfl.launch", str(path), "--run-dir", str(run), "--processes", "1",
+    done = subprocess.run([sys.executable, "-m", "p2pfl.ops.launch", str(path), "--run-dir", str(run), "--processes", "1",
                            *LAUNCH[kind]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = {p: read_jsonl(run / "metrics" / f"peer-{p}.jsonl") for p in topo.ids}

@@ -13,9 +13,10 @@ import math
 
 import pytest
 
-from p2pfl.consensus import exact_distance, network_mean
-from p2pfl.metrics import read_jsonl
-from p2pfl.state import load_state, synthetic_state
+from p2pfl.core.consensus import exact_distance, network_mean
+from p2pfl.core.state import synthetic_state
+from p2pfl.host.checkpoint import load_state
+from p2pfl.host.files import read_jsonl
 
 from .conftest import make_topology
 from .test_layouts import run_layout

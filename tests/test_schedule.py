@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from p2pfl import topology as T
-from p2pfl.actions import Disconnect
 from p2pfl.config import ConfigError, PeerConfig
-from p2pfl.consensus import flatten
-from p2pfl.node import Node, NodeSpec
-from p2pfl.schedule import Schedule, ScheduleError, parse_schedule, random_regular_edges
-from p2pfl.sim import Simulation
-from p2pfl.state import synthetic_state
-from p2pfl.wire import Kind
+from p2pfl.core import topology as T
+from p2pfl.core.consensus import flatten
+from p2pfl.core.schedule import Schedule, ScheduleError, parse_schedule, random_regular_edges
+from p2pfl.core.state import synthetic_state
+from p2pfl.core.wire import Kind
+from p2pfl.host.files import dump_topology, load_topology
+from p2pfl.node.actions import Disconnect
+from p2pfl.node.node import Node, NodeSpec
+from p2pfl.sim.simulation import Simulation
 
 SPECS = ["one-peer-exponential", "random-regular:4", "epidemic:3"]
 
@@ -61,7 +62,7 @@ def test_a_push_sum_peer_that_mixes_alone_for_hundreds_of_rounds_keeps_its_model
     weight shrinks by S + 1 each round. Its model must stay exactly what it was: the old mix
     multiplied the float32 tensors by the weight first, which underflowed after ~60 rounds (the
     model blurred) and then gave 0/0 (NaN, and a peer that could no longer send)."""
-    from p2pfl.dynamic import MIN_WEIGHT, FullGossip
+    from p2pfl.core.scheduled import MIN_WEIGHT, FullGossip
 
     x = {"w": torch.randn(1024, generator=torch.Generator().manual_seed(0)) * 0.35}
     before = x["w"].clone()
@@ -140,11 +141,11 @@ def _file(tmp_path: Path, body: str, n: int = 6) -> Path:
 
 
 def test_a_file_with_only_peers_and_a_schedule_is_valid_and_round_trips(tmp_path):
-    t = T.load(_file(tmp_path, "schedule: random-regular:2\n"))
+    t = load_topology(_file(tmp_path, "schedule: random-regular:2\n"))
     assert t.schedule == parse_schedule("random-regular:2") and t.graph.number_of_edges() == 0 and t.neighbors(0) == []
     assert 0 < t.mixing_lambda() < 1 and t.diameter() >= 2 and t.rounds_to(1e-3) > 1
-    t.dump(tmp_path / "back.yaml")
-    back = T.load(tmp_path / "back.yaml")
+    dump_topology(t, tmp_path / "back.yaml")
+    back = load_topology(tmp_path / "back.yaml")
     assert back.schedule == t.schedule and "edges" not in (tmp_path / "back.yaml").read_text()
 
 
@@ -158,17 +159,17 @@ def test_a_file_with_only_peers_and_a_schedule_is_valid_and_round_trips(tmp_path
 def test_a_schedule_with_edges_or_one_the_peers_cannot_run_is_refused(tmp_path, body, needle):
     n = 5 if "odd" in needle else 6
     with pytest.raises(T.TopologyError) as e:
-        T.load(_file(tmp_path, body, n))
+        load_topology(_file(tmp_path, body, n))
     assert needle in str(e.value)
 
 
 def test_inspect_reports_the_expected_contraction_per_round(tmp_path, capsys):
-    from p2pfl.cli import topology_main
+    from p2pfl.ops.cli import topology_main
 
     path = _file(tmp_path, "schedule: epidemic:2\n", n=16)
     assert topology_main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
-    lam = T.load(path).mixing_lambda()
+    lam = load_topology(path).mixing_lambda()
     assert f"expected contraction per round ||M_T||^(1/T) = {lam:.6f}" in text and "whole models" in text
     assert topology_main(["inspect", str(path), "--json"]) == 0
     assert '"schedule": "epidemic:2"' in capsys.readouterr().out
@@ -338,15 +339,15 @@ def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_proces
     Peers 4-7 start 8 s after the others, later than the 5 s floor of the round deadline: what the
     others queued for them (peer 3's round-0 delta to peer 4, for one) must arrive once they bind,
     and no deadline fires, since peers never heard from are waited for through the start-up window."""
-    from p2pfl.metrics import read_jsonl
-    from p2pfl.state import load_state
+    from p2pfl.host.checkpoint import load_state
+    from p2pfl.host.files import read_jsonl
 
     from .conftest import free_base_port
     from .test_layouts import run_layout
 
     topo = T.scheduled("one-peer-exponential", 16, base_port=free_base_port(16))
     path = tmp_path / "ope16.yaml"
-    topo.dump(path)
+    dump_topology(topo, path)
     dim = 4096
     run_layout(path, tmp_path / "run", ["0-3", "4-7", "8-11", "12-15"], "--rounds", "4", "--no-train", "--dim", str(dim),
                "--min-wait", "5", "--sketch-dim", "0", late=("4-7", 8.0))
@@ -368,13 +369,13 @@ def test_a_killed_schedule_peer_resumes_and_rejoins_over_real_processes(tmp_path
     import signal
     import time
 
-    from p2pfl.metrics import read_jsonl
+    from p2pfl.host.files import read_jsonl
 
     from .conftest import free_base_port, wait_all
 
     topo = T.scheduled("epidemic:3", 8, base_port=free_base_port(8))
     path = tmp_path / "epi8.yaml"
-    topo.dump(path)
+    dump_topology(topo, path)
     rounds = 140  # after the restart about 20 s of paced rounds remain: room for a slow start under load
     args = ["--rounds", str(rounds), "--no-train", "--dim", "1024", "--round-period", "0.2", "--checkpoint-every", "1",
             "--sketch-dim", "0", "--startup-timeout", "5", "--min-wait", "3"]

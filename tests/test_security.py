@@ -21,17 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2pfl import topology as T
-from p2pfl.cli import topology_main
 from p2pfl.config import PeerConfig
-from p2pfl.consensus import exact_distance, flatten, network_mean
-from p2pfl.gossip import GossipError
-from p2pfl.metrics import read_jsonl
-from p2pfl.node import Node, NodeSpec
-from p2pfl.piggyback import ESTIMATE_TENSOR, SKETCH_TENSOR
-from p2pfl.robust import NormGuard, RobustSpec
-from p2pfl.state import State, load_state, synthetic_state
-from p2pfl.wire import Kind, Message, TensorPayload, encode
+from p2pfl.core import topology as T
+from p2pfl.core.consensus import exact_distance, flatten, network_mean
+from p2pfl.core.gossip import GossipError
+from p2pfl.core.robust import NormGuard, RobustSpec
+from p2pfl.core.state import State, synthetic_state
+from p2pfl.core.wire import Kind, Message, TensorPayload, encode
+from p2pfl.host.checkpoint import load_state
+from p2pfl.host.files import load_topology, read_jsonl
+from p2pfl.node.node import Node, NodeSpec
+from p2pfl.node.piggyback import ESTIMATE_TENSOR, SKETCH_TENSOR
+from p2pfl.ops.cli import topology_main
 
 from .conftest import make_topology, wait_all
 from .engines import SimNetwork
@@ -44,7 +45,7 @@ DIM = 4096
 def keyed_topology(tmp: Path, kind: str, n: int) -> tuple[T.Topology, Path]:
     _, path = make_topology(tmp, kind, n)
     assert topology_main(["keygen", "--topology", str(path)]) == 0
-    topo = T.load(path)
+    topo = load_topology(path)
     assert all(len(topo.peers[p].extra["public_key"]) == 40 for p in topo.ids)
     return topo, path
 
@@ -193,7 +194,7 @@ def replay_raw(port: int, stream: bytes) -> int:
 # ------------------------------------------------------------------ the NO ENCRYPTION warning
 
 def _make_peer(path: Path, run_dir: Path, secret: Path | None = None):
-    from p2pfl.peer import Host
+    from p2pfl.host.daemon import Host
 
     return Host(PeerConfig(topology=path, id=0, no_train=True, dim=256, run_dir=run_dir, secret_key=secret), [0])
 
@@ -480,7 +481,7 @@ def test_byzantine_scaler_is_contained_by_trimmed_mean_and_not_without(tmp_path,
     the sans-IO simulation; both are checked.
     """
     _, path = make_topology(tmp_path, BYZ_KIND, BYZ_N)
-    topo = T.load(path)
+    topo = load_topology(path)
     honest = [p for p in topo.ids if p != BYZ_BAD]
     x0 = {p: synthetic_state(BYZ_SEED, p, DIM) for p in topo.ids}
     measured: dict[str, tuple[float, float]] = {}

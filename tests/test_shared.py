@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from p2pfl import data
-from p2pfl.model import clear_shared_hosts
-from p2pfl.trainer import Trainer, TrainerConfig, TrainerError, resolve_device
+from p2pfl.learn import data
+from p2pfl.learn.model import clear_shared_hosts
+from p2pfl.learn.trainer import Trainer, TrainerConfig, TrainerError, resolve_device
 
 FAST = dict(samples_per_peer=96, global_test_size=120, batch_size=16, local_steps=4)
 PLAIN = TrainerConfig(task="shape", partition="dirichlet:0.5", seed=3, **FAST)

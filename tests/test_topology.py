@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from p2pfl import topology as T
+from p2pfl.core import topology as T
+from p2pfl.host.files import dump_topology, load_topology
 
 
 @pytest.mark.parametrize("kind,n", [("ring", 8), ("torus", 16), ("exponential", 16), ("complete", 8), ("star", 9), ("erdos_renyi", 20), ("small_world", 20), ("path", 5)])
@@ -42,8 +43,8 @@ def test_gap_ordering_and_rounds():
 def test_roundtrip_through_yaml(tmp_path):
     t = T.generate("small_world", 12, base_port=31000, seed=3)
     path = tmp_path / "sw.yaml"
-    t.dump(path)
-    back = T.load(path)
+    dump_topology(t, path)
+    back = load_topology(path)
     assert sorted(map(sorted, back.graph.edges)) == sorted(map(sorted, t.graph.edges))
     assert back.peers[5].port == 31005
     assert np.allclose(back.mixing_matrix(), t.mixing_matrix())
@@ -52,7 +53,7 @@ def test_roundtrip_through_yaml(tmp_path):
 def test_generator_section(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("peers:\n" + "".join(f"  - {{id: {i}, host: 127.0.0.1, port: {30000 + i}}}\n" for i in range(6)) + "generator: {kind: ring}\n")
-    t = T.load(path)
+    t = load_topology(path)
     assert t.neighbors(0) == [1, 5]
 
 
@@ -79,13 +80,13 @@ def test_bad_files_name_the_problem(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(T.TopologyError, match=None) as e:
-        T.load(path)
+        load_topology(path)
     assert needle in str(e.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(T.TopologyError, match="cannot read"):
-        T.load(tmp_path / "nope.yaml")
+        load_topology(tmp_path / "nope.yaml")
 
 
 def test_shipped_topologies_load():
@@ -94,5 +95,5 @@ def test_shipped_topologies_load():
     files = sorted(Path(__file__).parent.parent.glob("topologies/*.yaml"))
     assert len(files) >= 7
     for f in files:
-        t = T.load(f)
+        t = load_topology(f)
         assert t.n >= 2 and 0 < t.spectral_gap() <= 1

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2pfl import topology as T
 from p2pfl.config import ConfigError, PeerConfig
-from p2pfl.node import TRACK, Node, NodeSpec
-from p2pfl.sim import train_network
+from p2pfl.core import topology as T
+from p2pfl.host.files import dump_topology
+from p2pfl.node.node import TRACK, Node, NodeSpec
+from p2pfl.sim.simulation import train_network
 
 N, D, M, K = 8, 8, 16, 5
 
@@ -125,7 +126,7 @@ def test_the_correction_survives_a_checkpoint():
 
 def test_the_trainer_moves_its_adapter_by_the_correction_over_a_round(one_thread):
     from p2pfl.config import TrainerConfig
-    from p2pfl.trainer import Trainer
+    from p2pfl.learn.trainer import Trainer
 
     cfg = TrainerConfig.from_dict({"optimizer": "sgd", "lr": 0.0, "local_steps": 4, "samples_per_peer": 64, "global_test_size": 50})
     t = Trainer(cfg, 0, 2)
@@ -139,10 +140,10 @@ def test_the_trainer_moves_its_adapter_by_the_correction_over_a_round(one_thread
 
 
 def test_the_flag_and_a_topology_setting_choose_the_algorithm(tmp_path):
-    from p2pfl.cli import build_peer_config
+    from p2pfl.ops.cli import build_peer_config
 
     path = tmp_path / "t.yaml"
-    T.scheduled("epidemic:2", 6).dump(path)
+    dump_topology(T.scheduled("epidemic:2", 6), path)
     path.write_text(path.read_text() + "settings: {algorithm: gt}\n")
     assert build_peer_config(["--topology", str(path), "--id", "0"])[0].algorithm == "gt"
     assert build_peer_config(["--topology", str(path), "--id", "0", "--algorithm", "dsgd"])[0].algorithm == "dsgd"

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from p2pfl.augment import SyntheticSet
-from p2pfl.trainer import Trainer, TrainerConfig
+from p2pfl.learn.augment import SyntheticSet
+from p2pfl.learn.trainer import Trainer, TrainerConfig
 
 FAST = dict(samples_per_peer=96, global_test_size=120, batch_size=16, local_steps=4)
 

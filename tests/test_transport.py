@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from p2pfl.topology import PeerSpec
-from p2pfl.transport import Transport
+from p2pfl.core.topology import PeerSpec
+from p2pfl.net.transport import Transport
 
 from .conftest import free_base_port
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pfl.wire import Kind, Message, TensorPayload, WireError, decode, encode
+from p2pfl.core.wire import Kind, Message, TensorPayload, WireError, decode, encode
 
 
 def sample(dtype=torch.float32):

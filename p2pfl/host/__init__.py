@@ -1,0 +1,2 @@
+"""The daemon: an asyncio host of one or many nodes (timers, workers, transports), run-directory
+files, checkpoints and logs."""

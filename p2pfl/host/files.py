@@ -1,0 +1,62 @@
+"""The run directory's text files: topology files and JSONL records.
+
+The core never opens a file; what reads or writes one lives here, and tensors (adapters,
+checkpoints) in `p2pfl.host.checkpoint`. No torch here: the command line reads topologies before
+it imports the learning stack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from p2pfl.core.topology import Topology, TopologyError, parse
+
+
+def load_topology(path: str | Path) -> Topology:
+    """A topology file, checked (`p2pfl.core.topology.parse`); a missing or unreadable file is a `TopologyError`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise TopologyError(f"{path}: cannot read topology file ({e.strerror})") from e
+    return parse(text, str(path))
+
+
+def dump_topology(topo: Topology, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(topo.to_dict(), sort_keys=False, default_flow_style=None))
+
+
+class JsonlWriter:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # a crash can leave a torn last line; appending after it would glue two records
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+        self._f = self.path.open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn final line (a peer killed mid-write) is ignored."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    out = []
+    for k, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k != len(lines) - 1:
+                raise
+    return out

@@ -1,0 +1,1 @@
+"""Moving bytes: asyncio ZeroMQ transport, CurveZMQ keys, allocator settings. No protocol decisions."""

@@ -1,0 +1,116 @@
+"""What a base-channel message carries beside the model: flooded consensus-sketch rows, flooded
+PPFM fingerprints and the gossip estimator's payload.
+
+These blocks ride on the messages the round sends anyway, so they cost no extra message; they are
+also the part of a message a hostile neighbour can make largest, so every block is checked in
+full (keys, shape, dtype, finiteness, round range) before a row reaches a book. Pure, like
+`p2pfl.node.node`, which owns one `Piggyback` and turns what it refuses into counted rejections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from p2pfl.core.consensus import SketchBook
+from p2pfl.core.estimate import WINDOW, EstimatorError, GossipEstimator
+from p2pfl.core.gossip import GossipError
+from p2pfl.core.wire import Kind, Message, TensorPayload, all_finite
+
+SKETCH_TENSOR = "_sketches"
+FINGERPRINT_TENSOR = "_fingerprints"  # PPFM update fingerprints, flooded like the sketches
+ESTIMATE_TENSOR = "_estimate"  # the gossip estimator's in-flight instances (p2pfl.core.estimate)
+
+
+@dataclass
+class Block:
+    """One flooded block: its tensor name, its info key, the book its rows go to, the row length."""
+
+    tensor: str
+    key: str
+    book: SketchBook
+    k: int
+
+
+class Piggyback:
+    """The blocks of one peer. Sketch rows are flooded unless the gossip estimator replaces them;
+    fingerprints are flooded with PPFM on (`fingerprint_dim` given)."""
+
+    def __init__(self, me: int, book: SketchBook, sketch_k: int, fbook: SketchBook, fingerprint_dim: int | None,
+                 estimator: GossipEstimator | None, diameter: int) -> None:
+        self.me, self.estimator, self.diameter = me, estimator, diameter
+        self.blocks = [] if estimator is not None else [Block(SKETCH_TENSOR, "sketches", book, sketch_k)]
+        if fingerprint_dim is not None:
+            self.blocks.append(Block(FINGERPRINT_TENSOR, "fingerprints", fbook, fingerprint_dim))
+
+    def take_blocks(self, msg: Message, round_: int) -> list[tuple[str, str]]:
+        """File the flooded blocks of `msg` (taking them out of it) at this peer's last round
+        `round_`. Raises `GossipError` for a malformed block, which is a strike against the sender;
+        returns the (reason, detail) of what it dropped without blaming the sender.
+
+        Rows go into the books except this peer's own (only it makes those; a copy that comes back
+        is redundant, and one that comes first would be a forgery), rows too old to matter, and
+        rows of rounds no honest flood can have reached yet (they would never be pruned)."""
+        dropped: list[tuple[str, str]] = []
+        lo = round_ - self.diameter - 4
+        hi = max(round_, msg.round) + self.diameter + 2
+        for b in self.blocks:
+            tp = msg.tensors.pop(b.tensor, None)
+            if tp is None:
+                continue
+            keys = msg.info.get(b.key)
+            data = tp.parts.get("data")
+            if (
+                not isinstance(keys, list)
+                or data is None
+                or data.dtype != torch.float64
+                or tuple(data.shape) != (len(keys), b.k)
+                or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, int) for v in e) for e in keys)
+            ):
+                raise GossipError(f"{b.key} from peer {msg.sender}: malformed block (keys/shape/dtype; rows of {b.k} float64 expected)")
+            if not all_finite(data):
+                raise GossipError(f"{b.key} from peer {msg.sender}: contains NaN or Inf")
+            future = 0
+            for (origin, rnd), row in zip(keys, data, strict=True):
+                if rnd > hi:
+                    future += 1
+                elif origin != self.me and rnd >= lo:
+                    b.book.add(origin, rnd, row.clone(), via=msg.sender)
+            if future:  # an honest neighbour may relay rows that a liar gave it
+                dropped.append(("sketch-round", f"{b.key} from peer {msg.sender}: {future} rows of rounds after {hi}"))
+        if FINGERPRINT_TENSOR in msg.tensors:
+            raise GossipError(f"fingerprints from peer {msg.sender}: clustering is off here")
+        return dropped
+
+    def take_estimate(self, msg: Message, round_: int) -> list[tuple[str, str]]:
+        """Feed the gossip estimator's payload of `msg` (taking it out); a bad one is dropped, as
+        (reason, detail), without losing the delta it rode on."""
+        tp = msg.tensors.pop(ESTIMATE_TENSOR, None)
+        if tp is None:
+            return []
+        if self.estimator is None:
+            return [("estimate", f"estimator payload from peer {msg.sender}, but this peer floods sketches (--estimator)")]
+        if msg.kind != Kind.DELTA or abs(msg.round - max(round_, 0)) > WINDOW:
+            return []  # a neighbour too far ahead or behind: its estimate instances are not this peer's
+        try:
+            self.estimator.receive(msg.sender, msg.round, msg.info.get("estimate"), tp.parts.get("data"))
+        except EstimatorError as e:
+            return [("estimate", f"from peer {msg.sender}: {e}")]
+        return []
+
+    def attach(self, msg: Message, peer: int, round_: int, payload: tuple[list[list[int]], torch.Tensor] | None) -> Message:
+        """`msg` for `peer` with the rows it has not had yet, and on a delta this round's
+        estimator `payload`."""
+        tensors, info = dict(msg.tensors), dict(msg.info)
+        for b in self.blocks:
+            out = b.book.outgoing(peer, max(round_, 0))
+            if out:
+                data = torch.stack([s for _, _, s in out])
+                tensors[b.tensor] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
+                info[b.key] = [[o, r] for o, r, _ in out]
+        if payload is not None and msg.kind == Kind.DELTA:
+            keys, data = payload
+            tensors[ESTIMATE_TENSOR] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
+            info["estimate"] = keys
+        return Message(msg.kind, msg.sender, msg.round, msg.seq, msg.inc, tensors, info)

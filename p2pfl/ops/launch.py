@@ -1,0 +1,175 @@
+"""Local cluster launcher: the peers of a topology spread over P processes, progress, clean
+shutdown, summary. One process hosts a contiguous block of ids (co-hosted peers share one model
+and talk in process; blocks talk over loopback TCP). The default, one process per core, keeps
+every core busy without importing torch once per peer."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pfl.core import topology as topo_mod
+from p2pfl.host.files import load_topology, read_jsonl
+from p2pfl.ops.pages import write_report
+from p2pfl.ops.report import ReportError, index_records, uncompressed_extra_bytes
+
+
+def _last_records(run_dir: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
+    out = {}
+    for p in ids:
+        path = run_dir / "metrics" / f"peer-{p}.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            if lines:
+                with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
+                    out[p] = json.loads(lines[-1])
+    return out
+
+
+def _mean(values: list[Any]) -> float:
+    vals = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(run_dir: Path, ids: list[int]) -> dict[str, Any]:
+    per_peer = {p: read_jsonl(run_dir / "metrics" / f"peer-{p}.jsonl") for p in ids if (run_dir / "metrics" / f"peer-{p}.jsonl").exists()}
+    last = {p: recs[-1] for p, recs in per_peer.items() if recs}
+    first = {p: recs[0] for p, recs in per_peer.items() if recs}
+    sent = sum(sum(x.get("bytes_sent", 0) for x in recs) for recs in per_peer.values())
+    extra = uncompressed_extra_bytes(index_records(per_peer))
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "peers": len(ids),
+        "rounds_done": {p: r["round"] + 1 for p, r in last.items()},
+        "final_consensus_distance": _mean([r.get("consensus_distance") for r in last.values()]),
+        "bytes_sent_total": sent,
+        "bytes_uncompressed_total": None if extra is None else sent + extra,
+        "rejected_messages": sum(r.get("rejected_messages", 0) for r in last.values()),
+    }
+    accs = [r.get("accuracy") for r in first.values() if r.get("accuracy") is not None]
+    if accs:
+        summary["accuracy_before_training"] = _mean([r.get("accuracy_before") for r in first.values()])
+        summary["global_accuracy_before_training"] = _mean([r.get("global_accuracy_before") for r in first.values()])
+        summary["accuracy_first_round"] = _mean(accs)
+        summary["accuracy_final"] = _mean([r.get("accuracy") for r in last.values()])
+        summary["global_accuracy_final"] = _mean([r.get("global_accuracy") for r in last.values() if "global_accuracy" in r])
+    return summary
+
+
+def bytes_line(sent: int, uncompressed: int | None) -> str:
+    """The launcher's last word on bytes: what went on the wire (deltas, consensus sketches,
+    control), and what the codec saved against sending every delta uncompressed (`none`)."""
+    line = f"launch: bytes on the wire {sent / 1e6:,.2f} MB"
+    if uncompressed is None:
+        return line + " (what uncompressed deltas would have cost is not in the records)"
+    saved = uncompressed - sent
+    if saved == 0:
+        return line + "; deltas went uncompressed (--compress none), so compression saved nothing"
+    share = f" ({saved / uncompressed:.0%})" if uncompressed > 0 else ""
+    return line + f", {uncompressed / 1e6:,.2f} MB with uncompressed deltas: compression saved {saved / 1e6:,.2f} MB{share}"
+
+
+def spread(ids: list[int], processes: int) -> list[list[int]]:
+    """Contiguous blocks of ids, as even as possible, one per process (never an empty one)."""
+    k = max(1, min(processes, len(ids)))
+    return [ids[i * len(ids) // k : (i + 1) * len(ids) // k] for i in range(k)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, extra = argv[:k], argv[k + 1 :]
+    ap = argparse.ArgumentParser(prog="scripts/launch.sh", description="Run every peer of a topology locally.")
+    ap.add_argument("topology", type=Path)
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--run-dir", type=Path)
+    ap.add_argument("--no-report", action="store_true", help="skip p2pfl-report at the end")
+    ap.add_argument("--processes", type=int, help="processes to spread the peers over (default: one per core, at most one per peer)")
+    args = ap.parse_args(argv)
+    if args.processes is not None and args.processes < 1:
+        print(f"launch: --processes must be >= 1, got {args.processes}", file=sys.stderr)
+        return 2
+    try:
+        topo = load_topology(args.topology)
+    except topo_mod.TopologyError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    shutil.copy(args.topology, run_dir / "topology.yaml")
+    common = ["--topology", str(args.topology), "--run-dir", str(run_dir)]
+    if args.rounds is not None:
+        common += ["--rounds", str(args.rounds)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    blocks = spread(topo.ids, args.processes or os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // len(blocks))  # training workers: the cores, shared out among the processes
+    procs: dict[int, subprocess.Popen[bytes]] = {}  # first id of a block -> its process
+    print(f"launch: {topo.n} peers of {args.topology} in {len(blocks)} processes -> {run_dir} (logs in {run_dir / 'logs'})", flush=True)
+    for block in blocks:
+        ids = f"{block[0]}-{block[-1]}" if block == list(range(block[0], block[-1] + 1)) else ",".join(map(str, block))
+        with open(run_dir / "logs" / f"process-{block[0]}.stdout", "wb") as out:  # the child keeps its own handle
+            procs[block[0]] = subprocess.Popen(
+                [sys.executable, "-m", "p2pfl", *common, "--id", ids, "--threads", str(threads), *extra],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+
+    stopping = {"n": 0}
+
+    def forward(sig: int, _frame: Any) -> None:
+        stopping["n"] += 1
+        target = signal.SIGTERM if stopping["n"] == 1 else signal.SIGKILL
+        print(f"\nlaunch: forwarding {signal.Signals(target).name} to all peers", flush=True)
+        for pr in procs.values():
+            if pr.poll() is None:
+                pr.send_signal(target)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    last_line = ""
+    while any(pr.poll() is None for pr in procs.values()):
+        time.sleep(1.0)
+        recs = _last_records(run_dir, topo.ids)
+        rounds = [recs[p]["round"] + 1 if p in recs else 0 for p in topo.ids]
+        cd = _mean([r.get("consensus_distance") for r in recs.values()])
+        acc = _mean([r.get("accuracy") for r in recs.values() if r.get("accuracy") is not None])
+        alive = sum(len(b) for b in blocks if procs[b[0]].poll() is None)
+        line = f"launch: rounds {min(rounds)}..{max(rounds)} | alive {alive}/{topo.n} | consensus {cd:.3e}"
+        if math.isfinite(acc):
+            line += f" | accuracy {acc:.3f}"
+        if line != last_line:
+            print(line, flush=True)
+            last_line = line
+    codes = {p: procs[b[0]].returncode for b in blocks for p in b}
+    failed = {p: c for p, c in codes.items() if c != 0}
+    summary = summarize(run_dir, topo.ids)
+    summary["exit_codes"] = codes
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("launch: summary " + json.dumps(summary))
+    print(bytes_line(summary["bytes_sent_total"], summary["bytes_uncompressed_total"]))
+    if not args.no_report:
+        try:
+            page = write_report(run_dir).resolve()
+            print(f"launch: report at {page} (open {page.as_uri()} in a browser)")
+        except ReportError as e:
+            print(f"launch: no report: {e}", file=sys.stderr)
+    if failed:
+        print(f"launch: peers failed: {failed} (see {run_dir / 'logs'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

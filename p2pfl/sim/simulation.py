@@ -1,0 +1,160 @@
+"""A discrete-event simulator of many peers: the real `node.Node` state machines, wire encoding and
+trainers, a virtual clock instead of sockets and sleeps.
+
+The benches and the round-level tests drive the daemon's own rounds here, with every message
+encoded to frames and decoded again (byte counts are the wire's). Messages arrive `latency`
+virtual seconds after they are sent, work takes no virtual time, so rounds are as synchronous as
+on an idle network; `drop` loses chosen messages to exercise resyncs and deadlines.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from p2pfl.config import PeerConfig
+from p2pfl.core.consensus import flatten
+from p2pfl.core.gossip import State
+from p2pfl.core.state import synthetic_state
+from p2pfl.core.topology import Topology
+from p2pfl.core.wire import Message, encode, frames_nbytes
+from p2pfl.node import actions as A
+from p2pfl.node import node as N
+from p2pfl.node.work import Learner, perform
+
+DropRule = Callable[[int, int, Message], bool]  # (src, dst, msg) -> drop it?
+
+
+class Simulation:
+    def __init__(self, topo: Topology, cfg: PeerConfig, learners: dict[int, Learner] | None = None,
+                 states: dict[int, State] | None = None, latency: float = 1e-3, drop: DropRule | None = None,
+                 teachers: bool = False, per_peer: dict[int, dict[str, Any]] | None = None,
+                 starts: dict[int, float] | None = None) -> None:
+        """`learners` train and evaluate (a peer without one gossips `states[p]` or its synthetic
+        `--no-train` state); `teachers`: hand neighbours' replicas to the learners (augmentation);
+        `per_peer`: settings of single peers over `cfg` (e.g. one `byzantine` peer); `starts`:
+        when single peers start (else at 0); what is sent to one before then arrives when it
+        starts, as a DEALER holds messages for a peer that is not listening yet."""
+        self.topo, self.latency, self.drop = topo, latency, drop
+        self.learners = learners or {}
+        self.nodes: dict[int, N.Node] = {}
+        for p in topo.ids:
+            pc = replace(cfg, id=p, **(per_peer or {}).get(p, {}))
+            lr = self.learners.get(p)
+            x0 = lr.adapter_state() if lr is not None else (states or {}).get(p) or synthetic_state(cfg.seed, p, cfg.dim)
+            spec = N.NodeSpec(x0=x0, inc=1000 + p, train=lr is not None, augment=teachers and lr is not None,
+                              eval_every=getattr(getattr(lr, "cfg", None), "eval_every", 1))
+            self.nodes[p] = N.Node(pc, topo, spec, logging.getLogger(f"p2pfl.sim.{p}"))
+        self.now = 0.0
+        self._queue: list[tuple[float, int, Callable[[], list[A.Action]], int]] = []
+        self._seq = itertools.count()
+        self._timers: dict[int, float] = {}
+        self._held: dict[int, A.Train] = {}  # training of a round past the one `step` runs to
+        self._until: int | None = None
+        self.records: dict[int, list[dict[str, Any]]] = {p: [] for p in topo.ids}
+        self.bytes_sent: dict[int, int] = dict.fromkeys(topo.ids, 0)
+        self.channel_bytes: dict[str, int] = {}  # by gossip level: base, cluster, global
+        self.messages = self.dropped = 0
+        self.codes: dict[int, int] = {}
+        self.starts = {p: (starts or {}).get(p, 0.0) for p in topo.ids}
+        for p, nd in self.nodes.items():
+            self._at(self.starts[p], p, lambda nd=nd: nd.start(self.now))
+
+    def _at(self, t: float, p: int, event: Callable[[], list[A.Action]]) -> None:
+        heapq.heappush(self._queue, (t, next(self._seq), event, p))
+
+    def _run(self, p: int, actions: list[A.Action]) -> None:
+        nd = self.nodes[p]
+        for a in actions:
+            if isinstance(a, A.Send):
+                self._send(p, a)
+            elif isinstance(a, A.Train | A.Evaluate):
+                if isinstance(a, A.Train) and self._until is not None and a.round > self._until:
+                    self._held[p] = a
+                else:
+                    self._work(p, a)
+            elif isinstance(a, A.Record):
+                a.record["time"] = a.record.pop("at", self.now)  # virtual seconds
+                self.records[p].append(a.record)
+            elif isinstance(a, A.Finish):
+                self.codes[p] = a.code
+        wake = nd.next_wakeup()
+        if wake != float("inf") and self._timers.get(p) != wake:
+            self._timers[p] = wake
+            self._at(wake, p, lambda: self._tick(p, wake))
+
+    def _tick(self, p: int, wake: float) -> list[A.Action]:
+        if self._timers.get(p) != wake:
+            return []  # superseded by a later timer
+        del self._timers[p]
+        return self.nodes[p].tick(self.now)
+
+    def _send(self, src: int, a: A.Send) -> None:
+        if self.drop is not None and self.drop(src, a.dest, a.msg):
+            self.dropped += 1
+            return
+        frames = [bytes(f) for f in encode(a.msg)]
+        n = frames_nbytes(frames)
+        self.bytes_sent[src] += n
+        self.channel_bytes[a.msg.channel] = self.channel_bytes.get(a.msg.channel, 0) + n
+        self.messages += 1
+        dst = self.nodes[a.dest]
+        at = max(self.now + self.latency, self.starts[a.dest])
+        self._at(at, a.dest, lambda: [] if dst.finished else dst.receive(frames, src, self.now))
+
+    def _work(self, p: int, a: A.Train | A.Evaluate) -> None:
+        metrics, state = perform(self.learners[p], a, self.nodes[p].spec.augment, lambda: self.now)
+        nd = self.nodes[p]
+        if isinstance(a, A.Train):
+            self._at(self.now, p, lambda: nd.trained(metrics, state, self.now))
+        else:
+            self._at(self.now, p, lambda: nd.evaluated(metrics, self.now))
+
+    def _process(self, stop: Callable[[], bool]) -> None:
+        while self._queue and not stop():
+            t, _, event, p = heapq.heappop(self._queue)
+            self.now = max(self.now, t)
+            self._run(p, event())
+
+    def run(self) -> dict[int, list[dict[str, Any]]]:
+        """Every peer's rounds to the end (drain rounds included); the records by peer."""
+        self._until = None
+        for p, a in self._held.items():
+            self._work(p, a)
+        self._held.clear()
+        self._process(lambda: len(self.codes) == len(self.nodes))
+        return self.records
+
+    def step(self) -> int:
+        """Run until every training peer has mixed one more round; returns that round."""
+        target = 0 if self._until is None else self._until + 1
+        self._until = target
+        for p, a in list(self._held.items()):
+            if a.round <= target:
+                del self._held[p]
+                self._work(p, a)
+        self._process(lambda: all(nd.finished or nd.rnd > target for nd in self.nodes.values()))
+        return target
+
+    def models(self) -> dict[int, State]:
+        return {p: nd.model() for p, nd in self.nodes.items()}
+
+    def flat(self) -> Any:
+        import torch
+
+        return torch.stack([flatten(m).double() for m in self.models().values()])
+
+
+def train_network(topo: Topology, learners: dict[int, Learner], rounds: int, teachers: bool = False, **settings: Any) -> Simulation:
+    """`rounds` daemon rounds of `learners` on `topo` (settings: any `PeerConfig` field, e.g.
+    compress, clusters); returns the finished simulation (records, bytes, final models)."""
+    from pathlib import Path
+
+    cfg = PeerConfig(topology=Path(topo.name), id=topo.ids[0], rounds=rounds, **settings)
+    sim = Simulation(topo, cfg, learners, teachers=teachers)
+    sim.run()
+    return sim
