@@ -59,7 +59,7 @@ class PeerConfig:
     resume: bool = False
     robust: str = "off"  # off, clip[:TAU], trimmed:B, median
     norm_factor: float = 0.0  # reject deltas this many times the recent median norm (0: off, the default)
-    byzantine: str = "off"  # fault injection for experiments (this peer misbehaves): p2pfl.core.robust.USAGE
+    byzantine: str = "off"  # fault injection for experiments (this peer misbehaves): p2pfl.core.specs.USAGE
     metrics_port: int = 0  # serve Prometheus metrics on 127.0.0.1:PORT (0: off)
     metrics_host: str = "127.0.0.1"
     secret_key: Path | None = None  # CurveZMQ secret key file; default <topology dir>/keys/peer-<id>.key_secret

@@ -16,13 +16,16 @@ from p2pfl.config import (
     TrainerConfig,
     parse_ids,
     parse_sets,
+    peer_trainers,
     resolve,
     worker_threads,
 )
+from p2pfl.core.specs import check_peer
 from p2pfl.core.topology import PeerSpec, generate
 from p2pfl.errors import P2pflError
 from p2pfl.host.daemon import local_ids
-from p2pfl.host.files import dump_topology
+from p2pfl.host.files import dump_topology, load_topology
+from p2pfl.learn.options import check_trainers
 from p2pfl.ops.launch import spread
 
 from .conftest import ROOT
@@ -103,6 +106,79 @@ def test_bad_topology_settings_are_one_line_errors_before_torch(tmp_path, settin
     first, rest = run.stderr.split("\n", 1)
     assert first.startswith("p2pfl-peer: ") and message in first, first
     assert "torch imported: False" in rest
+
+
+def _write(tmp_path, doc: dict) -> Path:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _peers(n: int) -> list[dict]:
+    return [{"id": i, "host": "127.0.0.1", "port": 29500 + i} for i in range(n)]
+
+
+SCHEDULE = {"name": "s", "peers": _peers(4), "schedule": "epidemic:2"}
+WIDE = {"name": "wide", "peers": _peers(65), "edges": [[i, (i + 1) % 65] for i in range(65)]}
+ENTRY = {"name": "e", "peers": [*_peers(2), {"id": 2, "host": "127.0.0.1", "port": 29502, "trainer": {"optimizer": "adamx"}}],
+         "edges": [[0, 1], [1, 2], [2, 0]]}
+
+
+@pytest.mark.parametrize(("topology", "argv", "message"), [
+    (None, ["--set", "optimizer=adamx"], "trainer config: optimizer 'adamx' is not adamw or sgd"),
+    (None, ["--compress", "sgn"], "--compress 'sgn': unknown codec 'sgn' in 'sgn'; known: none,"),
+    (None, ["--compress", "fp16,*A*=topk:0.1+topk:0.2"], "'topk:0.2' cannot compress the kept values"),
+    (None, ["--robust", "trimmed:0"], "robust: trimmed needs B >= 1, got '0'"),
+    (None, ["--byzantine", "scale:x"], "--byzantine: scale:F needs a finite factor F, got 'scale:x'"),
+    (None, ["--clusters", "many"], "--clusters: expected off, auto or a positive integer, got 'many'"),
+    (None, ["--clusters", "2", "--cluster-beta", "1.5"], "--cluster-beta: expected a number in [0, 1] with --clusters, got 1.5"),
+    (WIDE, ["--clusters", "auto"], "--clusters: PPFM floods every peer's fingerprint, so at most 64 peers; this topology has 65"),
+    (None, ["--algorithm", "gt", "--robust", "median"], "--algorithm gt with --robust: not supported"),
+    (SCHEDULE, ["--compress", "sign"], "--compress sign: epidemic:2 draws fresh edges, so no replica corrects a lossy codec"),
+    (SCHEDULE, ["--robust", "median"], "a schedule with --robust: not supported"),
+    (None, ["--set", "lr_schedule=cosine:0"], "trainer config: lr_schedule 'cosine:0' is not 'constant' or 'cosine:ROUNDS'"),
+    (None, ["--set", "partition=dirichlet:-1"], "partition: parameter in 'dirichlet:-1' must be > 0"),
+    (None, ["--set", "partition=groups:task=shape,hue"], "task: 'hue' is not one of ('shape', 'colour'"),
+    (None, ["--set", "dataset=mnist"], "dataset: 'mnist' is not shapes, digits or folder:PATH"),
+    (None, ["--set", "task=hue"], "task: 'hue' is not one of"),
+    (None, ["--set", "domain=sepia"], "domain: unknown shift 'sepia'"),
+    (None, ["--set", "dataset=digits", "--set", "domain=rotation"], "domain: 'rotation'; digits support only pixel shifts"),
+    (None, ["--set", "data_kind=unlabelled", "--set", "augment=zero-shot"], "data_kind unlabelled: augment and logit_adjust need labels"),
+    (None, ["--set", "augment=zero-shot", "--set", "augment_confidence=1.5"], "augment_confidence: 1.5 not in (0, 1]"),
+    (None, ["--set", "device=tpu"], "trainer config: device 'tpu' is not cpu, cuda, cuda:N or auto"),
+    (None, ["--set", "dp_epsilon=0"], "trainer config: dp_epsilon 0.0 must be > 0"),
+    (None, ["--set", "dp_noise=1", "--set", "augment=zero-shot"], "augment 'zero-shot' with DP"),
+    (None, ["--set", "lora_targets=qkv"], "lora targets: ['qkv'] not a non-empty subset of"),
+    (ENTRY, [], ": peer 2: trainer config: optimizer 'adamx' is not adamw or sgd"),
+])
+def test_a_bad_value_is_refused_naming_it_before_torch_is_imported(tmp_path, topology, argv, message):
+    path = _write(tmp_path, topology) if topology else ROOT / "topologies" / "ring.yaml"
+    run = _peer_main("--topology", str(path), "--id", "0", "--run-dir", str(tmp_path / "run"), *argv)
+    assert run.returncode == 2, run.stderr
+    first, rest = run.stderr.split("\n", 1)
+    assert first.startswith("p2pfl-peer: ") and message in first, first
+    assert "torch imported: False" in rest
+    assert not (tmp_path / "run").exists()
+
+
+def test_good_values_pass_the_early_checks_without_torch(tmp_path):
+    """What the early checks accept, the peer would run: the values of the refusals above, right."""
+    sets = ["partition=groups:task=shape,colour", "lr_schedule=cosine:5", "device=cuda:1", "augment=zero-shot",
+            "augment_confidence=1", "dp_clip=2", "lora_targets=in_proj,c_fc", "domain=noise+blur"]
+    run = _peer_main("--topology", str(ROOT / "topologies" / "ring.yaml"), "--print-config", "--compress", "topk:0.1+int8",
+                     "--robust", "trimmed:1", "--byzantine", "alie", "--clusters", "2", *(f for s in sets for f in ("--set", s)))
+    assert run.returncode == 0 and "torch imported: False" in run.stderr, run.stderr
+    run = _peer_main("--topology", str(ROOT / "topologies" / "one_peer_exponential.yaml"), "--print-config", "--compress", "sign")
+    assert run.returncode == 0, run.stderr  # its edges recur: CHOCO's replicas correct a lossy codec
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "topologies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_topology_passes_the_early_checks(path):
+    topo = load_topology(path)
+    cfg, _ = resolve(path, topo.ids[0], topo.settings, {}, [], str(path))
+    entries = {p: s.extra for p, s in topo.peers.items()}
+    check_peer(cfg, topo)
+    check_trainers(peer_trainers(cfg, entries, str(path)), cfg.seed, entries, str(path))
 
 
 def test_set_values_are_typed_by_the_trainer_config_fields():

@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.nn.utils import parametrize
 
 from p2pfl.learn import shapes
 from p2pfl.learn.foundation import (
@@ -22,6 +25,8 @@ from p2pfl.learn.foundation import (
 )
 from p2pfl.learn.model import AdaptedClip, LoraHost, LoraSpec
 from p2pfl.learn.trainer import shapes_zero_shot_report
+
+from .conftest import ROOT
 
 TINY_WORDS = ["a", "red", "circle", "photo", "of", "."]
 
@@ -145,9 +150,9 @@ def test_ffa_shares_a_and_averaging_b_averages_adapters():
     for i, p in enumerate(peers):
         assert all(k.endswith("lora_B") for k in p.adapter_state())  # only B travels
         randomise(p, seed=100 + i, only_b=True)
-    a0 = {k: v for k, v in peers[0].full_adapter_state().items() if k.endswith("lora_A")}
+    a0 = {k: v for k, v in peers[0].lora.items() if k.endswith("lora_A")}
     for p in peers[1:]:
-        assert all(torch.equal(a0[k], v) for k, v in p.full_adapter_state().items() if k.endswith("lora_A"))
+        assert all(torch.equal(a0[k], v) for k, v in p.lora.items() if k.endswith("lora_A"))
     deltas = [p.delta_weights() for p in peers]
     states = [p.adapter_state() for p in peers]
     mean_b = {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]}
@@ -243,3 +248,31 @@ def test_adapters_on_one_host_run_as_their_own_private_models():
         AdaptedClip(fm, LoraSpec(rank=4, seed=3), host)
     with pytest.raises(ModelError, match="another foundation or LoRA spec"):
         AdaptedClip(tiny_foundation(), LoraSpec(rank=2, seed=3), host)
+
+
+# ---------------------------------------------------------------- torch's parametrization cache
+
+
+def test_importing_the_model_module_leaves_torch_settings_alone():
+    """The host application's `parametrize.cached` is its own: importing the learning stack
+    (which used to switch it off for the whole process) changes nothing."""
+    code = ("import torch.nn.utils.parametrize as P\nbefore = P.cached\nimport p2pfl.learn.model\n"
+            "import p2pfl.learn.trainer\nprint(P.cached is before)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stdout + run.stderr
+
+
+def test_a_forward_leaves_no_fused_weight_in_the_cache_another_thread_holds_on():
+    """Another thread inside `parametrize.cached()` keeps torch's process-wide cache alive; a
+    forward of ours must still read the adapter it has now, not the W + BA of its last forward."""
+    fm = tiny_foundation()
+    model = AdaptedClip(fm, LoraSpec(rank=2, targets=("in_proj",)))
+    images = torch.rand(3, 3, 16, 16)
+    protos = model.class_embeddings(["a red circle", "a photo"])
+    with parametrize.cached():  # the other thread's forward, holding the switch on
+        randomise(model, seed=5, only_b=True)
+        first = model.logits(images, protos)
+        randomise(model, seed=6, only_b=True)
+        second = model.logits(images, protos)
+    alone = model.logits(images, protos)  # nothing cached: W + BA of the adapter it has now
+    assert torch.equal(second, alone) and not torch.allclose(first, second)

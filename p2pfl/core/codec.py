@@ -4,7 +4,8 @@ Pure functions of their inputs (no I/O, no global RNG), so sender and receiver d
 bytes to bit-identical tensors and CHOCO replicas never drift. Every lossy codec is a
 *contraction*, ``||x - Q(x)||^2 <= (1 - delta) ||x||^2`` with ``delta > 0`` (in expectation for
 random-k), which is what CHOCO-Gossip needs to reach exact consensus anyway. Specs and per-tensor
-plans are parsed in `p2pfl.core.compress`; sparsifiers live in `p2pfl.core.sparsify`.
+plans are parsed in `p2pfl.core.specs` and built in `p2pfl.core.compress`; sparsifiers live in
+`p2pfl.core.sparsify`.
 
 Part naming: a dense codec's main part is ``data``; under a sparsifier it is ``values`` and the
 sparsifier adds ``indices`` (top-k only; random-k ships a seed instead).
@@ -20,12 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from p2pfl.core.specs import DEFAULT_BLOCKS, CodecError, dense_spec
 from p2pfl.core.wire import all_finite
-from p2pfl.errors import P2pflError
-
-
-class CodecError(P2pflError, ValueError):
-    """A bad codec spec, bad input to encode, or encoded parts/meta that do not fit together."""
 
 
 @dataclass(frozen=True)
@@ -219,10 +216,8 @@ class Int8Codec(Quantizer):
     """Blockwise absmax int8: per block of B values, scale = max|x|/127 (a float32 part) and
     q = round(x/scale). Error per element <= scale/2, i.e. <= max|block|/254; 8 + 32/B bits/value."""
 
-    DEFAULT_BLOCK = 256
-
-    def __init__(self, block: int = DEFAULT_BLOCK, key: str = "data") -> None:
-        super().__init__("int8" if block == self.DEFAULT_BLOCK else f"int8:{block}", 1.0, key)
+    def __init__(self, block: int = DEFAULT_BLOCKS["int8"], key: str = "data") -> None:
+        super().__init__(dense_spec("int8", block), 1.0, key)
         self.block = block
 
     def rekey(self, key: str) -> Int8Codec:
@@ -283,11 +278,8 @@ class SignCodec(Quantizer):
     textbook one-scale operator (CHOCO's own paper and error-feedback SGD use it) and the least
     bits a sign code can send: the reference that shows what the block scales buy."""
 
-    DEFAULT_BLOCK = 128
-
-    def __init__(self, block: int | None = DEFAULT_BLOCK, key: str = "data") -> None:
-        spec = "sign:tensor" if block is None else "sign" if block == self.DEFAULT_BLOCK else f"sign:{block}"
-        super().__init__(spec, 0.3 if block is None else 1.0, key)
+    def __init__(self, block: int | None = DEFAULT_BLOCKS["sign"], key: str = "data") -> None:
+        super().__init__(dense_spec("sign", block), 0.3 if block is None else 1.0, key)
         self.block = block
         self.local = block is not None
 

@@ -30,49 +30,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
 
-from p2pfl.errors import P2pflError
+from p2pfl.core.specs import ByzantineSpec, RobustError, RobustSpec
 
 State = dict[str, torch.Tensor]
-
-
-class RobustError(P2pflError, ValueError):
-    """A robust-aggregation spec that cannot be used."""
-
-
-@dataclass(frozen=True)
-class RobustSpec:
-    kind: str  # "off", "clip", "trimmed", "median"
-    tau: float | None = None
-    trim: int = 0
-
-    @classmethod
-    def parse(cls, spec: str | None) -> RobustSpec:
-        if spec in (None, "", "off", "none"):
-            return cls("off")
-        name, _, arg = str(spec).partition(":")
-        try:
-            if name == "clip":
-                tau = float(arg) if arg else None
-                if tau is not None and not (tau > 0 and math.isfinite(tau)):
-                    raise RobustError(f"robust: clip threshold must be positive, got {arg!r}")
-                return cls("clip", tau=tau)
-            if name == "trimmed":
-                b = int(arg or 1)
-                if b < 1:
-                    raise RobustError(f"robust: trimmed needs B >= 1, got {arg!r}")
-                return cls("trimmed", trim=b)
-            if name == "median" and not arg:
-                return cls("median")
-        except ValueError as e:
-            if isinstance(e, RobustError):
-                raise
-            raise RobustError(f"robust: bad number in {spec!r}") from None
-        raise RobustError(f"robust: unknown spec {spec!r}; use off, clip[:TAU], trimmed:B or median")
 
 
 def _dist(a: State, b: State) -> float:
@@ -218,68 +182,9 @@ def _ipm(eps: float | None) -> Attack:
     return lambda x, public, rnd, honest: inner_product(public, honest, e) if honest else x
 
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
-def _positive(v: float) -> bool:
-    return v > 0 and math.isfinite(v)
-
-
-def _non_negative(v: float) -> bool:
-    return v >= 0 and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class _Form:
-    usage: str  # as the error messages list it
-    build: Callable[[float | None], Attack] | None  # None: its model travels honestly (the attack is elsewhere)
-    param: str = "none"  # "required", "optional" or "none"
-    expect: str = ""  # what the parameter must be
-    valid: Callable[[float], bool] = _finite
-
-
-FORMS: dict[str, _Form] = {
-    "scale": _Form("scale:F", _scale, "required", "a finite factor F"),
-    "noise": _Form("noise:S", _noise, "required", "a finite standard deviation S >= 0", _non_negative),
-    "labelflip": _Form("labelflip", None),
-    "signflip": _Form("signflip[:F]", _signflip, "optional", "a finite factor F > 0 (default 1)", _positive),
-    "alie": _Form("alie[:Z]", _alie, "optional", "a finite z (default: the paper's z_max)"),
-    "ipm": _Form("ipm[:EPS]", _ipm, "optional", "a finite epsilon > 0 (default 0.1)", _positive),
-    # protocol abuse (floods of resyncs and hellos, far-future sequence numbers): p2pfl.core.abuse
-    "abuse": _Form("abuse[:RATE]", None, "optional", "a positive rate of messages per second", _positive),
-}
-USAGE = ", ".join(["off", *(f.usage for f in FORMS.values())])
-
-
-@dataclass(frozen=True)
-class ByzantineSpec:
-    """A checked `--byzantine` spec: the attack and its parameter (None: none given)."""
-
-    name: str  # "off" or a key of FORMS
-    value: float | None = None
-
-    @classmethod
-    def parse(cls, spec: str | None) -> ByzantineSpec:
-        if spec in (None, "", "off", "none"):
-            return cls("off")
-        name, colon, arg = str(spec).partition(":")
-        if name not in FORMS:
-            raise RobustError(f"--byzantine: unknown attack {spec!r}; use {USAGE}")
-        form = FORMS[name]
-        if form.param == "none":
-            if colon:
-                raise RobustError(f"--byzantine: {name} takes no parameter, got {spec!r}")
-            return cls(name)
-        if not colon and form.param == "optional":
-            return cls(name)
-        try:
-            value = float(arg)
-        except ValueError:
-            value = math.nan
-        if not form.valid(value):
-            raise RobustError(f"--byzantine: {form.usage} needs {form.expect}, got {spec!r}")
-        return cls(name, value)
+# the model-poisoning attacks of `p2pfl.core.specs.ATTACKS` (the others poison the data or the protocol)
+_BUILDERS: dict[str, Callable[[float | None], Attack]] = {
+    "scale": _scale, "noise": _noise, "signflip": _signflip, "alie": _alie, "ipm": _ipm}
 
 
 def parse_byzantine(spec: str | None) -> Attack | None:
@@ -291,7 +196,7 @@ def parse_byzantine(spec: str | None) -> Attack | None:
     alie[:Z] gossips mu - Z sigma of the honest copies; ipm[:EPS] gossips r - EPS mean_j (xhat_j - r)
     (r: the peer's own public copy; definitions and references at each function above)."""
     s = ByzantineSpec.parse(spec)
-    build = FORMS[s.name].build if s.name in FORMS else None
+    build = _BUILDERS.get(s.name)
     return build(s.value) if build is not None else None
 
 

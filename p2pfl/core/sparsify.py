@@ -13,7 +13,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from p2pfl.core.codec import Codec, CodecError, NoneCodec, Quantizer, check_part, meta_int
+from p2pfl.core.codec import Codec, CodecError, Quantizer, check_part, meta_int
+from p2pfl.core.specs import sparse_spec
 
 MAX_SPARSE_NUMEL = 2**31 - 1  # indices travel as int32
 _MAX_SEED = 2**64 - 1
@@ -29,9 +30,7 @@ class Sparsifier(Codec):
     def __init__(self, fraction: Fraction, values: Quantizer) -> None:
         self.fraction = fraction
         self.values = values.rekey("values")
-        f = float(fraction)
-        spec = f"{self.name}:{f!r}" + ("" if isinstance(values, NoneCodec) else f"+{values.spec}")
-        super().__init__(spec, self._gamma(f) * values.default_gamma)
+        super().__init__(sparse_spec(self.name, fraction, values.spec), self._gamma(float(fraction)) * values.default_gamma)
 
     @staticmethod
     @abstractmethod

@@ -79,16 +79,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p2pfl.errors import P2pflError
 from p2pfl.learn.foundation import Foundation
 from p2pfl.learn.model import has_resnet_tower
-
-AUGMENT_MODES = ("off", "zero-shot")
-TEACHER_MODES = ("self", "neighbours")
-
-
-class AugmentError(P2pflError, ValueError):
-    """Bad augmentation option (names the offending value)."""
+from p2pfl.learn.options import AugmentError, check_synthesis
 
 
 @dataclass(frozen=True)
@@ -114,12 +107,9 @@ class SynthesisConfig:
     feature_l2_weight: float = 1e-2
 
     def __post_init__(self) -> None:
-        if self.per_class < 1 or self.steps < 0 or self.lr <= 0:
-            raise AugmentError(f"synthesis: per_class {self.per_class} / steps {self.steps} / lr {self.lr} invalid")
-        if not 0 < self.confidence <= 1:
-            raise AugmentError(f"augment_confidence: {self.confidence} not in (0, 1]")
-        if self.image_res < 0:
-            raise AugmentError(f"synthesis: image_res {self.image_res} < 0")
+        check_synthesis(self.per_class, self.steps, self.confidence)
+        if self.lr <= 0 or self.image_res < 0:
+            raise AugmentError(f"synthesis: lr {self.lr} (> 0) / image_res {self.image_res} (>= 0) invalid")
 
 
 @dataclass(frozen=True)
@@ -203,12 +193,6 @@ def assign_teachers(
             continue
         out.setdefault(t, []).append(int(c))
     return out
-
-
-def check_mode(mode: str) -> str:
-    if mode not in AUGMENT_MODES:
-        raise AugmentError(f"augment: {mode!r} is not one of {AUGMENT_MODES}")
-    return mode
 
 
 def under_represented(labels: torch.Tensor | np.ndarray, n_classes: int, threshold: float) -> list[int]:

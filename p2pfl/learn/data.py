@@ -20,15 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from p2pfl.config import dataset_key
-from p2pfl.errors import P2pflError
 from p2pfl.learn import shapes
+from p2pfl.learn.options import (
+    DataError,
+    check_task,
+    dataset_kind,
+    parse_domain,
+    parse_groups,
+    parse_partition,
+)
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "the number {}.", "a picture of a {}.")
-
-
-class DataError(P2pflError, ValueError):
-    """Bad dataset, task, domain or partition spec (names the offending value)."""
 
 
 @dataclass(frozen=True)
@@ -70,24 +73,12 @@ def partition(labels: np.ndarray, n_peers: int, scheme: str, seed: int, min_size
         raise DataError(f"n_peers: {n_peers} must be >= 1")
     labels = np.asarray(labels)
     rng = rng_for(seed, "partition", scheme)
-    kind, _, arg = scheme.partition(":")
+    kind, value = parse_partition(scheme)
     if kind == "iid":
         return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n_peers)]
     if kind == "dirichlet":
-        return _dirichlet(labels, n_peers, _positive(arg, scheme, float), rng, min_size)
-    if kind == "classes":
-        return _k_classes(labels, n_peers, int(_positive(arg, scheme, int)), rng)
-    raise DataError(f"partition: unknown scheme {scheme!r} (iid, dirichlet:A, classes:K, groups:KEY=V1,V2)")
-
-
-def _positive(arg: str, scheme: str, kind: type) -> float:
-    try:
-        value = kind(arg)
-    except ValueError:
-        raise DataError(f"partition: bad parameter in {scheme!r}") from None
-    if value <= 0:
-        raise DataError(f"partition: parameter in {scheme!r} must be > 0")
-    return value
+        return _dirichlet(labels, n_peers, value, rng, min_size)
+    return _k_classes(labels, n_peers, int(value), rng)
 
 
 def _dirichlet(labels: np.ndarray, n: int, alpha: float, rng: np.random.Generator, min_size: int) -> list[np.ndarray]:
@@ -127,16 +118,6 @@ def _k_classes(labels: np.ndarray, n: int, k: int, rng: np.random.Generator) -> 
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
 
 
-def parse_groups(scheme: str) -> tuple[str, list[str]]:
-    """``"groups:task=shape,colour"`` -> ("task", ["shape", "colour"])."""
-    body = scheme.removeprefix("groups:")
-    key, _, values = body.partition("=")
-    vals = [v.strip() for v in values.split(",") if v.strip()]
-    if key not in ("task", "domain") or not vals:
-        raise DataError(f"partition: {scheme!r} must look like groups:task=shape,colour or groups:domain=clean,noise")
-    return key, vals
-
-
 def group_of(peer_id: int, n_peers: int, n_groups: int) -> int:
     """Contiguous blocks of peers form the planted groups."""
     return peer_id * n_groups // n_peers
@@ -162,33 +143,23 @@ def train_test_split(idx: np.ndarray, test_fraction: float, seed: int, peer_id: 
 def shapes_pool(task: str, domain: str, n: int, seed: int, pairs: str = "all") -> tuple[shapes.Scenes, np.ndarray]:
     """A global pool of scene parameters (cheap) and its labels for ``task``; ``pairs="seen"``
     leaves out the held-out shape x colour pairs (`shapes.sample_attributes`)."""
-    if task not in shapes.ATTRIBUTES:
-        raise DataError(f"task: {task!r} is not one of {shapes.ATTRIBUTES}")
-    dom = _domain(domain)
+    check_task(task)
+    dom = parse_domain(domain)
     scenes = shapes.sample_scenes(rng_for(seed, "pool", task, dom.name), n, pairs, dom)
     return scenes, scenes.attrs[:, shapes.ATTRIBUTES.index(task)]
 
 
 def shapes_split(scenes: shapes.Scenes, labels: np.ndarray, task: str, domain: str, render_seed: int) -> Split:
-    dom = _domain(domain)
+    dom = parse_domain(domain)
     images = torch.from_numpy(shapes.render(scenes, dom, seed=render_seed))
     return Split(images, torch.from_numpy(labels).long(), shapes.VALUES[task], shapes.TEMPLATES[task])
-
-
-def _domain(domain: str) -> shapes.Domain:
-    try:
-        return shapes.parse_domain(domain)
-    except ValueError as e:
-        raise DataError(str(e)) from None
 
 
 def digits_arrays(domain: str, seed: int, size: int = shapes.IMAGE_SIZE) -> tuple[torch.Tensor, np.ndarray]:
     """sklearn's 8x8 digits (1797, a real dataset bundled with sklearn) upsampled to ``size``, RGB."""
     from sklearn.datasets import load_digits
 
-    dom = _domain(domain)
-    if dom.full_rotation or dom.clutter:
-        raise DataError(f"domain: {domain!r}; digits support only pixel shifts (noise, contrast, blur)")
+    dom = parse_domain(domain, "digits")
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
@@ -307,7 +278,7 @@ def composition_test(domain: str, seed: int, size: int, pairs: str = "unseen") -
     pairs a peer trained on from composing new ones."""
     if pairs not in ("seen", "unseen"):
         raise DataError(f"compositions: pairs {pairs!r} is not seen or unseen")
-    dom = _domain(domain)
+    dom = parse_domain(domain)
     keys = ("compositions", dom.name) if pairs == "unseen" else ("compositions", dom.name, pairs)
     scenes = shapes.sample_scenes(rng_for(seed, *keys), size, pairs, dom)
     labels = scenes.attrs[:, 0] * len(shapes.COLOURS) + scenes.attrs[:, 1]
@@ -320,14 +291,13 @@ def global_test(dataset: str, task: str, domain: str, seed: int, size: int, imag
     (group 0's under a ``groups:`` partition), so any peer can be evaluated on another peer's task;
     None for a folder without ``test/``."""
     dataset, task, domain = dataset_key(dataset, task, domain)
-    if dataset == "shapes":
+    source = dataset_kind(dataset)
+    if source == "shapes":
         return _shapes_global(task, domain, size, seed + 7919, seed + 7919)
-    if dataset == "digits":
+    if source == "digits":
         return _digits_shares(domain, seed, image_size, size, 1, "iid", seed)[1]
-    if dataset.startswith("folder:"):
-        path = Path(dataset.removeprefix("folder:")) / "test"
-        return load_image_folder(path, image_size) if path.is_dir() else None
-    raise DataError(f"dataset: {dataset!r} is not shapes, digits or folder:PATH")
+    path = Path(dataset.removeprefix("folder:")) / "test"
+    return load_image_folder(path, image_size) if path.is_dir() else None
 
 
 def clear_caches() -> None:
@@ -359,6 +329,7 @@ def load_peer_data(
     """
     if not 0 <= peer_id < n_peers:
         raise DataError(f"peer_id: {peer_id} not in [0, {n_peers})")
+    source = dataset_kind(dataset)
     domain = dataset_key(dataset, task, domain)[2]
     captions = kind == "captions"
     group, members, rank = 0, n_peers, peer_id
@@ -370,9 +341,9 @@ def load_peer_data(
         rank = peer_id - min(p for p in range(n_peers) if group_of(p, n_peers, len(values)) == group)
         task, domain = (values[group], domain) if key == "task" else (task, values[group])
         scheme = "iid"
-    if dataset.startswith("folder:"):
+    if source == "folder":
         return _folder_peer(dataset.removeprefix("folder:"), peer_id, seed, test_fraction, image_size, task, domain, captions)
-    if dataset == "shapes":
+    if source == "shapes":
         shares, global_split = (_shapes_shares, _shapes_global) if cache else (_shapes_shares.__wrapped__, _shapes_global.__wrapped__)
         scenes, labels, parts = shares(task, domain, samples_per_peer * members, seed + 1000 * group, members, scheme,
                                        "seen" if captions else "all")
@@ -386,14 +357,12 @@ def load_peer_data(
             global_split(task, domain, global_test_size, seed + 7919 + 1000 * group, seed + 7919),
             task, domain, group, share, tuple(texts),
         )
-    if dataset == "digits":
-        digits = _digits_shares if cache else _digits_shares.__wrapped__
-        full, global_test, parts = digits(domain, seed, image_size, global_test_size, members, scheme, seed + 1000 * group)
-        share = parts[rank]
-        tr, te = train_test_split(share, test_fraction, seed, peer_id)
-        texts = digit_captions(full.labels[tr].numpy(), rng_for(seed, "captions", peer_id)) if captions else ()
-        return PeerData(_take(full, tr), _take(full, te), global_test, "digit", domain, group, share, texts)
-    raise DataError(f"dataset: {dataset!r} is not shapes, digits or folder:PATH")
+    digits = _digits_shares if cache else _digits_shares.__wrapped__
+    full, global_test, parts = digits(domain, seed, image_size, global_test_size, members, scheme, seed + 1000 * group)
+    share = parts[rank]
+    tr, te = train_test_split(share, test_fraction, seed, peer_id)
+    texts = digit_captions(full.labels[tr].numpy(), rng_for(seed, "captions", peer_id)) if captions else ()
+    return PeerData(_take(full, tr), _take(full, te), global_test, "digit", domain, group, share, texts)
 
 
 def digit_captions(labels: np.ndarray, rng: np.random.Generator) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from p2pfl.errors import P2pflError
+from p2pfl.learn.options import ModelError
 from p2pfl.learn.shapes import fix_articles
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -30,10 +30,6 @@ SHAPES_CLIP = "shapes-clip"
 SHAPES_CLIP_RN = "shapes-clip-rn"  # same recipe, ModifiedResNet image tower (BatchNorm): for image-space synthesis
 EMBEDDED = {SHAPES_CLIP: "shapes_clip.json", SHAPES_CLIP_RN: "shapes_clip_rn.json"}
 GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.")
-
-
-class ModelError(P2pflError, ValueError):
-    """Bad model name, checkpoint or adapter state (names the offending key/value)."""
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -13,33 +13,19 @@ import math
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
+from torch.nn.utils import parametrize
 
 from p2pfl.config import TrainerConfig
-from p2pfl.learn.foundation import Foundation, ModelError, load_foundation
-
-# Not "out_proj": nn.MultiheadAttention reads out_proj.weight without calling out_proj, so peft's
-# wrapper there is silently inert, and LoRA on the whole attention module applies out_proj twice.
-VIT_LORA_TARGETS = ("in_proj", "c_fc", "c_proj")
-# A ModifiedResNet image tower: peft Conv2d LoRA on its bottleneck convs. Not its attention pool:
-# AttentionPool2d hands q/k/v/c_proj.weight straight to F.multi_head_attention_forward, so peft's
-# wrappers there are inert (checked in tests/test_augment.py), as with out_proj above.
-RESNET_LORA_TARGETS = ("conv",)
-LORA_TARGETS = VIT_LORA_TARGETS + RESNET_LORA_TARGETS
-
-# peft's LoRA on the fused attention weight (`target_parameters`) runs each forward inside torch's
-# `parametrize.cached()`, whose switch and cache are process-wide. With two worker threads in
-# forwards at once, one thread's cached W + BA outlives its forward while the other holds the switch
-# on, and its next step reads that stale weight: a freed graph in training ("backward through the
-# graph a second time"), the previous adapter in evaluation. Each forward reads the weight once, so
-# the cache saves nothing here; it is switched off for the process.
-nn.utils.parametrize.cached = nullcontext
+from p2pfl.learn.foundation import Foundation, load_foundation
+from p2pfl.learn.options import ModelError, check_lora_targets
 
 
 @dataclass(frozen=True)
@@ -85,9 +71,7 @@ def resolve_targets(clip: nn.Module, spec: LoraSpec) -> LoraSpec:
 
 def _target_names(clip: nn.Module, spec: LoraSpec) -> tuple[list[str], list[str]]:
     """Module names (nn.Linear, nn.Conv2d) and parameter names (fused attention weights) to adapt."""
-    bad = [t for t in spec.targets if t not in LORA_TARGETS]
-    if bad or not spec.targets:
-        raise ModelError(f"lora targets: {bad or spec.targets!r} not a non-empty subset of {LORA_TARGETS}")
+    check_lora_targets(spec.targets)
     towers = ["visual.transformer."] + (["transformer."] if spec.text else [])
     modules, params = [], []
     for name, mod in clip.named_modules():
@@ -110,6 +94,26 @@ def _is_bottleneck_conv(name: str, mod: nn.Module) -> bool:
     parts = name.split(".")
     return (isinstance(mod, nn.Conv2d) and len(parts) == 4 and parts[0] == "visual"
             and parts[1].startswith("layer") and parts[3] in ("conv1", "conv2", "conv3"))
+
+
+def _forget_fused_weight(wrapper: ParamWrapper) -> None:
+    """After each forward of `wrapper`, drop the W + BA it left in torch's parametrization cache.
+
+    peft's LoRA on the fused attention weight (`target_parameters`) runs each forward inside
+    torch's `parametrize.cached()`, whose switch and cache are process-wide: the cache is emptied
+    only when no thread holds the switch on. With two worker threads in forwards at once, one
+    thread's cached W + BA outlives its forward while the other holds the switch, and its next
+    step reads that stale weight: a freed graph in training ("backward through the graph a second
+    time"), the previous adapter in evaluation. Dropping this module's entry from torch's private
+    cache, keyed as torch keys it (the base module's id, the parameter's name), ends it with its
+    forward and leaves the switch, and everyone else's caching, as they were; tests/test_model.py
+    fails if torch's keying changes."""
+    key = (id(wrapper.get_base_layer()), wrapper.parameter_name)
+
+    def forget(module: nn.Module, args: tuple, out: object) -> None:  # returns None: the output stays the module's
+        parametrize._cache.pop(key, None)
+
+    wrapper.register_forward_hook(forget, always_call=True)
 
 
 def _short(peft_name: str) -> str:
@@ -150,6 +154,9 @@ class LoraHost:
         )
         self.peft = get_peft_model(foundation.clip, cfg)
         self.clip = self.peft.base_model.model
+        for m in self.peft.modules():
+            if isinstance(m, ParamWrapper):
+                _forget_fused_weight(m)
         # adapter key -> the nn.Linear / nn.Conv2d of peft's whose ``weight`` that tensor is
         self.slots: dict[str, nn.Module] = {
             _short(f"{n}.weight"): m for n, m in self.peft.named_modules() if n.endswith((".lora_A.default", ".lora_B.default"))
@@ -258,10 +265,6 @@ class AdaptedClip:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Travelling tensors (B only under FFA) as float32 contiguous CPU copies, sorted names."""
         return {k: self.lora[k].detach().to("cpu", torch.float32).clone().contiguous() for k in self.travelling}
-
-    def full_adapter_state(self) -> dict[str, torch.Tensor]:
-        """All LoRA tensors, A included (for tests and checkpoints)."""
-        return {k: self.lora[k].detach().to("cpu", torch.float32).clone().contiguous() for k in sorted(self.lora)}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the travelling LoRA tensors (CPU or device tensors); names and shapes must match."""

@@ -32,7 +32,7 @@ ordinary single-sample backward passes.
 Sampling and noise draw from the operating system's entropy, never from the run seed: the run
 seed is shared with every peer, and a neighbour who could regenerate the noise could subtract it.
 DP runs are therefore not bit-reproducible. Paths that touch raw data outside DP-SGD are refused
-(`check_options`); docs/privacy.md lists what was audited.
+(`p2pfl.learn.options.check_privacy`); docs/privacy.md lists what was audited.
 """
 
 from __future__ import annotations
@@ -54,55 +54,14 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from p2pfl.config import TrainerConfig
-from p2pfl.errors import P2pflError
 from p2pfl.learn.model import AdaptedClip
+from p2pfl.learn.options import PrivacyError
 
 # vmap runs scaled_dot_product_attention one sample at a time on CPU (no batching rule yet) and
 # says so on every first call; the result is exact, the message only noise in every peer's log.
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # images -> class logits through the bound adapter
-
-
-class PrivacyError(P2pflError, ValueError):
-    """DP settings that cannot be met or that would leak; the message names the option."""
-
-
-def enabled(cfg: TrainerConfig) -> bool:
-    """DP-SGD is on when a budget or a noise multiplier is given."""
-    return cfg.dp_epsilon is not None or cfg.dp_noise is not None
-
-
-def check_options(cfg: TrainerConfig, logit_adjust: float) -> None:
-    """Refuse bad DP values and the options that let raw data reach an output outside DP-SGD.
-
-    ``logit_adjust`` is the effective tau (the trainer resolves its default). A label prior in
-    the loss makes every sample's gradient depend on the whole label histogram, so one sample's
-    removal moves all the others' clipped gradients: the sensitivity is no longer ``dp_clip``.
-    Zero-shot augmentation synthesises from statistics of the peer's own images (feature
-    moments, the modality gap, class claims) and trains on the result without clipping or noise.
-    Caption peers train CLIP's contrastive loss, in which every sample of a batch is the others'
-    negative, so a sample's gradient is not its own; unlabelled peers train on the images their
-    model labels most confidently, a selection that ranks each image against all the others."""
-    if not (cfg.dp_clip > 0):
-        raise PrivacyError(f"trainer config: dp_clip {cfg.dp_clip} must be > 0 (the per-sample gradient norm bound)")
-    if not enabled(cfg):
-        return
-    if cfg.dp_epsilon is not None and not cfg.dp_epsilon > 0:
-        raise PrivacyError(f"trainer config: dp_epsilon {cfg.dp_epsilon} must be > 0")
-    if cfg.dp_noise is not None and not cfg.dp_noise > 0:
-        raise PrivacyError(f"trainer config: dp_noise {cfg.dp_noise} must be > 0 (the noise multiplier)")
-    if cfg.dp_delta is not None and not 0 < cfg.dp_delta < 1:
-        raise PrivacyError(f"trainer config: dp_delta {cfg.dp_delta} must be in (0, 1)")
-    if cfg.augment != "off":
-        raise PrivacyError(f"trainer config: augment {cfg.augment!r} with DP (dp_epsilon / dp_noise): synthesis reads the "
-                           "peer's own images outside DP-SGD (feature statistics, modality gap, class claims); use augment=off")
-    if cfg.data_kind != "labelled":
-        raise PrivacyError(f"trainer config: data_kind {cfg.data_kind!r} with DP (dp_epsilon / dp_noise): its loss couples "
-                           "samples (in-batch negatives, or pseudo-labels ranked over the whole set); DP needs data_kind labelled")
-    if logit_adjust > 0:
-        raise PrivacyError(f"trainer config: logit_adjust {logit_adjust} with DP (dp_epsilon / dp_noise): the label prior of "
-                           "the peer's data enters every sample's loss, so one sample moves every gradient; use logit_adjust=0")
 
 
 # ---------------------------------------------------------------- the plan and its accountant

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from p2pfl.config import DATA_KINDS, TrainerConfig, dataset_key, dataset_name
-from p2pfl.errors import P2pflError
-from p2pfl.learn import augment, privacy, shapes, tasks
+from p2pfl.config import TrainerConfig, dataset_key, dataset_name
+from p2pfl.learn import augment, options, privacy, shapes, tasks
 from p2pfl.learn.data import (
     PeerData,
     Split,
@@ -30,37 +29,19 @@ from p2pfl.learn.data import (
 )
 from p2pfl.learn.foundation import Foundation, load_foundation, zero_shot_accuracy
 from p2pfl.learn.model import AdaptedClip, LoraHost, LoraSpec, freeze_norm_statistics, shared_host
-
-
-class TrainerError(P2pflError, ValueError):
-    """Bad trainer config or optimizer state (names the offending key/value)."""
-
-
-def parse_lr_schedule(spec: str) -> int:
-    """Rounds of a ``cosine:R`` schedule; 0 for ``constant``."""
-    if spec == "constant":
-        return 0
-    kind, _, rounds = spec.partition(":")
-    if kind != "cosine" or not rounds.isdigit() or int(rounds) < 1:
-        raise TrainerError(f"trainer config: lr_schedule {spec!r} is not 'constant' or 'cosine:ROUNDS'")
-    return int(rounds)
+from p2pfl.learn.options import TrainerError, parse_lr_schedule
 
 
 def resolve_device(spec: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` -> a device that exists here, else TrainerError."""
-    if spec == "auto":
+    kind, index = options.parse_device(spec)
+    if kind == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
-        raise TrainerError(f"trainer config: device {spec!r} is not cpu, cuda, cuda:N or auto")
-    if dev.type == "cpu":
+    if kind == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise TrainerError(f"trainer config: device {spec!r} asked for but CUDA is not available here")
-    index = torch.cuda.current_device() if dev.index is None else dev.index
+    index = torch.cuda.current_device() if index is None else index
     if index >= torch.cuda.device_count():
         raise TrainerError(f"trainer config: device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device("cuda", index)
@@ -82,29 +63,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, peer_id: int, n_peers: int, share: bool = True, replica: int = 0,
                  label_flip: bool = False, datasets: Sequence[tuple[str, str, str]] = (), rounds: int | None = None) -> None:
-        if cfg.optimizer not in ("adamw", "sgd"):
-            raise TrainerError(f"trainer config: optimizer {cfg.optimizer!r} is not adamw or sgd")
-        # Augmentation and adjustment are one method: the adjusted prior counts the synthetic samples.
-        self.tau = (1.0 if cfg.augment == "zero-shot" else 0.0) if cfg.logit_adjust is None else cfg.logit_adjust
-        if not (self.tau >= 0 and math.isfinite(self.tau)):
-            raise TrainerError(f"trainer config: logit_adjust {self.tau} is not a finite number >= 0")
-        if cfg.local_steps < 0 or cfg.batch_size < 1:
-            raise TrainerError(f"trainer config: local_steps {cfg.local_steps} / batch_size {cfg.batch_size} invalid")
-        if cfg.augment not in augment.AUGMENT_MODES:
-            raise TrainerError(f"trainer config: augment {cfg.augment!r} is not one of {augment.AUGMENT_MODES}")
-        if cfg.augment_teachers not in augment.TEACHER_MODES:
-            raise TrainerError(f"trainer config: augment_teachers {cfg.augment_teachers!r} is not one of {augment.TEACHER_MODES}")
-        if not 0 <= cfg.augment_distill <= 1:
-            raise TrainerError(f"trainer config: augment_distill {cfg.augment_distill} not in [0, 1]")
-        if cfg.augment_claim is not None and cfg.augment_claim < 0:
-            raise TrainerError(f"trainer config: augment_claim {cfg.augment_claim} < 0")
-        if not 0 <= cfg.augment_threshold <= 1 or cfg.augment_weight < 0 or cfg.augment_batch < 1:
-            raise TrainerError(
-                f"trainer config: augment_threshold {cfg.augment_threshold} (in [0, 1]) / augment_weight "
-                f"{cfg.augment_weight} (>= 0) / augment_batch {cfg.augment_batch} (>= 1) invalid"
-            )
-        self._check_kind(cfg)
-        privacy.check_options(cfg, self.tau)
+        self.tau = options.check_trainer(cfg)  # the effective logit adjustment
         self.cfg, self.peer_id, self.n_peers = cfg, peer_id, n_peers
         self.device = resolve_device(cfg.device)
         if share:
@@ -123,7 +82,7 @@ class Trainer:
         if label_flip:
             self.data = flipped_labels(self.data)
         self.heads = host.heads  # frozen text prototypes: the same for every adapter unless the text tower adapts
-        self.dp = privacy.DpSgd(privacy.make_plan(cfg, len(self.data.train), rounds), self.model, self.device, peer_id) if privacy.enabled(cfg) else None
+        self.dp = privacy.DpSgd(privacy.make_plan(cfg, len(self.data.train), rounds), self.model, self.device, peer_id) if options.dp_enabled(cfg) else None
         params = self.model.trainable()
         if cfg.optimizer == "adamw":
             self.opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -140,16 +99,13 @@ class Trainer:
         self.synthesis = augment.SynthesisConfig()
         method = augment.METHOD_DEFAULTS[augment.method_of(self.foundation)]
         self.augment_claim = method.claim if cfg.augment_claim is None else cfg.augment_claim
-        if cfg.augment == "zero-shot":
-            try:
-                self.synthesis = augment.SynthesisConfig(
-                    per_class=cfg.augment_per_class,
-                    steps=method.steps if cfg.augment_steps is None else cfg.augment_steps,
-                    confidence=method.confidence if cfg.augment_confidence is None else cfg.augment_confidence,
-                )
-                self.augment_classes = augment.under_represented(self.data.train.labels, n_classes, cfg.augment_threshold)
-            except augment.AugmentError as e:
-                raise TrainerError(f"trainer config: {e}") from None
+        if cfg.augment == "zero-shot":  # the values were checked above (`options.check_trainer`)
+            self.synthesis = augment.SynthesisConfig(
+                per_class=cfg.augment_per_class,
+                steps=method.steps if cfg.augment_steps is None else cfg.augment_steps,
+                confidence=method.confidence if cfg.augment_confidence is None else cfg.augment_confidence,
+            )
+            self.augment_classes = augment.under_represented(self.data.train.labels, n_classes, cfg.augment_threshold)
         self.synthetic: augment.SyntheticSet | None = None  # this round's cache
         self.teachers: list[dict[str, torch.Tensor]] = []  # neighbours' public adapters (set_teachers)
         self.teacher_of: dict[int, int] = {}  # class -> index into teachers used in the last synthesis
@@ -162,19 +118,6 @@ class Trainer:
             split = self.data.global_test if k == own else global_test(*k, cfg.seed, cfg.global_test_size, self.foundation.image_size)
             if split is not None:  # a folder without test/: nothing to evaluate others on
                 self.eval_sets[dataset_name(k)] = split
-
-    def _check_kind(self, cfg: TrainerConfig) -> None:
-        """Keys of the data kinds (`p2pfl.learn.tasks`). Peers without labels must not use the hidden
-        labels in training: augmentation and logit adjustment read the label prior."""
-        if cfg.data_kind not in DATA_KINDS:
-            raise TrainerError(f"trainer config: data_kind {cfg.data_kind!r} is not one of {DATA_KINDS}")
-        if cfg.data_kind != "labelled" and (cfg.augment != "off" or self.tau > 0):
-            raise TrainerError(f"trainer config: data_kind {cfg.data_kind}: augment and logit_adjust need labels")
-        if cfg.data_kind == "captions" and not cfg.text_lora:
-            raise TrainerError("trainer config: data_kind captions trains the text tower: it needs text_lora true")
-        if not (0 <= cfg.pseudo_threshold <= 1 and 0 < cfg.pseudo_fraction <= 1):
-            raise TrainerError(f"trainer config: pseudo_threshold {cfg.pseudo_threshold} (in [0, 1]) / "
-                               f"pseudo_fraction {cfg.pseudo_fraction} (in (0, 1]) invalid")
 
     # -- exchange
 

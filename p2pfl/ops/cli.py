@@ -12,8 +12,10 @@ from typing import Any
 
 from p2pfl.config import SETTINGS_KEYS, ConfigError, PeerConfig, parse_ids, peer_trainers, render, resolve
 from p2pfl.core import topology as topo_mod
+from p2pfl.core.specs import check_peer
 from p2pfl.errors import P2pflError
 from p2pfl.host.files import dump_topology, load_topology
+from p2pfl.learn.options import check_trainers
 
 
 def _peer_parser() -> argparse.ArgumentParser:
@@ -83,15 +85,19 @@ def _parse_value(text: str) -> Any:
 
 
 def build_peer_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Namespace, list[int], dict[str, str]]:
-    """Defaults < topology `settings:` < command line, all checked (trainer options included)
-    before anything heavy is imported; the ids this process hosts; where each value came from."""
+    """Defaults < topology `settings:` < command line, all checked (keys, types and every value
+    that needs no model, trainer options included) before anything heavy is imported; the ids this
+    process hosts; where each value came from."""
     args = _peer_parser().parse_args(argv)
     if args.id is None and not args.print_config:
         raise ConfigError("--id: required (an id, a range 0-63, a list 1,5,7-9, or local)")
     topo = load_topology(args.topology)
     flags = {k: v for k in SETTINGS_KEYS if (v := getattr(args, k, None)) is not None}
-    cfg, origin = resolve(args.topology, topo.ids[0], topo.settings, flags, args.set, str(args.topology))
-    peer_trainers(cfg, _entries(topo), str(args.topology))  # every peer's own trainer: entry, checked now
+    source = str(args.topology)
+    cfg, origin = resolve(args.topology, topo.ids[0], topo.settings, flags, args.set, source)
+    entries = _entries(topo)
+    check_peer(cfg, topo)
+    check_trainers(peer_trainers(cfg, entries, source), cfg.seed, entries, source)  # every peer's, its trainer: entry applied
     if args.id is None:
         return cfg, args, topo.ids, origin
     local = None

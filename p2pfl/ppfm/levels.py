@@ -44,27 +44,12 @@ from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.core.compress import CompressionPlan
 from p2pfl.core.consensus import Sketcher, flatten
 from p2pfl.core.gossip import Action, ChocoEngine, GossipError, Refused, State
+from p2pfl.core.specs import parse_clusters as parse_clusters  # re-exported: node.py imports it from here
 from p2pfl.core.topology import Topology
 from p2pfl.core.wire import CLUSTER, GLOBAL, Message
 from p2pfl.ppfm import cluster as C
 
 FINGERPRINT_SEED = 0xF1A6  # mixed into the run seed: fingerprint and consensus sketches differ
-
-
-def parse_clusters(spec: str | int) -> C.K | None:
-    """`--clusters`: "off" -> None, "auto", or a positive number of clusters."""
-    text = str(spec).strip().lower()
-    if text == "off":
-        return None
-    if text == "auto":
-        return "auto"
-    try:
-        k = int(text)
-    except ValueError:
-        raise ConfigError(f"--clusters: expected off, auto or a positive integer, got {spec!r}") from None
-    if k < 1:
-        raise ConfigError(f"--clusters: expected a positive number of clusters, got {k}")
-    return k
 
 
 @dataclass(frozen=True)
@@ -119,10 +104,6 @@ class Levels:
             w = C.mh_weights(graph, self.me) if nbrs else {}
             engine.weights = {j: (w.get(j, 0.0) if j in nbrs else 0.0) for j in engine.replicas}
 
-    @property
-    def is_rep(self) -> bool:
-        return self.rep == self.me
-
     def overlay_peers(self) -> set[int]:
         """Every peer this one gossips with on a meta-level (some may not be base-graph neighbours)."""
         return set(self.cluster_neighbors) | set(self.global_neighbors)
@@ -172,9 +153,6 @@ class Levels:
             return None
         self.glob.set_x(self._theta)
         return _on(self.glob.make_delta(rnd), GLOBAL)
-
-    def ready(self, rnd: int, live: set[int]) -> bool:
-        return not self.waiting_for(rnd, live)
 
     def waiting_for(self, rnd: int, live: set[int]) -> list[int]:
         late = self.cluster.waiting_for(rnd, [j for j in self.cluster_neighbors if j in live])
