@@ -17,12 +17,11 @@ usage: python bench/algorithms.py [--peers 96] [--rounds 10] [--degree 7] [--arm
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
-from learning import run_central, trainer_config  # bench/ is on sys.path when run as a script
+from common import emit, run_central, trainer_config
 
 from p2pfl.config import TrainerConfig
 from p2pfl.core import topology as T
@@ -30,7 +29,7 @@ from p2pfl.learn.trainer import Trainer
 from p2pfl.sim.simulation import train_network
 
 ARMS = ("ring", "exponential", "one-peer-exponential", "random-regular", "epidemic")
-DEFAULTS = ["partition=dirichlet:0.1", "optimizer=sgd", "lr=0.1", "local_steps=5", "global_test_size=300"]
+DEFAULTS = {"partition": "dirichlet:0.1", "optimizer": "sgd", "lr": 0.1, "local_steps": 5, "global_test_size": 300}
 
 
 def arm_topology(arm: str, n: int, degree: int) -> T.Topology:
@@ -83,7 +82,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = trainer_config([*DEFAULTS, *args.set])
+    cfg = trainer_config(args.set, **DEFAULTS)
     t0 = time.time()
     out: dict = {"bench": "algorithms", "peers": args.peers, "rounds": args.rounds, "degree": args.degree, "trainer": cfg.to_dict(),
                  "zero_shot_global_accuracy": Trainer(cfg, 0, args.peers).evaluate(global_eval=True)["global_accuracy"], "arms": {}}
@@ -108,7 +107,7 @@ def main() -> None:
         targets["one_peer_bytes_fraction_of_exponential"] = one["bytes_per_peer_per_round"] / exp["bytes_per_peer_per_round"]
     out["targets"] = targets
     out["seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(out))
+    emit(out)
     if args.table and "centralized" in out:
         print(table(out))
 

@@ -20,18 +20,18 @@ usage: python bench/attacks.py [--peers 8] [--topology ring] [--rounds 8] [--bad
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit, network_options, trainer_config
 
 from p2pfl.config import PeerConfig
 from p2pfl.core import topology as T
 from p2pfl.core.robust import ByzantineSpec, flips_labels
 from p2pfl.learn.trainer import Trainer, TrainerConfig
-from p2pfl.ops.cli import _parse_value
 from p2pfl.sim.simulation import Simulation
 
 ATTACKS = ("none", "scale:3", "noise:0.1", "labelflip", "signflip", "alie", "ipm", "abuse:400")
@@ -67,14 +67,11 @@ def table(cells: dict[str, dict[str, dict]], attacks: list[str], defences: list[
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--peers", type=int, default=8)
-    ap.add_argument("--topology", default="ring")
-    ap.add_argument("--rounds", type=int, default=8)
+    network_options(ap, rounds=8)
     ap.add_argument("--bad", type=int, default=0, help="the Byzantine peer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="'none' or --byzantine specs, comma-separated")
     ap.add_argument("--defences", default=",".join(DEFENCES), help="--robust specs, comma-separated")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option")
     ap.add_argument("--table", type=Path, default=Path("runs/bench-attacks.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -82,9 +79,7 @@ def main() -> None:
     for a in attacks:
         if a != "none":
             ByzantineSpec.parse(a)  # a typo fails before any training
-    sets = {k: _parse_value(v) for k, v in (item.partition("=")[::2] for item in args.set)}
-    cfg = TrainerConfig.from_dict({"partition": "dirichlet:0.5", "local_steps": 5, **sets, "seed": args.seed,
-                                   "eval_every": args.rounds})
+    cfg = replace(trainer_config(args.set, partition="dirichlet:0.5", local_steps=5), seed=args.seed, eval_every=args.rounds)
     topo = T.generate(args.topology, args.peers)
     t0 = time.time()
     zero = Trainer(cfg, (args.bad + 1) % args.peers, args.peers).evaluate(global_eval=True)["global_accuracy"]
@@ -95,9 +90,9 @@ def main() -> None:
     md = table(cells, attacks, defences)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(md)
-    print(json.dumps({"bench": "attacks", "peers": args.peers, "topology": args.topology, "rounds": args.rounds,
-                      "bad": args.bad, "seed": args.seed, "trainer": cfg.to_dict(), "zero_shot_accuracy": zero,
-                      "honest_accuracy": cells, "table": str(args.table), "seconds": round(time.time() - t0, 1)}))
+    emit({"bench": "attacks", "peers": args.peers, "topology": args.topology, "rounds": args.rounds,
+          "bad": args.bad, "seed": args.seed, "trainer": cfg.to_dict(), "zero_shot_accuracy": zero,
+          "honest_accuracy": cells, "table": str(args.table), "seconds": round(time.time() - t0, 1)})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Bytes on the wire to reach consensus with CHOCO-Gossip, per codec, relative to exact fp32 gossip.
 
-Sans-IO ring of 16 real `ChocoEngine`s, each codec at its `default_gamma`. Every DELTA is
-wire-encoded (msgpack header + raw part frames, `p2pfl.core.wire`) and decoded once, as a receiver
-would; bytes = frame bytes x recipients. A run stops when the exact consensus distance
+Sans-IO ring of 16 real `ChocoEngine`s (`p2pfl.sim.engines`), each codec at its `default_gamma`.
+Every DELTA is wire-encoded (msgpack header + raw part frames, `p2pfl.core.wire`) and decoded by
+each receiver; bytes = frame bytes x recipients. A run stops when the exact consensus distance
 Xi = sqrt(1/n sum_i ||x_i - xbar||^2) falls to `target` x its start (default 1e-4), or gives up
 after `max_factor` x the rounds exact gossip needed (then `reached` is false and the ratio is a
 lower bound). Also times encode and decode of a 1M-float tensor per codec (best of `reps`), with
@@ -19,19 +19,17 @@ usage: python bench/compression.py [--dim 32768] [--target 1e-4] [--codecs none,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
 import torch
-from learning import run_peers, trainer_config  # bench/ is on sys.path when run as a script
+from common import emit, run_peers, trainer_config
 
 from p2pfl.core import topology as T
 from p2pfl.core.codec import encoded_nbytes
 from p2pfl.core.compress import get_codec
 from p2pfl.core.consensus import exact_distance
-from p2pfl.core.gossip import ChocoEngine
-from p2pfl.core.wire import decode, encode, frames_nbytes
+from p2pfl.sim.engines import EngineNetwork
 
 CODECS = [
     "fp16",
@@ -56,35 +54,20 @@ def starts(n: int, dim: int, seed: int = 0) -> dict[int, dict[str, torch.Tensor]
 
 
 def run(spec: str, topo: T.Topology, x0: dict, target: float, max_rounds: int) -> dict:
-    engines = {}
-    for p in topo.ids:
-        w = topo.mh_weights(p)
-        w.pop(p)
-        engines[p] = ChocoEngine(p, w, x0[p], plan=spec, seed=1, inc=1)
-    for p, e in engines.items():  # introductions first, so nobody answers round 0 with a STATE
-        hello = decode([bytes(f) for f in encode(e.hello())])
-        for j in topo.neighbors(p):
-            assert not engines[j].receive(hello)
+    net = EngineNetwork(topo, x0, spec, seed=1)
     d0 = exact_distance(x0.values())
-    dist, nbytes, rnd, t0 = d0, 0, 0, time.perf_counter()
-    while dist > target * d0 and rnd < max_rounds and math.isfinite(dist):
-        for p, e in engines.items():
-            frames = [bytes(f) for f in encode(e.make_delta(rnd))]
-            msg = decode(frames)
-            for j in topo.neighbors(p):
-                nbytes += frames_nbytes(frames)
-                if engines[j].receive(msg):
-                    raise RuntimeError(f"{spec}: unexpected resync traffic in round {rnd}")
-        for p, e in engines.items():
-            e.mix(topo.neighbors(p))
-        rnd += 1
-        dist = exact_distance(e.x for e in engines.values())
+    dist, t0 = d0, time.perf_counter()
+    while dist > target * d0 and net.round + 1 < max_rounds and math.isfinite(dist):
+        net.step()
+        if net.replies:
+            raise RuntimeError(f"{spec}: unexpected resync traffic in round {net.round}")
+        dist = exact_distance(net.states().values())
     return {
-        "gamma": engines[0].gamma,
-        "rounds": rnd,
+        "gamma": net.engines[0].gamma,
+        "rounds": net.round + 1,
         "reached": dist <= target * d0,
         "final_reduction": dist / d0,
-        "bytes": nbytes,
+        "bytes": net.bytes_sent,
         "sim_s": round(time.perf_counter() - t0, 2),
     }
 
@@ -112,7 +95,7 @@ def timing(spec: str, numel: int, reps: int) -> dict:
 
 def train(specs: list[str], rounds: int, sets: list[str], peers: int = 8) -> dict:
     """Accuracy vs bytes of real decentralized training per codec, relative to uncompressed."""
-    cfg = trainer_config(sets)
+    cfg = trainer_config(sets, partition="dirichlet:0.5")
     ref = run_peers(cfg, peers, rounds, True, "ring", "none")
     runs = {}
     for spec in specs:
@@ -164,23 +147,18 @@ def main() -> None:
     reached = {s: r["bytes_ratio"] for s, r in out.items() if r["reached"]}
     best = min(reached, key=reached.get) if reached else None
     training = train(args.train.split(","), args.train_rounds, args.set) if args.train else {}
-    print(
-        json.dumps(
-            {
-                "bench": "compression",
-                "topology": f"ring-{args.peers}",
-                "dim": args.dim,
-                "target_reduction": args.target,
-                "exact": {**exact, "theory_rounds": topo.rounds_to(args.target), **times["none"]},
-                "codecs": out,
-                "best": {"codec": best, "bytes_ratio": reached.get(best)},
-                "within_5pct": sorted(s for s, v in reached.items() if v <= 0.05),
-                "timing_numel": args.timing_numel,
-                "training": training,
-            }
-        )
-    )
-
+    emit({
+        "bench": "compression",
+        "topology": f"ring-{args.peers}",
+        "dim": args.dim,
+        "target_reduction": args.target,
+        "exact": {**exact, "theory_rounds": topo.rounds_to(args.target), **times["none"]},
+        "codecs": out,
+        "best": {"codec": best, "bytes_ratio": reached.get(best)},
+        "within_5pct": sorted(s for s, v in reached.items() if v <= 0.05),
+        "timing_numel": args.timing_numel,
+        "training": training,
+    })
 
 if __name__ == "__main__":
     main()

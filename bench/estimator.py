@@ -6,14 +6,11 @@ usage: .venv/bin/python bench/estimator.py   (prints a table; about 10 s)
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from p2pfl.core.estimate import EstimatorConfig, simulate
+from p2pfl.core.estimate import EstimatorConfig
+from p2pfl.sim.engines import run_estimators
 
 
 def main() -> None:
@@ -48,7 +45,7 @@ def main() -> None:
         xi_hat = consensus.sketch_distance(s.values())
         xi = float(((x - x.mean(0)) ** 2).sum(1).mean().sqrt())
         one = EstimatorConfig(k=k, lag=cfg.lag, every=cfg.lag + 1)  # a single instance: same numbers, faster
-        res, _ = simulate({i: topo.mh_weights(i) for i in topo.ids}, one, lambda i, r, s=s: s[i], cfg.lag)
+        res, _ = run_estimators({i: topo.mh_weights(i) for i in topo.ids}, one, lambda i, r, s=s: s[i], cfg.lag)
         est = [v for i in topo.ids for r, v in res[i] if r == 0]
         e_hat = max(abs(v / xi_hat - 1) for v in est)
         e_x = max(abs(v / xi - 1) for v in est)
@@ -80,7 +77,7 @@ def main() -> None:
         ("30% of messages lost", {"drop": lambda a, b, r: rng.random() < 0.3}),
         ("peer 3 down rounds 2-5", {"down": lambda i, r: i == 3 and 2 <= r < 6}),
     ):
-        res, _ = simulate(
+        res, _ = run_estimators(
             {i: topo.mh_weights(i) for i in topo.ids}, cfg, lambda i, r: s[i], cfg.lag + 1, **kw
         )
         est = [v for i in topo.ids for r, v in res[i] if r == 0]

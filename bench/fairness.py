@@ -19,16 +19,16 @@ usage: python bench/fairness.py [--peers 8] [--rounds 5] [--model shapes-clip] [
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 
 import numpy as np
 import torch
+from common import emit, network_options, trainer_config
 
+from p2pfl.config import parse_sets
 from p2pfl.core import topology as T
 from p2pfl.learn.trainer import Trainer, TrainerConfig
-from p2pfl.ops.cli import _parse_value
 from p2pfl.ops.report import fairness_figures
 from p2pfl.sim.simulation import train_network
 
@@ -76,21 +76,16 @@ def compare(cfg: TrainerConfig, aug_cfg: TrainerConfig, arms: set[str], n: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--peers", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--topology", default="ring")
+    network_options(ap, rounds=5)
     ap.add_argument("--model", default="shapes-clip", help="shapes-clip (ViT: feature space) or shapes-clip-rn (BN: image space)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--with-set", action="append", default=[], metavar="KEY=VALUE",
                     help="settings of the augmented arm only, e.g. logit_adjust=0 (augmentation without the adjustment it turns on)")
     ap.add_argument("--arms", default="without,with", help="which arms to run: without,with (both), without, or with")
     ap.add_argument("--seeds", default="", help="comma-separated run seeds (overrides seed=); adds the mean of the per-seed differences")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    sets = dict(item.partition("=")[::2] for item in args.set)  # values parsed as p2pfl-peer's --set does
-    overrides = {"partition": "dirichlet:0.05", "local_steps": 30, "model": args.model, **{k: _parse_value(v) for k, v in sets.items()}}
-    cfg = TrainerConfig.from_dict({**overrides, "augment": "off"})
-    with_sets = {k: _parse_value(v) for k, v in (item.partition("=")[::2] for item in args.with_set)}
+    cfg = replace(trainer_config(args.set, partition="dirichlet:0.05", local_steps=30, model=args.model), augment="off")
+    with_sets = parse_sets(args.with_set)
     aug_cfg = TrainerConfig.from_dict({**cfg.to_dict(), **with_sets, "augment": "zero-shot"})
     arms = set(args.arms.split(","))
     if not arms or arms - {"without", "with"}:
@@ -106,7 +101,7 @@ def main() -> None:
         out["runs"] = runs
         out["mean_delta_points"] = {k: float(np.mean([r["delta_points"][k] for r in runs])) for k in runs[0]["delta_points"]}
     out["seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

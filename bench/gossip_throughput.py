@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
-import socket
 import statistics
 import time
 from typing import Any
@@ -32,19 +30,15 @@ import torch
 import uvloop
 import zmq
 import zmq.asyncio
+from common import emit
 
 from p2pfl.core.topology import PeerSpec
 from p2pfl.core.wire import Kind, Message, TensorPayload, decode, encode
 from p2pfl.net.alloc import keep_message_memory
+from p2pfl.net.ports import free_base_port
 from p2pfl.net.transport import Transport
 
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ senders (child processes)
@@ -123,7 +117,8 @@ def _process_setup(keep: bool) -> None:
 def _receiver(kind: str, nbytes: int, seconds: float, keep: bool, result: Any) -> None:
     """One trial in a fresh receiver process, which starts its fresh sender process."""
     _process_setup(keep)
-    port, sender_port = free_port(), free_port()
+    port = free_base_port(2)
+    sender_port = port + 1
     sender = "bare" if kind.startswith("bare") else "ours"
     proc = mp.get_context("spawn").Process(target=_sender, args=(sender, port, sender_port, nbytes, keep), daemon=True)
     if sender == "bare":
@@ -179,4 +174,4 @@ if __name__ == "__main__":
     ap.add_argument("--sizes", default="65536,1048576,16777216")
     ap.add_argument("--alloc", choices=("keep", "default"), default="keep", help="allocator settings of every process of the main arms")
     args = ap.parse_args()
-    print(json.dumps(main([int(s) for s in args.sizes.split(",")], args.seconds, args.trials, args.alloc == "keep")))
+    emit(main([int(s) for s in args.sizes.split(",")], args.seconds, args.trials, args.alloc == "keep"))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Mapping
@@ -38,6 +37,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import torch
+from common import emit
 
 from p2pfl.config import PeerConfig, dataset_key, dataset_name, parse_sets, peer_trainers, run_datasets
 from p2pfl.core.topology import PeerSpec, Topology, generate_graph
@@ -226,7 +226,7 @@ def main() -> None:
     for name in args.scenarios.split(","):
         out[name] = run_scenario(name, args.rounds, args.local_steps, args.seed, args.arms.split(","), args.clusters, tuple(args.set))
     out["seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -15,75 +15,22 @@ usage: python bench/learning.py [--peers 8] [--rounds 30] [--topology ring] [--c
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import replace
 
-import numpy as np
 import torch
+from common import emit, network_options, run_central, run_peers, trainer_config
 
-from p2pfl.core import topology as T
-from p2pfl.learn.trainer import Trainer, TrainerConfig
-from p2pfl.sim.simulation import train_network
-
-
-def run_peers(cfg: TrainerConfig, n: int, rounds: int, mix: bool, kind: str, compress: str) -> dict:
-    """n peers of `kind`, `rounds` rounds; with `mix` the daemon's rounds, else local steps only."""
-    t0 = time.time()
-    trainers = {p: Trainer(replace(cfg, eval_every=rounds), p, n) for p in range(n)}
-    out: dict = {}
-    if mix:
-        sim = train_network(T.generate(kind, n), trainers, rounds, compress=compress, sketch_dim=0)
-        accs = [sim.records[p][-1] for p in range(n)]
-        out["bytes_on_wire"] = sum(sim.bytes_sent.values())
-        out["bytes_per_peer_per_round"] = out["bytes_on_wire"] / (n * rounds)
-    else:
-        for _ in range(rounds):
-            for t in trainers.values():
-                t.train_round()
-        accs = [t.evaluate(global_eval=True) for t in trainers.values()]
-    g = [a["global_accuracy"] for a in accs]
-    out.update(global_accuracy_mean=float(np.mean(g)), global_accuracy_min=float(np.min(g)),
-               local_accuracy_mean=float(np.mean([a["accuracy"] for a in accs])), seconds=round(time.time() - t0, 1))
-    return out
-
-
-def run_central(cfg: TrainerConfig, n: int, rounds: int, large_batch: bool) -> dict:
-    pooled = replace(cfg, partition="iid", samples_per_peer=cfg.samples_per_peer * n)
-    if large_batch:
-        pooled = replace(pooled, batch_size=cfg.batch_size * n)
-    else:
-        pooled = replace(pooled, local_steps=cfg.local_steps * n)
-    t0 = time.time()
-    t = Trainer(pooled, 0, 1)
-    for _ in range(rounds):
-        t.train_round()
-    return {"global_accuracy": t.evaluate(global_eval=True)["global_accuracy"], "seconds": round(time.time() - t0, 1)}
-
-
-def trainer_config(items: list[str]) -> TrainerConfig:
-    """The bench's trainer settings (Dirichlet 0.5 label skew) with KEY=VALUE overrides (JSON values)."""
-    overrides: dict = {"partition": "dirichlet:0.5"}
-    for item in items:
-        k, _, v = item.partition("=")
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
-    return TrainerConfig.from_dict(overrides)
+from p2pfl.learn.trainer import Trainer
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--peers", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--topology", default="ring")
+    network_options(ap, rounds=30)
     ap.add_argument("--compress", default="none")
     ap.add_argument("--only", default="dec,loc,cen,cenlb")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = trainer_config(args.set)
+    cfg = trainer_config(args.set, partition="dirichlet:0.5")
     t0 = time.time()
     parts = set(args.only.split(","))
     out: dict = {"bench": "learning", "peers": args.peers, "rounds": args.rounds, "topology": args.topology,
@@ -110,7 +57,7 @@ def main() -> None:
         if "local_only" in out:
             out["gain_over_local_points"] = 100 * (dec - out["local_only"]["global_accuracy_mean"])
     out["seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -18,20 +18,17 @@ prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit, trainer_config
 from sklearn.metrics import adjusted_rand_score
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pfl.core import topology as T
 from p2pfl.host.files import load_topology
-from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.learn.trainer import Trainer
 from p2pfl.sim.simulation import train_network
 
 
@@ -87,14 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     topo = load_topology(args.topology)
-    settings = dict(topo.settings.get("trainer", {}) or {})
-    for item in args.set:
-        k, _, v = item.partition("=")
-        try:
-            settings[k] = json.loads(v)
-        except json.JSONDecodeError:
-            settings[k] = v
-    cfg = TrainerConfig.from_dict({"seed": 0, **settings})
+    cfg = trainer_config(args.set, **{"seed": 0, **(topo.settings.get("trainer") or {})})
     ppfm_cfg = {"clusters": args.clusters, "recluster_every": args.recluster_every, "global_every": args.global_every,
                 "global_lambda": args.lam, "cluster_beta": args.beta}
 
@@ -133,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         "per_peer": {"flat": flat, "ppfm": ppfm["personalised"], "local": local},
         "seconds": round(time.time() - t0, 1),
     }
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ usage: python bench/privacy.py [--peers 8] [--topology ring] [--rounds 8] [--see
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import replace
@@ -40,14 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import emit, network_options
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from p2pfl.config import PeerConfig
+from p2pfl.config import PeerConfig, parse_sets
 from p2pfl.core import topology as T
 from p2pfl.core.gossip import State
 from p2pfl.learn.data import Split
 from p2pfl.learn.trainer import Trainer, TrainerConfig
-from p2pfl.ops.cli import _parse_value
 from p2pfl.sim.simulation import Simulation
 
 ARMS = {"ffa": False, "train_a": True}  # arm -> train_a
@@ -147,20 +146,17 @@ def table(cells: dict[str, dict[str, dict]], epsilons: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--peers", type=int, default=8)
-    ap.add_argument("--topology", default="ring")
-    ap.add_argument("--rounds", type=int, default=8)
+    network_options(ap, rounds=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epsilons", default="inf,8,3,1")
     ap.add_argument("--arms", default="ffa,train_a")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option of every cell")
     ap.add_argument("--dp-set", action="append", default=["lr=0.3"], metavar="KEY=VALUE",
                     help="trainer option of the DP cells (default lr=0.3: clipping shrinks the step)")
     ap.add_argument("--table", type=Path, default=Path("runs/bench-privacy.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    sets, dp_sets = ({k: _parse_value(v) for k, v in (item.partition("=")[::2] for item in items)} for items in (args.set, args.dp_set))
+    sets, dp_sets = parse_sets(args.set), parse_sets(args.dp_set)
     base = {"partition": "dirichlet:0.5", "samples_per_peer": 1024, "local_steps": 5, "batch_size": 64, "optimizer": "sgd", "lr": 0.03,
             "dp_delta": 1e-3, **sets, "seed": args.seed, "eval_every": args.rounds}
     topo = T.generate(args.topology, args.peers)
@@ -174,9 +170,9 @@ def main() -> None:
     md = table(cells, epsilons)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(md)
-    print(json.dumps({"bench": "privacy", "peers": args.peers, "topology": args.topology, "rounds": args.rounds, "seed": args.seed,
-                      "trainer": TrainerConfig.from_dict(base).to_dict(), "dp_trainer": dp_sets, "cells": cells, "targets": targets(cells, epsilons),
-                      "table": str(args.table), "seconds": round(time.time() - t0, 1)}))
+    emit({"bench": "privacy", "peers": args.peers, "topology": args.topology, "rounds": args.rounds, "seed": args.seed,
+          "trainer": TrainerConfig.from_dict(base).to_dict(), "dp_trainer": dp_sets, "cells": cells, "targets": targets(cells, epsilons),
+          "table": str(args.table), "seconds": round(time.time() - t0, 1)})
 
 
 if __name__ == "__main__":

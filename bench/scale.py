@@ -29,30 +29,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit, pss_kib, trainer_config
+
+from p2pfl.core import topology as T
+from p2pfl.host.files import dump_topology, read_jsonl
+from p2pfl.net.ports import free_base_port
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from p2pfl.core import topology as T  # noqa: E402
-from p2pfl.host.files import dump_topology, read_jsonl  # noqa: E402
-
 SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # every process the bench starts
 
 
-def pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], base_port: int, timeout: float,
-             threads: int = 0) -> dict:
+def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], timeout: float, threads: int = 0) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="p2pfl-scale-"))
     path = tmp / "ring.yaml"
-    dump_topology(T.generate("ring", n, base_port=base_port), path)
+    dump_topology(T.generate("ring", n, base_port=free_base_port(n)), path)
     run = tmp / "run"
     args = ["--topology", str(path), "--run-dir", str(run), "--rounds", str(rounds), "--round-timeout", "3600",
             "--peer-timeout", "600", "--startup-timeout", "600", "--log-level", "WARNING", "--threads", str(threads)]
@@ -63,7 +53,7 @@ def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], 
                               stdout=subprocess.DEVNULL, stderr=open(tmp / f"err-{b[0]}.log", "wb")) for b in blocks]  # noqa: SIM115
     peak = 0
     while any(p.poll() is None for p in procs):
-        peak = max(peak, sum(pss_kb(p.pid) for p in procs))
+        peak = max(peak, sum(pss_kib(p.pid) for p in procs))
         if time.time() - t0 > timeout:
             for p in procs:
                 p.kill()
@@ -82,8 +72,7 @@ def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], 
     out["seconds_per_round"] = round((end - min(starts)) / rounds, 2)
     if train:
         steps = sum(r.get("steps", 0) for r in done)
-        batch = next((int(s.split("=")[1]) for s in sets if s.startswith("batch_size=")), 32)
-        out["samples_per_s"] = round(steps * batch / (end - min(starts)), 1)
+        out["samples_per_s"] = round(steps * trainer_config(sets).batch_size / (end - min(starts)), 1)
         out["train_s_per_peer_round"] = round(sum(r.get("train_s", 0) for r in done) / len(done), 3)
         out["final_accuracy_mean"] = round(sum(rs[-1].get("accuracy", 0) for rs in recs.values()) / n, 4)
     return out
@@ -93,15 +82,13 @@ def loop(workers: int, rounds: int, sets: list[str]) -> dict:
     """Training samples per second of ``workers`` trainers training back to back, one thread each
     (after one warm-up round), in this process."""
     import threading
-    from dataclasses import replace
 
     import torch
 
-    from p2pfl.config import TrainerConfig, parse_sets
     from p2pfl.learn.trainer import Trainer
 
     torch.set_num_threads(1)
-    cfg = replace(TrainerConfig(), **parse_sets(sets))
+    cfg = trainer_config(sets)
     trainers = [Trainer(cfg, i, 8, replica=i) for i in range(workers)]
     for t in trainers:
         t.train_round()
@@ -130,11 +117,10 @@ def batches(rounds: int, sets: list[str]) -> dict:
 
     import torch
 
-    from p2pfl.config import TrainerConfig, parse_sets
     from p2pfl.learn.trainer import Trainer
 
     torch.set_num_threads(1)
-    base = replace(TrainerConfig(), **parse_sets(sets))
+    base = trainer_config(sets)
     base = replace(base, samples_per_peer=max(base.samples_per_peer, 1024))  # 768 training samples: room for a batch of 256
     trainers = {b: Trainer(replace(base, batch_size=b, local_steps=512 // b), 0, 8, replica=k) for k, b in enumerate(BATCHES)}
     for t in trainers.values():
@@ -170,22 +156,20 @@ def main() -> None:
     ap.add_argument("--loop", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.loop:
-        print(json.dumps(loop(args.loop, args.rounds, args.set) if args.loop > 0 else batches(args.rounds, args.set)))
+        emit(loop(args.loop, args.rounds, args.set) if args.loop > 0 else batches(args.rounds, args.set))
         return
     results: dict[str, dict] = {}
-    port = 26000
     for case in args.cases.split(","):
         if case == "procs8":
-            results[case] = run_case(8, 8, args.rounds, True, args.set, port, args.timeout)
+            results[case] = run_case(8, 8, args.rounds, True, args.set, args.timeout)
         elif case.startswith("loop"):
             results[case] = loop_case(int(case.removeprefix("loop")), args.rounds, args.set)
         elif case == "batches":
             results[case] = loop_case(0, args.rounds, args.set)
         elif case.startswith("notrain"):
-            results[case] = run_case(int(case.removeprefix("notrain")), 1, args.rounds, False, args.set, port, args.timeout)
+            results[case] = run_case(int(case.removeprefix("notrain")), 1, args.rounds, False, args.set, args.timeout)
         else:
-            results[case] = run_case(int(case), 1, args.rounds, True, args.set, port, args.timeout, args.threads)
-        port += 1100
+            results[case] = run_case(int(case), 1, args.rounds, True, args.set, args.timeout, args.threads)
         print(json.dumps({case: results[case]}), file=sys.stderr, flush=True)
     out: dict = {"bench": "scale", "rounds": args.rounds, "set": args.set, "threads": args.threads, "cases": results}
     one = results.get("1", {}).get("peak_pss_mb")
@@ -197,7 +181,7 @@ def main() -> None:
         a, b = results.get(num, {}).get("samples_per_s"), results.get(den, {}).get("samples_per_s")
         if a is not None and b:
             out[key] = round(a / b, 3)
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

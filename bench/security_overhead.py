@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,45 +27,24 @@ from pathlib import Path
 import torch
 import uvloop
 import zmq
+from common import emit
 
 from p2pfl.core import topology as T
 from p2pfl.core.topology import PeerSpec
 from p2pfl.core.wire import Kind, Message, TensorPayload, decode, encode
 from p2pfl.host.files import dump_topology, read_jsonl
+from p2pfl.net.ports import free_base_port
 from p2pfl.net.transport import CurveKeys, Transport
 from p2pfl.ops.cli import topology_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_base_port(n: int) -> int:
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks = []
-        try:
-            for k in range(n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + k))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
-
-
 # ------------------------------------------------------------------------------ transport
 
 async def transport_rate(nbytes: int, seconds: float, curve: bool) -> float:
-    pa, pb = free_port(), free_port()
+    pa = free_base_port(2)
+    pb = pa + 1
     ka, kb = (None, None)
     if curve:
         (pub_a, sec_a), (pub_b, sec_b) = zmq.curve_keypair(), zmq.curve_keypair()
@@ -176,7 +152,7 @@ def main() -> None:
         transport = runner.run(transport_bench(sizes, args.seconds))
     out = {"bench": "security_overhead", "seconds": args.seconds, "transport": transport,
            "cluster": cluster_bench(args.rounds, args.dim), "cpus": os.cpu_count(), "load1": round(os.getloadavg()[0], 2)}
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -21,24 +21,16 @@ import argparse
 import ctypes
 import gc
 import itertools
-import json
 import time
 
 import torch
-import yaml
+from common import emit, pss_kib, trainer_config
 
-from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.learn.trainer import Trainer
 
 
 def pss_mib(field: str = "Pss") -> float:
-    """Proportional set size of this process (shared pages count by their share), or one of its
-    parts: ``Pss_Anon`` (heap and other private memory) does not move when other processes map or
-    unmap the same library files, as ``Pss_File`` does."""
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} line in /proc/self/smaps_rollup")
+    return pss_kib("self", field) / 1024
 
 
 def own_tensor_mib(tr: Trainer) -> float:
@@ -67,7 +59,7 @@ def main() -> None:
     ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after every peer's round and evaluation")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TrainerConfig.from_dict({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+    cfg = trainer_config(args.set)
     stages = sorted({s for s in (1, 8, 64, 256) if s < args.peers} | {args.peers})
     base = pss_mib()
     trainers: list[Trainer] = []
@@ -95,7 +87,7 @@ def main() -> None:
     extra = max(1, last["peers"] - first["peers"])
     own = own_tensor_mib(trainers[-1])
     trimmed = trimmed_pss_mib()
-    print(json.dumps({
+    emit({
         "bench": "shared_memory", "shared": not args.private, "trim_each_peer": args.trim, "model": cfg.model, "threads": args.threads,
         "samples_per_peer": cfg.samples_per_peer, "global_test_size": cfg.global_test_size,
         "local_steps": cfg.local_steps, "batch_size": cfg.batch_size, "pss_before_mib": round(base, 1),
@@ -107,7 +99,7 @@ def main() -> None:
         "samples_per_second": round(cfg.local_steps * cfg.batch_size * last["peers"] / sum(r["train_seconds"] for r in rows), 1),
         "own_tensors_per_peer_mib": round(own, 2),
         "pss_after_malloc_trim_mib": None if trimmed is None else round(trimmed, 1),
-    }))
+    })
 
 
 if __name__ == "__main__":

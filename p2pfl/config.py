@@ -237,14 +237,23 @@ def trainer_options(d: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` options (repeatable; the last one of a key wins), typed by `TrainerConfig`."""
-    out: dict[str, Any] = {}
+def parse_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+    """Repeatable `flag KEY=VALUE` options as text (the last one of a key wins), for options that
+    are not trainer keys (`p2pfl-topology generate --param`); `parse_sets` types trainer keys."""
+    out: dict[str, str] = {}
     for item in items:
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{flag}: expected KEY=VALUE, got {item!r}")
+        out[key] = text
+    return out
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` options (repeatable; the last one of a key wins), typed by `TrainerConfig`."""
+    out: dict[str, Any] = {}
+    for key, text in parse_pairs(items, "--set").items():
         if key not in _TRAINER_TYPES:
             raise unknown_key(key, TRAINER_KEYS, "trainer key", "--set")
         out[key] = coerce(text, _TRAINER_TYPES[key], f"--set {key}")

@@ -1,72 +1,55 @@
-"""Helpers for multi-process tests over real loopback TCP: a process per peer, or per block of co-hosted peers."""
+"""Helpers for multi-process tests over real loopback TCP: a process per peer, or per block of co-hosted peers.
+
+Test lanes: a test that starts peer processes does so through the `spawn` fixture and is marked
+`slow` (collection fails otherwise); `make test-fast` runs the rest, `-m "not slow and not serial"`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 
 from p2pfl.core import topology as T
-from p2pfl.host.files import dump_topology
+from p2pfl.host.files import dump_topology, read_jsonl
+from p2pfl.net import ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _port_range(n: int) -> tuple[int, int]:
-    """Where base ports are drawn: 10000 up to the ephemeral range, split into disjoint slices
-    when pytest-xdist runs workers side by side, so that no two workers draw the same ports."""
-    low, high = 10000, _ephemeral_low() - n - 1
+def free_base_port(n: int) -> int:
+    """`p2pfl.net.ports.free_base_port` in this pytest-xdist worker's own slice of the port range."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker.startswith("gw") and count > 1:
-        span = (high - low) // count
-        low += int(worker[2:]) * span
-        high = low + span - n
-    return low, high
+        return ports.free_base_port(n, int(worker[2:]), count)
+    return ports.free_base_port(n)
 
 
-_HANDED: list[range] = []  # blocks this worker handed out: an earlier test's peers may still retry them
+def wait_until(ready: Callable[[], object], timeout: float, what: str, procs: Iterable[subprocess.Popen] = (),
+               every: float = 0.1) -> None:
+    """Poll `ready()` every `every` seconds until it is true; fail naming `what` after `timeout`
+    seconds, or at once, with their exit codes, if one of `procs` has exited."""
+    procs = list(procs)
+    end = time.monotonic() + timeout
+    while not ready():
+        codes = [pr.poll() for pr in procs]
+        assert all(c is None for c in codes), f"{what}: a process exited first ({codes})"
+        assert time.monotonic() < end, f"{what}: not within {timeout:g} s"
+        time.sleep(every)
 
 
-def free_base_port(n: int) -> int:
-    """A base port with n consecutive free TCP ports on 127.0.0.1, below the ephemeral range: the
-    kernel hands ephemeral ports to outgoing connections (every peer's DEALERs), which could
-    otherwise take a port between this check and a later peer's bind. No port is handed out twice
-    in a worker, so no test's peers ever listen where an earlier test's peers connected."""
-    low, high = _port_range(n)
-    for _ in range(200):
-        base = random.randint(low, high)
-        if any(base < r.stop and r.start < base + n for r in _HANDED):
-            continue
-        socks = []
-        try:
-            for k in range(n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + k))
-                socks.append(s)
-            _HANDED.append(range(base, base + n))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
+def records(run_dir: Path, peer: int) -> list[dict]:
+    """Peer `peer`'s metrics records so far (none before its first round)."""
+    f = run_dir / "metrics" / f"peer-{peer}.jsonl"
+    return read_jsonl(f) if f.exists() else []
 
 
 def make_topology(tmp: Path, kind: str, n: int, **params) -> tuple[T.Topology, Path]:
@@ -76,26 +59,22 @@ def make_topology(tmp: Path, kind: str, n: int, **params) -> tuple[T.Topology, P
     return topo, path
 
 
-def start_peer(topo_path: Path, peer: int | str, run_dir: Path, *args: str) -> subprocess.Popen:
-    """One peer process (or, with a `--id` list or range as `peer`, a process of co-hosted peers), in
-    a process group of its own (see `spawn`); its output goes to RUN_DIR/stdout-<peer>.log."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with open(run_dir / f"stdout-{peer}.log", "ab") as log:  # the child keeps its own handle
-        return subprocess.Popen(
-            [sys.executable, "-m", "p2pfl", "--topology", str(topo_path), "--id", str(peer), "--run-dir", str(run_dir), *args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
-        )
-
-
 class Spawner:
-    """Starts peer processes for one test (as `start_peer`) and owns them: whatever still runs
-    when the test ends, passed or failed, is killed with its whole process group."""
+    """Starts peer processes for one test and owns them: whatever still runs when the test ends,
+    passed or failed, is killed with its whole process group."""
 
     def __init__(self) -> None:
         self.started: list[subprocess.Popen] = []
 
     def __call__(self, topo_path: Path, peer: int | str, run_dir: Path, *args: str) -> subprocess.Popen:
-        pr = start_peer(topo_path, peer, run_dir, *args)
+        """One peer process (or, with a `--id` list or range as `peer`, a process of co-hosted peers),
+        in a process group of its own; its output goes to RUN_DIR/stdout-<peer>.log."""
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(run_dir / f"stdout-{peer}.log", "ab") as log:  # the child keeps its own handle
+            pr = subprocess.Popen(
+                [sys.executable, "-m", "p2pfl", "--topology", str(topo_path), "--id", str(peer), "--run-dir", str(run_dir), *args],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+            )
         self.started.append(pr)
         return pr
 
@@ -124,6 +103,29 @@ def spawn():
     spawner = Spawner()
     yield spawner
     spawner.kill_all()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast lane must not start peer processes: every test that uses `spawn` is marked `slow`."""
+    unmarked = [it.nodeid for it in items if "spawn" in getattr(it, "fixturenames", ()) and it.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start peer processes (the spawn fixture) must be marked slow: " + ", ".join(unmarked))
+
+
+def run_layout(spawn: Spawner, path: Path, run_dir: Path, blocks: list[str], *args: str, timeout: float = 400,
+               late: tuple[str, float] | None = None) -> None:
+    """One process per block of peer ids, all to exit 0 within `timeout` seconds. `late` =
+    (block, seconds): that block starts that long after the others have started their peers."""
+    run_dir.mkdir(parents=True)
+    procs: dict[str, subprocess.Popen] = {}
+    for ids in sorted(blocks, key=lambda b: late is not None and b == late[0]):
+        if late is not None and ids == late[0]:
+            wait_until(lambda: all(b"run dir" in (run_dir / f"stdout-{b}.log").read_bytes() for b in procs), 120,
+                       f"the start of blocks {list(procs)}", procs.values())
+            time.sleep(late[1])
+        procs[ids] = spawn(path, ids, run_dir, *args)
+    codes = wait_all(procs, timeout)
+    assert codes == {b: 0 for b in blocks}, [(run_dir / f"stdout-{b}.log").read_text()[-2000:] for b in blocks]
 
 
 def wait_all(procs: dict[int, subprocess.Popen], timeout: float) -> dict[int, int]:

@@ -53,6 +53,7 @@ def _faults_per_message(mode: str, hold: int = 1) -> float:
     return float(out.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.serial  # other tests on the same cores change how messages queue, and the counts with them
 def test_kept_memory_faults_fewer_pages_per_received_message():
     kept, default = _faults_per_message("keep", hold=4), _faults_per_message("default", hold=4)

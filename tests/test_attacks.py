@@ -30,9 +30,8 @@ from p2pfl.core.robust import (
 from p2pfl.core.state import State, synthetic_state
 from p2pfl.learn.data import PeerData, Split, flipped_labels
 from p2pfl.learn.trainer import Trainer, TrainerConfig
+from p2pfl.sim.engines import EngineNetwork
 from p2pfl.sim.simulation import train_network
-
-from .engines import SimNetwork
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +189,7 @@ def honest_deviation(attack: str | None, robust: str) -> float:
     (down from the start, so the honest peers average among themselves)."""
     topo = T.generate(KIND, N)
     x0 = {p: synthetic_state(SEED, p, DIM) for p in topo.ids}  # coordinates of std ~1
-    net = SimNetwork(topo, x0, seed=SEED)
+    net = EngineNetwork(topo, x0, seed=SEED)
     for e in net.engines.values():
         e.robust, e.guard = RobustSpec.parse(robust), NormGuard(0)  # the mixing rule alone
     fn = parse_byzantine(attack) if attack is not None else None

@@ -19,7 +19,7 @@ from p2pfl.learn.model import AdaptedClip, LoraSpec, has_resnet_tower
 from p2pfl.learn.trainer import Trainer, TrainerConfig, TrainerError
 from p2pfl.ops.report import fairness_figures, summarize
 
-from .conftest import make_topology, start_peer, wait_all
+from .conftest import make_topology, wait_all
 
 FAST = dict(samples_per_peer=96, global_test_size=120, batch_size=16, local_steps=3, augment_steps=8, augment_per_class=2)
 
@@ -343,12 +343,12 @@ def test_claim_gate_skips_classes_no_neighbour_knows_better():
 
 
 @pytest.mark.slow
-def test_daemon_passes_neighbour_replicas_as_teachers(tmp_path, cluster_dir):
+def test_daemon_passes_neighbour_replicas_as_teachers(tmp_path, cluster_dir, spawn):
     """peer.py hands its CHOCO replicas to the trainer: every round's record counts the teachers."""
     topo, path = make_topology(tmp_path, "ring", 3)
     sets = ["--set", 'partition="dirichlet:0.05"', "--set", 'augment="zero-shot"', "--set", "local_steps=2",
             "--set", "augment_steps=3", "--set", "augment_per_class=1", "--set", "samples_per_peer=64"]
-    procs = {p: start_peer(path, p, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for p in topo.ids}
     assert wait_all(procs, timeout=300) == {p: 0 for p in topo.ids}
     for p in topo.ids:
         recs = read_jsonl(cluster_dir / "metrics" / f"peer-{p}.jsonl")

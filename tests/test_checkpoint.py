@@ -5,8 +5,7 @@ from p2pfl.core import topology as T
 from p2pfl.core.state import synthetic_state
 from p2pfl.host import checkpoint as C
 from p2pfl.node import snapshot as S
-
-from .engines import SimNetwork
+from p2pfl.sim.engines import EngineNetwork
 
 
 def test_roundtrip_and_plain_split(tmp_path):
@@ -54,13 +53,13 @@ def test_keeps_the_last_two(tmp_path):
 
 def test_engine_state_roundtrip(tmp_path):
     topo = T.generate("ring", 4)
-    net = SimNetwork(topo, {p: synthetic_state(0, p, 2048) for p in topo.ids}, plan="topk:0.1")
+    net = EngineNetwork(topo, {p: synthetic_state(0, p, 2048) for p in topo.ids}, plan="topk:0.1")
     for _ in range(4):
         net.step()
     e = net.engines[1]
     tensors, meta = S.engine_state(e)
     C.save(tmp_path, e.round, tensors, meta)
-    fresh = SimNetwork(topo, {p: synthetic_state(9, p, 2048) for p in topo.ids}, plan="topk:0.1").engines[1]
+    fresh = EngineNetwork(topo, {p: synthetic_state(9, p, 2048) for p in topo.ids}, plan="topk:0.1").engines[1]
     got = C.load_latest(tmp_path)
     S.restore_engine(fresh, got.tensors, got.meta)
     assert fresh.round == e.round and fresh.out_seq == e.out_seq

@@ -3,7 +3,6 @@
 import itertools
 import json
 import signal
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from p2pfl.core.state import synthetic_state
 from p2pfl.host.checkpoint import load_state
 from p2pfl.host.files import read_jsonl
 
-from .conftest import make_topology, wait_all
+from .conftest import make_topology, records, wait_all, wait_until
 
 DIM = 131072
 
@@ -59,10 +58,7 @@ def test_sigkilled_peer_does_not_stop_its_neighbours(tmp_path, cluster_dir, spaw
     rounds = 40
     args = ["--rounds", str(rounds), "--no-train", "--dim", "16384", "--peer-timeout", "3", "--heartbeat", "0.5", "--min-wait", "20"]
     procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
-    victim_log = cluster_dir / "metrics" / "peer-3.jsonl"
-    end = time.monotonic() + 120
-    while time.monotonic() < end and not (victim_log.exists() and len(victim_log.read_text().splitlines()) >= 5):
-        time.sleep(0.2)
+    wait_until(lambda: len(records(cluster_dir, 3)) >= 5, 120, "peer 3's first five rounds", procs.values())
     procs[3].send_signal(signal.SIGKILL)
     codes = wait_all(procs, timeout=300)
     assert codes[3] == -signal.SIGKILL
@@ -96,10 +92,7 @@ def test_garbage_from_a_stranger_is_rejected_and_counted(tmp_path, cluster_dir, 
         s.setsockopt(zmq.IDENTITY, b"9")
         s.setsockopt(zmq.LINGER, 0)
         s.connect(topo.peers[0].endpoint)
-        log0 = cluster_dir / "metrics" / "peer-0.jsonl"
-        end = time.monotonic() + 120
-        while time.monotonic() < end and not (log0.exists() and len(log0.read_text().splitlines()) >= 3):
-            time.sleep(0.1)
+        wait_until(lambda: len(records(cluster_dir, 0)) >= 3, 120, "peer 0's first three rounds", procs.values())
         sent = 0
         for k in range(200):
             s.send_multipart([b"\x93not-a-header", b"x" * k])
@@ -119,7 +112,7 @@ def test_garbage_from_a_stranger_is_rejected_and_counted(tmp_path, cluster_dir, 
 
 
 def _rounds_of(run_dir, p):
-    return [r["round"] for r in read_jsonl(run_dir / "metrics" / f"peer-{p}.jsonl")]
+    return [r["round"] for r in records(run_dir, p)]
 
 
 @pytest.mark.slow
@@ -133,13 +126,7 @@ def test_killed_peers_resume_and_rejoin(tmp_path, cluster_dir, spawn):
     procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
 
     def wait_round(p, r):
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            f = cluster_dir / "metrics" / f"peer-{p}.jsonl"
-            if f.exists() and len(f.read_text().splitlines()) > r:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"peer {p} never reached round {r}")
+        wait_until(lambda: len(records(cluster_dir, p)) > r, 120, f"peer {p}'s round {r}")
 
     wait_round(2, 17)
     victims = (2, 5)

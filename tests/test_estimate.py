@@ -23,8 +23,8 @@ from p2pfl.core.estimate import (
     GossipEstimator,
     error_bound,
     lag_for,
-    simulate,
 )
+from p2pfl.sim.engines import run_estimators
 
 
 @functools.cache
@@ -128,7 +128,7 @@ def test_accuracy_at_default_lag(kind, n):
     x = {0: near_consensus(t, 2048, seed=n), cfg.every: iid(t, 2048, seed=n + 1)}
     s = {r: sketch_all(xr, k, seed=3) for r, xr in x.items()}
     filler = sketch_all(iid(t, 2048, seed=0), k, seed=3)
-    res, _ = simulate(rows(t), cfg, lambda i, r: s[r][i] if r in s else filler[i], cfg.every + cfg.lag)
+    res, _ = run_estimators(rows(t), cfg, lambda i, r: s[r][i] if r in s else filler[i], cfg.every + cfg.lag)
     for r in s:
         xi_hat, xi = C.sketch_distance(s[r].values()), exact(x[r])
         est = {i: v for i in t.ids for q, v in res[i] if q == r}
@@ -173,7 +173,7 @@ def test_error_follows_lambda_to_the_t(kind, n, lag):
         worst.append(max(abs(math.sqrt(max(y, 0)) / xi_hat - 1) for y in ys))
         mean_err.append(math.sqrt(sum(ys) / n) / xi_hat - 1)
 
-    simulate(rows(t), single(256, lag), lambda i, r: s[i], lag, observe=observe)
+    run_estimators(rows(t), single(256, lag), lambda i, r: s[i], lag, observe=observe)
     steps = range(1, lag)
     for tt, m in zip(steps, mean_err, strict=True):
         # theorem: on this mode mean e(t) = (1 - lambda^t)^2 Xi_hat^2 exactly
@@ -217,7 +217,7 @@ def test_mean_matches_closed_form_and_peers_within_bound(kind, n, states):
             assert abs(math.sqrt(max(y, 0)) / xi_hat - 1) <= error_bound(lam, tt, n, ratio)
         checked.append(tt)
 
-    simulate(rows(t), single(128, lag), lambda i, r: s[i], lag, observe=observe)
+    run_estimators(rows(t), single(128, lag), lambda i, r: s[i], lag, observe=observe)
     assert checked == list(range(1, lag))
 
 
@@ -249,7 +249,7 @@ def test_network_mean_of_v_and_y_preserved_exactly(kind, n):
             assert y_bar == pytest.approx(e_bar, rel=1e-12, abs=1e-12)
             seen.add(r)
 
-    res, _ = simulate(rows(t), cfg, lambda i, r: sk[(i, r)], 24, observe=observe)
+    res, _ = run_estimators(rows(t), cfg, lambda i, r: sk[(i, r)], 24, observe=observe)
     assert len(seen) >= 10
     for i in t.ids:  # each instance reported once per peer, in order
         assert [r for r, _ in res[i]] == list(range(0, 24 - cfg.lag + 1, 2))
@@ -268,7 +268,7 @@ def test_lost_messages_break_the_invariant():
         v_bar = torch.stack([ests[i].instance_state(0)[0] for i in t.ids]).mean(0)
         drift.append(float((v_bar - s_bar).abs().max()))
 
-    simulate(
+    run_estimators(
         rows(t),
         single(k, 5),
         lambda i, r: sk[i],
@@ -301,8 +301,8 @@ def test_down_or_missing_neighbours_still_produce_estimates(fault):
         "late_joiner": dict(down=lambda i, r: i == 5 and r < 3),
     }[fault]
     rounds = cfg.lag + 1
-    clean, _ = simulate(rows(t), cfg, lambda i, r: s[i], rounds)
-    res, ests = simulate(rows(t), cfg, lambda i, r: s[i], rounds, **kw)
+    clean, _ = run_estimators(rows(t), cfg, lambda i, r: s[i], rounds)
+    res, ests = run_estimators(rows(t), cfg, lambda i, r: s[i], rounds, **kw)
     live = [i for i in t.ids if not (fault == "down" and i == 3)]
     for i in live:
         got = dict(res[i])
@@ -328,7 +328,7 @@ def test_bytes_per_message_do_not_depend_on_n():
         t = topo("exponential", n)
         per_round: dict[int, set[int]] = {}
         g = torch.Generator().manual_seed(n)
-        simulate(
+        run_estimators(
             rows(t),
             cfg,
             lambda i, r, g=g: torch.randn(k, generator=g, dtype=torch.float64),
@@ -505,7 +505,7 @@ def _ring8_reference():
     cfg = EstimatorConfig(k=k, lag=6, every=2)
     g = torch.Generator().manual_seed(4)
     sk = {(i, r): torch.randn(k, generator=g, dtype=torch.float64) for i in t.ids for r in range(0, 14, 2)}
-    ref, _ = simulate(rows(t), cfg, lambda i, r: sk[(i, r)], 14)
+    ref, _ = run_estimators(rows(t), cfg, lambda i, r: sk[(i, r)], 14)
     return t, cfg, sk, ref
 
 
@@ -532,7 +532,7 @@ def test_ready_once_and_complete():
     t = topo("exponential", 16)
     cfg = EstimatorConfig(k=8, lag=5, every=3)
     g = torch.Generator().manual_seed(9)
-    res, ests = simulate(rows(t), cfg, lambda i, r: torch.randn(8, generator=g, dtype=torch.float64), 10)
+    res, ests = run_estimators(rows(t), cfg, lambda i, r: torch.randn(8, generator=g, dtype=torch.float64), 10)
     e = ests[0]
     assert [r for r, _ in res[0]] == [0, 3]  # 0 ready after mix(4), 3 after mix(7); 6 and 9 in flight
     assert e.ready() == []

@@ -27,7 +27,7 @@ from p2pfl.core.state import synthetic_state
 from p2pfl.core.wire import Kind, Message, TensorPayload, decode, encode
 from p2pfl.host.files import read_jsonl
 
-from .conftest import make_topology, start_peer, wait_all
+from .conftest import make_topology, records, wait_all, wait_until
 
 FUZZ_ID = b"99"  # the fuzzer's routing identity: not a peer of the ring
 DIM = 512  # --no-train state: 16 tensors of 4 x 8 floats
@@ -203,15 +203,14 @@ def test_mutator_is_seeded_and_yields_rejectable_messages():
     assert 0 < decodable < len(seq_a)
 
 
-def _last_rejected(path: Path) -> int:
-    if not path.exists():
-        return -1
-    recs = read_jsonl(path)
+def _last_rejected(run_dir: Path) -> int:
+    """Messages peer 0 has rejected by its last round; -1 before its first."""
+    recs = records(run_dir, 0)
     return recs[-1]["rejected_messages"] if recs else -1
 
 
 @pytest.mark.slow
-def test_live_peer_survives_100k_mutated_messages(tmp_path, cluster_dir):
+def test_live_peer_survives_100k_mutated_messages(tmp_path, cluster_dir, spawn):
     import zmq
 
     topo, path = make_topology(tmp_path, "ring", 3)
@@ -221,43 +220,31 @@ def test_live_peer_survives_100k_mutated_messages(tmp_path, cluster_dir):
     rounds, period = 150, 0.25
     args = ["--rounds", str(rounds), "--round-period", str(period), "--no-train", "--dim", str(DIM),
             "--sketch-dim", "64", "--min-wait", "20", "--peer-timeout", "30"]
-    procs = {p: start_peer(path, p, cluster_dir, *args) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, *args) for p in topo.ids}
     metrics = cluster_dir / "metrics" / "peer-0.jsonl"
-    try:
-        end = time.monotonic() + 120
-        while _last_rejected(metrics) < 0:
-            assert time.monotonic() < end, "peer 0 never started its rounds"
-            assert all(pr.poll() is None for pr in procs.values()), "a peer died at start"
-            time.sleep(0.2)
-        mutate = Mutator(20240607, base_messages(0, topo.network_id()))
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.IDENTITY, FUZZ_ID)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 1000)
-        s.connect(topo.peers[0].endpoint)
-        t0 = time.monotonic()
-        sent = 0
-        while sent < TOTAL:
-            for _ in range(BATCH):
-                s.send_multipart(mutate())  # blocks at the high-water mark: nothing is dropped
-                sent += 1
-            # Keep at most one batch in flight: the per-round record carries the running count.
-            end = time.monotonic() + 60
-            while _last_rejected(metrics) < sent - (BATCH if sent < TOTAL else 0):
-                assert procs[0].poll() is None, "peer 0 died under fuzzing"
-                assert time.monotonic() < end, f"peer 0 stuck at {_last_rejected(metrics)} of {sent} rejections"
-                time.sleep(0.1)
-        fuzz_s = time.monotonic() - t0
-        s.close()
-        ctx.term()
-        last_round = read_jsonl(metrics)[-1]["round"]
-        assert last_round < rounds - 1, f"the peer finished its rounds before the fuzzing ended (round {last_round})"
-        codes = wait_all(procs, timeout=400)
-    finally:
-        for pr in procs.values():
-            if pr.poll() is None:
-                pr.kill()
+    wait_until(lambda: _last_rejected(cluster_dir) >= 0, 120, "peer 0's first round", procs.values())
+    mutate = Mutator(20240607, base_messages(0, topo.network_id()))
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, FUZZ_ID)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 1000)
+    s.connect(topo.peers[0].endpoint)
+    t0 = time.monotonic()
+    sent = 0
+    while sent < TOTAL:
+        for _ in range(BATCH):
+            s.send_multipart(mutate())  # blocks at the high-water mark: nothing is dropped
+            sent += 1
+        # Keep at most one batch in flight: the per-round record carries the running count.
+        due = sent - (BATCH if sent < TOTAL else 0)
+        wait_until(lambda due=due: _last_rejected(cluster_dir) >= due, 60, f"peer 0's rejection of {due} messages", [procs[0]])
+    fuzz_s = time.monotonic() - t0
+    s.close()
+    ctx.term()
+    last_round = read_jsonl(metrics)[-1]["round"]
+    assert last_round < rounds - 1, f"the peer finished its rounds before the fuzzing ended (round {last_round})"
+    codes = wait_all(procs, timeout=400)
     print(f"fuzz: {sent} messages in {fuzz_s:.1f}s ({sent / fuzz_s:.0f}/s), peer 0 at round {last_round} of {rounds}")
     assert codes == {0: 0, 1: 0, 2: 0}
     recs = read_jsonl(metrics)

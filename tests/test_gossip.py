@@ -8,8 +8,7 @@ from p2pfl.core.gossip import ChocoEngine, GossipError
 from p2pfl.core.robust import RobustSpec
 from p2pfl.core.state import synthetic_state
 from p2pfl.core.wire import Kind, Message, TensorPayload, encode
-
-from .engines import SimNetwork
+from p2pfl.sim.engines import EngineNetwork
 
 
 def states(topo, dim=4096, seed=0):
@@ -19,7 +18,7 @@ def states(topo, dim=4096, seed=0):
 def test_identity_codec_is_exact_gossip_averaging():
     topo = T.generate("ring", 8)
     x0 = states(topo)
-    net = SimNetwork(topo, x0)
+    net = EngineNetwork(topo, x0)
     X = torch.stack([flatten(x0[p]).double() for p in topo.ids]).numpy()
     W = topo.mixing_matrix()
     for _ in range(15):
@@ -36,18 +35,15 @@ def test_identity_codec_is_exact_gossip_averaging():
 
 def test_replicas_are_bit_identical_to_senders():
     topo = T.generate("torus", 9)
-    net = SimNetwork(topo, states(topo), plan="topk:0.1+int8")
+    net = EngineNetwork(topo, states(topo), plan="topk:0.1+int8")
     for _ in range(10):
         net.step()
-    for p, e in net.engines.items():
-        for j in topo.neighbors(p):
-            for k in e.xhat:
-                assert torch.equal(net.engines[j].replicas[p].xhat[k], e.xhat[k])
+    assert net.stale_replicas() == []
 
 
 def test_runs_are_deterministic():
     topo = T.generate("exponential", 8)
-    a, b = SimNetwork(topo, states(topo), "randk:0.2"), SimNetwork(topo, states(topo), "randk:0.2")
+    a, b = EngineNetwork(topo, states(topo), "randk:0.2"), EngineNetwork(topo, states(topo), "randk:0.2")
     for _ in range(5):
         a.step()
         b.step()
@@ -56,7 +52,7 @@ def test_runs_are_deterministic():
 
 def test_lost_delta_triggers_resync_and_replicas_recover():
     topo = T.generate("ring", 6)
-    net = SimNetwork(topo, states(topo), plan="topk:0.2")
+    net = EngineNetwork(topo, states(topo), plan="topk:0.2")
     net.step()
     lost = {"n": 0}
 
@@ -67,19 +63,17 @@ def test_lost_delta_triggers_resync_and_replicas_recover():
         return False
 
     net.step(drop=drop)
-    assert lost["n"] == 1
+    assert lost["n"] == 1 and net.stale_replicas() == [(3, 2)]
     rep = net.engines[3].replicas[2]
     assert rep.round == 0  # round-1 delta never arrived
     net.step()  # round 2 delta arrives with a gap -> RESYNC -> STATE, delivered recursively
-    assert rep.synced and rep.round == 2
-    for k in rep.xhat:
-        assert torch.equal(rep.xhat[k], net.engines[2].xhat[k])
+    assert rep.synced and rep.round == 2 and net.stale_replicas() == []
 
 
 def test_restarted_peer_resyncs_both_ways():
     topo = T.generate("ring", 5)
     x0 = states(topo)
-    net = SimNetwork(topo, x0, plan="fp16")
+    net = EngineNetwork(topo, x0, plan="fp16")
     for _ in range(3):
         net.step()
     # Peer 0 restarts from scratch (new incarnation, fresh zero replicas, sequence 0).
@@ -95,16 +89,13 @@ def test_restarted_peer_resyncs_both_ways():
     net.engines[0].round = net.round  # catch up to the network's round
     for _ in range(30):
         net.step()
-    for p, e in net.engines.items():
-        for j in topo.neighbors(p):
-            for k in e.xhat:
-                assert torch.equal(net.engines[j].replicas[p].xhat[k], e.xhat[k])
+    assert net.stale_replicas() == []
     assert exact_distance(net.states().values()) < 1e-2 * exact_distance(x0.values())
 
 
 def test_future_round_delta_is_held_back():
     topo = T.generate("path", 2)
-    net = SimNetwork(topo, states(topo, 256))
+    net = EngineNetwork(topo, states(topo, 256))
     e0, e1 = net.engines[0], net.engines[1]
     m0 = e0.make_delta(0)
     m1 = e1.make_delta(0)
@@ -121,10 +112,10 @@ def test_future_round_delta_is_held_back():
 
 def test_rejects_unknown_peer_bad_layout_and_bad_values():
     topo = T.generate("ring", 4)
-    e = SimNetwork(topo, states(topo, 512)).engines[0]
+    e = EngineNetwork(topo, states(topo, 512)).engines[0]
     with pytest.raises(GossipError, match="not a neighbour"):
         e.receive(Message(Kind.DELTA, sender=2, inc=1))
-    good = SimNetwork(topo, states(topo, 512)).engines[1].make_delta(0)
+    good = EngineNetwork(topo, states(topo, 512)).engines[1].make_delta(0)
     bad = Message(Kind.DELTA, 1, 0, 0, good.inc, {"nope": TensorPayload("none", (3,), {"data": torch.zeros(3)})})
     with pytest.raises(GossipError, match="layout mismatch"):
         e.receive(bad)
@@ -143,7 +134,7 @@ def test_rejects_unknown_peer_bad_layout_and_bad_values():
 def test_down_neighbour_weight_moves_to_self_and_stays_doubly_stochastic():
     topo = T.generate("ring", 6)
     x0 = states(topo)
-    net = SimNetwork(topo, x0)
+    net = EngineNetwork(topo, x0)
     live = set(topo.ids) - {3}
     for _ in range(60):
         net.step(live=live)
@@ -155,7 +146,7 @@ def test_down_neighbour_weight_moves_to_self_and_stays_doubly_stochastic():
 
 def test_replayed_old_incarnation_and_duplicates_are_dropped():
     topo = T.generate("ring", 4)
-    net = SimNetwork(topo, states(topo, 512))
+    net = EngineNetwork(topo, states(topo, 512))
     old = net.engines[1].make_delta(0)
     net.deliver(1, 0, old)
     net.deliver(1, 0, old)  # the same delta again: a duplicate, counted and ignored
@@ -167,7 +158,7 @@ def test_replayed_old_incarnation_and_duplicates_are_dropped():
 
 def test_norm_guard_rejects_implausible_deltas():
     topo = T.generate("ring", 4)
-    net = SimNetwork(topo, states(topo, 512))
+    net = EngineNetwork(topo, states(topo, 512))
     for _ in range(6):
         net.step()
     net.engines[0].guard.factor = 100.0  # opt-in (--norm-factor 100)
@@ -186,7 +177,7 @@ def test_robust_mixing_bounds_a_byzantine_neighbour(robust):
     spread = exact_distance([x0[p] for p in honest])  # honest peers' initial consensus distance
 
     def run(robust_spec):
-        net = SimNetwork(topo, x0)
+        net = EngineNetwork(topo, x0)
         for e in net.engines.values():
             e.robust = RobustSpec.parse(robust_spec)
             e.guard.factor = 0  # isolate the aggregation rule
@@ -227,7 +218,7 @@ def test_flat_and_per_tensor_deltas_keep_replicas_identical():
 def test_loss_free_sim_sends_only_deltas_after_the_hellos():
     """No resync traffic without loss: full STATE messages would swamp a compressed run's bytes."""
     topo = T.generate("ring", 6)
-    net = SimNetwork(topo, states(topo, 1024), plan="sign:64")
+    net = EngineNetwork(topo, states(topo, 1024), plan="sign:64")
     kinds: list[Kind] = []
     deliver = net.deliver
 

@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from p2pfl.core.consensus import exact_distance
 from p2pfl.core.state import synthetic_state
 from p2pfl.host.checkpoint import load_state
@@ -48,6 +50,7 @@ def _ring(tmp: Path, spawn, attack: bool) -> tuple[dict[int, tuple[int, int]], P
     return _wait_rusage(procs, timeout=240), run
 
 
+@pytest.mark.slow
 def test_honest_peers_finish_bounded_and_in_consensus_while_a_keyed_neighbour_floods_them(tmp_path, spawn):
     clean, _ = _ring(tmp_path / "a", spawn, attack=False)
     hostile, run = _ring(tmp_path / "b", spawn, attack=True)
@@ -71,6 +74,7 @@ def test_honest_peers_finish_bounded_and_in_consensus_while_a_keyed_neighbour_fl
     assert exact_distance(final) <= (2 / 3) ** (ROUNDS / 4) * exact_distance(x0)
 
 
+@pytest.mark.slow
 def test_an_injected_error_in_message_handling_is_counted_over_tcp_and_the_peers_finish(tmp_path, spawn, monkeypatch):
     """Peers 0-1 run in this process (the error is injected here), 2-3 in another; 0 and 3 talk over TCP."""
     import asyncio

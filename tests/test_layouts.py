@@ -7,55 +7,21 @@ and training gives the same losses and accuracies.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
 from p2pfl.host.checkpoint import load_state
 from p2pfl.host.files import read_jsonl
 
-from .conftest import ROOT, make_topology
-
-
-def run_layout(path, run_dir, blocks: list[str], *args: str, timeout: float = 400,
-               late: tuple[str, float] | None = None) -> None:
-    """One process per block of peer ids. `late` = (block, seconds): that block starts that long
-    after the others have started their peers."""
-    run_dir.mkdir(parents=True)
-    procs = []
-    blocks = sorted(blocks, key=lambda b: late is not None and b == late[0])
-    for ids in blocks:
-        if late is not None and ids == late[0]:
-            wait_for_start(run_dir, [b for b in blocks if b != ids])
-            time.sleep(late[1])
-        log = open(run_dir / f"stdout-{ids}.log", "wb")  # noqa: SIM115 - the child owns it
-        procs.append(subprocess.Popen([sys.executable, "-m", "p2pfl", "--topology", str(path), "--id", ids,
-                                       "--run-dir", str(run_dir), *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert codes == [0] * len(blocks), [(run_dir / f"stdout-{b}.log").read_text()[-2000:] for b in blocks]
-
-
-def wait_for_start(run_dir, blocks: list[str], timeout: float = 120) -> None:
-    """Until every process of `blocks` has logged its peers' start line."""
-    logs, end = [run_dir / f"stdout-{b}.log" for b in blocks], time.monotonic() + timeout
-    while not all(b"run dir" in f.read_bytes() for f in logs):
-        assert time.monotonic() < end, f"blocks {blocks} did not start within {timeout}s"
-        time.sleep(0.1)
+from .conftest import make_topology, run_layout
 
 
 @pytest.mark.slow
-def test_ring8_no_train_eight_processes_and_one_give_bit_identical_adapters(tmp_path):
+def test_ring8_no_train_eight_processes_and_one_give_bit_identical_adapters(tmp_path, spawn):
     topo, path = make_topology(tmp_path, "ring", 8)
     args = ["--rounds", "12", "--no-train", "--dim", "16384", "--min-wait", "20", "--sketch-dim", "256"]
-    run_layout(path, tmp_path / "eight", [str(p) for p in topo.ids], *args)
-    run_layout(path, tmp_path / "one", ["0-7"], *args)
+    run_layout(spawn, path, tmp_path / "eight", [str(p) for p in topo.ids], *args)
+    run_layout(spawn, path, tmp_path / "one", ["0-7"], *args)
     for p in topo.ids:
         a = load_state(tmp_path / "eight" / f"peer-{p}" / "adapter.safetensors")
         b = load_state(tmp_path / "one" / f"peer-{p}" / "adapter.safetensors")
@@ -67,13 +33,13 @@ def test_ring8_no_train_eight_processes_and_one_give_bit_identical_adapters(tmp_
 
 
 @pytest.mark.slow
-def test_ring4_training_in_four_processes_two_and_one_gives_the_same_losses_and_accuracies(tmp_path):
+def test_ring4_training_in_four_processes_two_and_one_gives_the_same_losses_and_accuracies(tmp_path, spawn):
     topo, path = make_topology(tmp_path, "ring", 4)
     sets = ["local_steps=2", "samples_per_peer=64", "global_test_size=100", "partition=\"dirichlet:0.5\""]
     args = ["--rounds", "3", "--min-wait", "60", "--sketch-dim", "256", *[a for s in sets for a in ("--set", s)]]
     layouts = {"four": [str(p) for p in topo.ids], "two": ["0-1", "2-3"], "one": ["0-3"]}
     for name, blocks in layouts.items():
-        run_layout(path, tmp_path / name, blocks, *args)
+        run_layout(spawn, path, tmp_path / name, blocks, *args)
     keys = ("train_loss", "accuracy", "test_loss")
     for p in topo.ids:
         runs = {name: read_jsonl(tmp_path / name / "metrics" / f"peer-{p}.jsonl") for name in layouts}

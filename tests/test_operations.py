@@ -1,7 +1,6 @@
 """Operations: clean shutdown on SIGTERM, Prometheus metrics, resume past a damaged checkpoint."""
 
 import signal
-import time
 import urllib.request
 
 import pytest
@@ -12,16 +11,7 @@ from p2pfl.host import checkpoint as ckpt
 from p2pfl.host.daemon import Host
 from p2pfl.host.files import read_jsonl
 
-from .conftest import free_base_port, make_topology, wait_all
-
-
-def _wait_records(path, n, timeout=120):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{path} never reached {n} records")
+from .conftest import free_base_port, make_topology, records, wait_all, wait_until
 
 
 @pytest.mark.slow
@@ -30,7 +20,7 @@ def test_sigterm_checkpoints_says_goodbye_and_exits_zero_and_metrics_are_scrapab
     port = free_base_port(1)
     common = ["--rounds", "300", "--no-train", "--dim", "4096", "--round-period", "0.1", "--peer-timeout", "30"]
     procs = {p: spawn(path, p, cluster_dir, *common, *(["--metrics-port", str(port)] if p == 0 else [])) for p in topo.ids}
-    _wait_records(cluster_dir / "metrics" / "peer-1.jsonl", 8)
+    wait_until(lambda: len(records(cluster_dir, 1)) >= 8, 120, "peer 1's first eight rounds", procs.values())
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'p2pfl_round{peer="0"}' in body and 'p2pfl_consensus_distance{peer="0"}' in body
     procs[1].send_signal(signal.SIGTERM)
@@ -39,7 +29,7 @@ def test_sigterm_checkpoints_says_goodbye_and_exits_zero_and_metrics_are_scrapab
     assert "stopping after round" in log1
     stopped = ckpt.load_latest(cluster_dir / "peer-1")
     assert stopped is not None and stopped.round >= 7
-    _wait_records(cluster_dir / "metrics" / "peer-0.jsonl", stopped.round + 5)
+    wait_until(lambda: len(records(cluster_dir, 0)) >= stopped.round + 5, 120, "peer 0's rounds after peer 1 stopped")
     log0 = (cluster_dir / "logs" / "peer-0.log").read_text()
     assert "neighbour 1 said goodbye" in log0  # marked down at once, not after the 30 s timeout
     for p in (0, 2):

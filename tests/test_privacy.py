@@ -19,7 +19,7 @@ from p2pfl.learn.trainer import Trainer, TrainerConfig
 from p2pfl.ops.pages import summary_rows
 from p2pfl.ops.report import summarize
 
-from .conftest import make_topology, start_peer, wait_all
+from .conftest import make_topology, wait_all
 
 FAST = dict(samples_per_peer=96, global_test_size=60, batch_size=16, local_steps=3)
 
@@ -151,10 +151,10 @@ def test_the_report_shows_each_peers_spent_epsilon():
 
 
 @pytest.mark.slow
-def test_a_multi_process_run_with_dp_finishes_and_records_epsilon(tmp_path, cluster_dir):
+def test_a_multi_process_run_with_dp_finishes_and_records_epsilon(tmp_path, cluster_dir, spawn):
     topo, path = make_topology(tmp_path, "ring", 3)
     sets = ["--set", "dp_epsilon=8", "--set", "local_steps=2", "--set", "samples_per_peer=64", "--set", "global_test_size=60"]
-    procs = {p: start_peer(path, p, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for p in topo.ids}
+    procs = {p: spawn(path, p, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for p in topo.ids}
     assert wait_all(procs, timeout=300) == {p: 0 for p in topo.ids}
     for p in topo.ids:
         recs = read_jsonl(cluster_dir / "metrics" / f"peer-{p}.jsonl")

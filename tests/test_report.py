@@ -343,6 +343,7 @@ def real_run(request, tmp_path_factory) -> RealRun:
     return RealRun(kind, run, done.stdout, records, models)
 
 
+@pytest.mark.slow  # real_run starts the launcher and its peer process
 def test_real_run_report_of_its_kind(real_run):
     r = real_run
     out = r.run / "report"
@@ -421,6 +422,7 @@ def distinct_colours(img: np.ndarray) -> int:
     return len(np.unique(img.reshape(-1, 3).astype(np.int64) @ np.array([65536, 256, 1])))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium executable installed")
 def test_real_run_page_shows_its_plots_in_chromium(real_run, tmp_path):
     page = real_run.run / "report" / "summary.html"

@@ -18,8 +18,7 @@ from p2pfl.core.state import synthetic_state
 from p2pfl.host.checkpoint import load_state
 from p2pfl.host.files import read_jsonl
 
-from .conftest import make_topology
-from .test_layouts import run_layout
+from .conftest import make_topology, run_layout
 
 DIM = 2048
 ROUNDS = 12
@@ -27,12 +26,12 @@ ROUNDS = 12
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["exponential", "ring"])
-def test_256_peers_in_four_processes(tmp_path, kind):
+def test_256_peers_in_four_processes(tmp_path, spawn, kind):
     topo, path = make_topology(tmp_path, kind, 256)
     run = tmp_path / "run"
     args = ["--rounds", str(ROUNDS), "--no-train", "--dim", str(DIM), "--min-wait", "60", "--peer-timeout", "120",
             "--startup-timeout", "120", "--log-level", "WARNING"]
-    run_layout(path, run, ["0-63", "64-127", "128-191", "192-255"], *args, timeout=900)
+    run_layout(spawn, path, run, ["0-63", "64-127", "128-191", "192-255"], *args, timeout=900)
     x0 = [synthetic_state(0, p, DIM) for p in topo.ids]
     final = [load_state(run / f"peer-{p}" / "adapter.safetensors") for p in topo.ids]
     xi0, xi = exact_distance(x0), exact_distance(final)

@@ -332,7 +332,7 @@ def test_links_to_past_round_peers_are_closed_and_stay_few():
 
 
 @pytest.mark.slow
-def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_processes(tmp_path):
+def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_processes(tmp_path, spawn):
     """16 peers in 4 processes (4 co-hosted each: in process within, TCP across), links opened on
     demand: after log2(16) = 4 rounds every saved model is the average of the starting ones.
 
@@ -342,14 +342,13 @@ def test_one_peer_exponential_averages_exactly_in_log2_n_rounds_over_real_proces
     from p2pfl.host.checkpoint import load_state
     from p2pfl.host.files import read_jsonl
 
-    from .conftest import free_base_port
-    from .test_layouts import run_layout
+    from .conftest import free_base_port, run_layout
 
     topo = T.scheduled("one-peer-exponential", 16, base_port=free_base_port(16))
     path = tmp_path / "ope16.yaml"
     dump_topology(topo, path)
     dim = 4096
-    run_layout(path, tmp_path / "run", ["0-3", "4-7", "8-11", "12-15"], "--rounds", "4", "--no-train", "--dim", str(dim),
+    run_layout(spawn, path, tmp_path / "run", ["0-3", "4-7", "8-11", "12-15"], "--rounds", "4", "--no-train", "--dim", str(dim),
                "--min-wait", "5", "--sketch-dim", "0", late=("4-7", 8.0))
     x0 = [flatten(synthetic_state(0, p, dim)) for p in topo.ids]
     avg = mean(x0)
@@ -367,11 +366,8 @@ def test_a_killed_schedule_peer_resumes_and_rejoins_over_real_processes(tmp_path
     `--resume`. The others go on without it (left out of its rounds, then not waited for), it
     comes back from its checkpoint, never writes a round twice, mixes again, and all finish."""
     import signal
-    import time
 
-    from p2pfl.host.files import read_jsonl
-
-    from .conftest import free_base_port, wait_all
+    from .conftest import free_base_port, records, wait_all, wait_until
 
     topo = T.scheduled("epidemic:3", 8, base_port=free_base_port(8))
     path = tmp_path / "epi8.yaml"
@@ -381,25 +377,17 @@ def test_a_killed_schedule_peer_resumes_and_rejoins_over_real_processes(tmp_path
             "--sketch-dim", "0", "--startup-timeout", "5", "--min-wait", "3"]
     procs = {"others": spawn(path, "0-2,4-7", cluster_dir, *args), 3: spawn(path, 3, cluster_dir, *args)}
 
-    def records(p: int) -> list[dict]:
-        f = cluster_dir / "metrics" / f"peer-{p}.jsonl"
-        return read_jsonl(f) if f.exists() else []
-
-    def wait_records(p: int, n: int) -> None:
-        end = time.monotonic() + 120
-        while len(records(p)) < n:
-            assert time.monotonic() < end, f"peer {p} never wrote {n} records"
-            time.sleep(0.1)
-
-    wait_records(3, 25)  # 5 s of paced rounds: past the start-up window
+    # 5 s of paced rounds: past the start-up window
+    wait_until(lambda: len(records(cluster_dir, 3)) >= 25, 120, "peer 3's first 25 rounds", procs.values())
     procs[3].send_signal(signal.SIGKILL)
     procs[3].wait()
-    killed_at = len(records(3))
-    wait_records(0, len(records(0)) + 10)
+    killed_at = len(records(cluster_dir, 3))
+    due = len(records(cluster_dir, 0)) + 10
+    wait_until(lambda: len(records(cluster_dir, 0)) >= due, 120, f"peer 0's round {due}")
     procs[3] = spawn(path, 3, cluster_dir, *args, "--resume")
     assert wait_all(procs, timeout=300) == {"others": 0, 3: 0}
-    assert all(records(p)[-1]["round"] == rounds - 1 for p in topo.ids)
-    assert any(3 in r["late_neighbors"] for p in topo.ids if p != 3 for r in records(p))  # left out while down
-    mine = [r["round"] for r in records(3)]
+    assert all(records(cluster_dir, p)[-1]["round"] == rounds - 1 for p in topo.ids)
+    assert any(3 in r["late_neighbors"] for p in topo.ids if p != 3 for r in records(cluster_dir, p))  # left out while down
+    mine = [r["round"] for r in records(cluster_dir, 3)]
     assert mine == sorted(set(mine)) and mine[-1] == rounds - 1  # never a round twice
-    assert sum(r["live_neighbors"] for r in records(3)[killed_at:]) > 0  # it mixes again after the restart
+    assert sum(r["live_neighbors"] for r in records(cluster_dir, 3)[killed_at:]) > 0  # it mixes again after the restart

@@ -29,13 +29,13 @@ from p2pfl.core.robust import NormGuard, RobustSpec
 from p2pfl.core.state import State, synthetic_state
 from p2pfl.core.wire import Kind, Message, TensorPayload, encode
 from p2pfl.host.checkpoint import load_state
-from p2pfl.host.files import load_topology, read_jsonl
+from p2pfl.host.files import load_topology
 from p2pfl.node.node import Node, NodeSpec
 from p2pfl.node.piggyback import ESTIMATE_TENSOR, SKETCH_TENSOR
 from p2pfl.ops.cli import topology_main
+from p2pfl.sim.engines import EngineNetwork
 
-from .conftest import make_topology, wait_all
-from .engines import SimNetwork
+from .conftest import make_topology, records, wait_all, wait_until
 
 DIM = 4096
 
@@ -58,17 +58,9 @@ def peer_keys(path: Path, peer: int) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def records(run_dir: Path, peer: int) -> list[dict]:
-    f = run_dir / "metrics" / f"peer-{peer}.jsonl"
-    return read_jsonl(f) if f.exists() else []
-
-
 def wait_round(run_dir: Path, peer: int, rnd: int, procs: dict[int, subprocess.Popen], timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while not any(r["round"] >= rnd for r in records(run_dir, peer)):
-        assert all(pr.poll() is None for pr in procs.values()), {p: pr.poll() for p, pr in procs.items()}
-        assert time.monotonic() < end, f"peer {peer} did not reach round {rnd} in {timeout}s"
-        time.sleep(0.1)
+    wait_until(lambda: any(r["round"] >= rnd for r in records(run_dir, peer)), timeout, f"peer {peer}'s round {rnd}",
+               procs.values())
 
 
 def log_of(run_dir: Path, peer: int) -> str:
@@ -271,10 +263,7 @@ def test_unknown_keys_plaintext_clients_and_raw_replays_deliver_nothing(tmp_path
         insider.connect(f"tcp://127.0.0.1:{proxy.port}")
         for _ in range(3):
             insider.send_multipart(heartbeat(1))
-        end = time.monotonic() + 60
-        while "[total 3]" not in log_of(cluster_dir, 2):
-            assert time.monotonic() < end, "the recorded session never reached peer 2"
-            time.sleep(0.1)
+        wait_until(lambda: "[total 3]" in log_of(cluster_dir, 2), 60, "the recorded session at peer 2")
         insider.close()
         proxy.thread.join(10)
         proxy.close()
@@ -342,10 +331,7 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
             forger.send_multipart(heartbeat(2, inc=time.time_ns() // 1000))
             forger.send_multipart(delta(2, seq=k, rnd=k, inc=time.time_ns() // 1000, state=state2))
         assert procs[1].wait(timeout=120) == 0
-        end = time.monotonic() + 60
-        while "neighbour 1 said goodbye" not in log_of(cluster_dir, 0):
-            assert time.monotonic() < end
-            time.sleep(0.1)
+        wait_until(lambda: "neighbour 1 said goodbye" in log_of(cluster_dir, 0), 60, "peer 1's goodbye at peer 0")
         forger.close(0)
 
         replayer = client(ctx, "", key1, server0, identity=b"1")
@@ -362,10 +348,8 @@ def test_insider_key_cannot_forge_ids_and_replays_are_rejected_or_counted(tmp_pa
         replayer.send_multipart(dup)
         replayer.send_multipart(dup)
         replayer.send_multipart(encode(Message(Kind.BYE, sender=1, inc=new_inc, net=net)))
-        end = time.monotonic() + 60
-        while f"[total {n_forged + n_stale + n_foreign}]" not in log_of(cluster_dir, 0):
-            assert time.monotonic() < end, "the replayed messages never arrived"
-            time.sleep(0.1)
+        wait_until(lambda: f"[total {n_forged + n_stale + n_foreign}]" in log_of(cluster_dir, 0), 60,
+                   "the replayed messages at peer 0")
         replayer.close(0)
         at = records(cluster_dir, 0)[-1]["round"]
         wait_round(cluster_dir, 0, at + 2, {p: procs[p] for p in (0, 2)})  # peer 0 went on after the replays
@@ -404,10 +388,8 @@ def test_insider_cannot_evict_a_neighbour_by_claiming_its_routing_id(tmp_path, c
         for _ in range(3):
             attacker.send_multipart(heartbeat(2))
         at = records(cluster_dir, 0)[-1]["round"]
-        end = time.monotonic() + 60
-        while records(cluster_dir, 0)[-1]["rejected_messages"] < 3:  # the heartbeats arrived (and were refused)
-            assert time.monotonic() < end, "the attacker's heartbeats never reached peer 0"
-            time.sleep(0.1)
+        # the heartbeats arrived (and were refused)
+        wait_until(lambda: records(cluster_dir, 0)[-1]["rejected_messages"] >= 3, 60, "the attacker's heartbeats at peer 0")
         # Stay connected for longer than --peer-timeout (7 paced rounds of 0.3 s > 2 s): had the
         # attacker taken peer 2's place, peer 0 would have marked peer 2 down by then.
         wait_round(cluster_dir, 0, at + 7, procs)
@@ -447,7 +429,7 @@ def honest_deviation(x0: dict[int, State], xt: dict[int, State], honest: list[in
 def simulate_byzantine(robust: str, attack: bool = True) -> tuple[float, float]:
     topo = T.generate(BYZ_KIND, BYZ_N)
     x0 = {p: synthetic_state(BYZ_SEED, p, DIM) for p in topo.ids}
-    net = SimNetwork(topo, x0, seed=BYZ_SEED)
+    net = EngineNetwork(topo, x0, seed=BYZ_SEED)
     for e in net.engines.values():
         e.robust, e.guard = RobustSpec.parse(robust), NormGuard(0)  # as --robust R --norm-factor 0
     bad = net.engines[BYZ_BAD]

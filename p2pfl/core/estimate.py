@@ -96,7 +96,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -401,47 +401,3 @@ class GossipEstimator:
     def buffer_bound_bytes(self) -> int:
         return len(self.weights) * (2 * WINDOW + 1) * self.cfg.max_payload_bytes
 
-
-# ---------------------------------------------------------------- in-process network (tests, measurements)
-
-
-def simulate(
-    rows: Mapping[int, Mapping[int, float]],
-    cfg: EstimatorConfig,
-    sketch: Callable[[int, int], torch.Tensor],
-    rounds: int,
-    *,
-    down: Callable[[int, int], bool] | None = None,
-    drop: Callable[[int, int, int], bool] | None = None,
-    observe: Callable[[int, dict[int, GossipEstimator]], None] | None = None,
-    on_send: Callable[[int, int, list[list[int]], torch.Tensor], None] | None = None,
-) -> tuple[dict[int, list[tuple[int, float]]], dict[int, GossipEstimator]]:
-    """Synchronous rounds of one GossipEstimator per peer, in the order a node calls them.
-
-    rows: each peer's weights (neighbours; a self entry is ignored).  sketch(peer, rnd): its sketch on
-    an instance round.  down(peer, rnd): the peer is off that round (sends nothing, does not mix).
-    drop(sender, receiver, rnd): that one message is lost.  observe(rnd, estimators) after each mix;
-    on_send(rnd, peer, keys, data) for each payload a peer sends.
-    Returns (each peer's ready() results in order, the estimators)."""
-    ests = {i: GossipEstimator(i, {j: w for j, w in row.items() if j != i}, cfg) for i, row in rows.items()}
-    out: dict[int, list[tuple[int, float]]] = {i: [] for i in ests}
-    for rnd in range(rounds):
-        up = [i for i in ests if down is None or not down(i, rnd)]
-        upset = set(up)
-        for i in up:
-            if ests[i].starts(rnd):
-                ests[i].add_own(rnd, sketch(i, rnd))
-        sent = {i: ests[i].payload(rnd) for i in up}
-        if on_send is not None:
-            for i in up:
-                on_send(rnd, i, *sent[i])
-        for i in up:
-            for j in ests[i].weights:
-                if j in upset and (drop is None or not drop(j, i, rnd)):
-                    ests[i].receive(j, rnd, *sent[j])
-        for i in up:
-            ests[i].mix(rnd, [j for j in ests[i].weights if j in upset])
-            out[i].extend(ests[i].ready())
-        if observe is not None:
-            observe(rnd, ests)
-    return out, ests

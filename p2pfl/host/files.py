@@ -49,9 +49,12 @@ class JsonlWriter:
         self._f.close()
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn final line (a peer killed mid-write) is ignored."""
+def read_jsonl(path: str | Path, last: int | None = None) -> list[dict[str, Any]]:
+    """Records of a JSONL file, or only its `last` ones (a live run's progress, without parsing
+    every round again); a torn final line (a peer killed mid-write, or writing now) is ignored."""
     lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    if last is not None:
+        lines = lines[-(last + 1):]  # one more, in case the final one is torn
     out = []
     for k, line in enumerate(lines):
         try:
@@ -59,4 +62,4 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if k != len(lines) - 1:
                 raise
-    return out
+    return out if last is None else out[max(len(out) - last, 0):]

@@ -10,7 +10,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from p2pfl.config import SETTINGS_KEYS, ConfigError, PeerConfig, parse_ids, peer_trainers, render, resolve
+from p2pfl.config import (
+    SETTINGS_KEYS,
+    ConfigError,
+    PeerConfig,
+    parse_ids,
+    parse_pairs,
+    peer_trainers,
+    render,
+    resolve,
+)
 from p2pfl.core import topology as topo_mod
 from p2pfl.core.specs import check_peer
 from p2pfl.errors import P2pflError
@@ -75,13 +84,6 @@ def _peer_parser() -> argparse.ArgumentParser:
                    "values are typed by p2pfl.config.TrainerConfig")
     p.add_argument("--log-level", default="INFO")
     return p
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def build_peer_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Namespace, list[int], dict[str, str]]:
@@ -158,10 +160,7 @@ def topology_main(argv: list[str] | None = None) -> int:
         if args.cmd == "keygen":
             return _keygen(args)
         if args.cmd == "generate":
-            params = {"seed": args.seed}
-            for item in args.param:
-                k, _, v = item.partition("=")
-                params[k] = _parse_value(v)
+            params = {"seed": args.seed, **parse_pairs(args.param, "--param")}
             t = topo_mod.generate(args.kind, args.n, base_port=args.base_port, host=args.host, **params)
             if args.output:
                 dump_topology(t, args.output)

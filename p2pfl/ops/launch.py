@@ -6,7 +6,6 @@ every core busy without importing torch once per peer."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -28,11 +27,8 @@ def _last_records(run_dir: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
     out = {}
     for p in ids:
         path = run_dir / "metrics" / f"peer-{p}.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            if lines:
-                with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
-                    out[p] = json.loads(lines[-1])
+        if path.exists() and (recs := read_jsonl(path, last=1)):
+            out[p] = recs[0]
     return out
 
 
