@@ -87,7 +87,7 @@ def test_an_injected_error_in_message_handling_is_counted_over_tcp_and_the_peers
     run = tmp_path / "run"
     run.mkdir()
     other = spawn(path, "2-3", run, "--no-train", "--rounds", "12", "--dim", "4096")
-    real = N.Node._receive_base
+    real = N.Node._receive
     hits = {"n": 0}
 
     def flaky(self, msg, now):
@@ -96,7 +96,7 @@ def test_an_injected_error_in_message_handling_is_counted_over_tcp_and_the_peers
             raise RuntimeError("injected fault")
         return real(self, msg, now)
 
-    monkeypatch.setattr(N.Node, "_receive_base", flaky)
+    monkeypatch.setattr(N.Node, "_receive", flaky)
     cfg = PeerConfig(topology=path, id=0, no_train=True, rounds=12, dim=4096, run_dir=run)
     assert asyncio.run(Host(cfg, [0, 1]).run()) == 0
     assert other.wait(timeout=120) == 0

@@ -47,17 +47,17 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path):
     host = Host(cfg, [0])
     h = host.peers[0]
     peer = h.node
-    peer.engine.round = 4
-    peer.engine.x = {k: v + 1 for k, v in peer.engine.x.items()}
+    peer.mixer.engine.round = 4
+    peer.mixer.engine.x = {k: v + 1 for k, v in peer.mixer.engine.x.items()}
     peer.round = 4
     host._checkpoint(h, 4)
-    good = {k: v.clone() for k, v in peer.engine.x.items()}
-    peer.engine.round = peer.round = 9
-    peer.engine.x = {k: v * 0 + 123 for k, v in peer.engine.x.items()}
+    good = {k: v.clone() for k, v in peer.mixer.engine.x.items()}
+    peer.mixer.engine.round = peer.round = 9
+    peer.mixer.engine.x = {k: v * 0 + 123 for k, v in peer.mixer.engine.x.items()}
     host._checkpoint(h, 9)
     newest = sorted((run / "peer-0").glob("checkpoint-*.safetensors"))[-1]
     newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
     resumed = Host(PeerConfig(topology=path, id=0, run_dir=run, no_train=True, dim=1024, resume=True), [0]).peers[0].node
     assert resumed.start_round == 5
     for k, v in good.items():
-        assert torch.equal(resumed.engine.x[k], v)
+        assert torch.equal(resumed.mixer.engine.x[k], v)

@@ -15,10 +15,11 @@ from sklearn.metrics import adjusted_rand_score
 
 from p2pfl.config import PeerConfig
 from p2pfl.core.gossip import Refused
+from p2pfl.core.specs import parse_clusters
 from p2pfl.core.topology import PeerSpec, Topology
 from p2pfl.core.wire import CLUSTER, GLOBAL, Kind, Message, TensorPayload, WireError, decode, encode
 from p2pfl.node import snapshot
-from p2pfl.ppfm.levels import Levels, PpfmConfig, level_distances, parse_clusters
+from p2pfl.ppfm.levels import Levels, PpfmConfig, level_distances
 from p2pfl.sim.simulation import Simulation
 
 D = 2048
@@ -66,7 +67,7 @@ class PpfmNetwork(Simulation):
         assert cfg.lag == topo.diameter() + 1  # what the node uses
         super().__init__(topo, pc, {p: FnLearner(p, lambda q, theta: fn[0](q, theta), x0[p]) for p in topo.ids}, drop=drop)
         self.fn = fn
-        self.levels = {p: nd.levels for p, nd in self.nodes.items()}
+        self.levels = {p: nd.mixer.levels for p, nd in self.nodes.items()}
 
     def step(self, train=None) -> int:  # type: ignore[override]
         if train is not None:

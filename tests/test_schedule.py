@@ -18,7 +18,8 @@ from p2pfl.core.state import synthetic_state
 from p2pfl.core.wire import Kind
 from p2pfl.host.files import dump_topology, load_topology
 from p2pfl.node.actions import Disconnect
-from p2pfl.node.node import Node, NodeSpec
+from p2pfl.node.build import make_node
+from p2pfl.node.node import NodeSpec
 from p2pfl.sim.simulation import Simulation
 
 SPECS = ["one-peer-exponential", "random-regular:4", "epidemic:3"]
@@ -212,7 +213,7 @@ def test_nodes_gossip_exactly_what_the_schedule_matrices_predict_and_keep_the_me
     s = topo.schedule_for(0)
     want = predicted(s, x0, rounds)
     assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
-    omega = torch.tensor([nd.dyn.weight if s.push_sum else 1.0 for nd in sim.nodes.values()], dtype=torch.float64)
+    omega = torch.tensor([nd.mixer.exchange.weight if s.push_sum else 1.0 for nd in sim.nodes.values()], dtype=torch.float64)
     assert s.push_sum or bool((omega == 1).all())
     kept = (omega[:, None] * got).mean(0)  # push-sum keeps sum_i omega_i x_i; the others sum_i x_i
     assert torch.allclose(kept, mean(x0).double(), rtol=1e-5, atol=1e-6)
@@ -243,8 +244,8 @@ def test_per_edge_choco_replicas_stay_bit_identical_and_compressed_gossip_reache
     assert xi(sim.flat()) < 1e-5 * xi(x0)
     assert float((mean(sim.flat()) - mean(x0)).norm()) < 1e-5 * float(mean(x0).norm())
     for p, nd in sim.nodes.items():
-        for eng in nd.dyn.engines:  # each edge's copy, on both ends
-            theirs = sim.nodes[eng.src].dyn.by_dest[p].xhat
+        for eng in nd.mixer.exchange.engines:  # each edge's copy, on both ends
+            theirs = sim.nodes[eng.src].mixer.exchange.by_dest[p].xhat
             assert all(torch.equal(eng.replicas[eng.src].xhat[k], theirs[k]) for k in theirs)
     assert sim.records[0][-1]["compression_ratio"] > 1.9
 
@@ -252,15 +253,15 @@ def test_per_edge_choco_replicas_stay_bit_identical_and_compressed_gossip_reache
 def test_fresh_edges_refuse_a_codec_only_replicas_would_correct():
     topo = T.scheduled("random-regular:3", 8)
     with pytest.raises(ConfigError, match=r"no replica corrects a lossy codec \(int8\)"):
-        Node(cfg(compress="int8"), topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
-    Node(cfg(compress="fp16"), topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
+        make_node(cfg(compress="int8"), topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
+    make_node(cfg(compress="fp16"), topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
 
 
 @pytest.mark.parametrize("kw,needle", [({"robust": "median"}, "a schedule with --robust"), ({"estimator": "gossip"}, "--estimator gossip"),
                                        ({"clusters": "2"}, "a schedule with --clusters"), ({"algorithm": "adam"}, "--algorithm")])
 def test_what_a_schedule_cannot_run_is_refused(kw, needle):
     with pytest.raises(ConfigError, match=needle):
-        Node(cfg(**kw), T.scheduled("epidemic:2", 8), NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
+        make_node(cfg(**kw), T.scheduled("epidemic:2", 8), NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -30,7 +30,8 @@ from p2pfl.core.state import State, synthetic_state
 from p2pfl.core.wire import Kind, Message, TensorPayload, encode
 from p2pfl.host.checkpoint import load_state
 from p2pfl.host.files import load_topology
-from p2pfl.node.node import Node, NodeSpec
+from p2pfl.node.build import make_node
+from p2pfl.node.node import NodeSpec
 from p2pfl.node.piggyback import ESTIMATE_TENSOR, SKETCH_TENSOR
 from p2pfl.ops.cli import topology_main
 from p2pfl.sim.engines import EngineNetwork
@@ -473,8 +474,8 @@ def test_byzantine_scaler_is_contained_by_trimmed_mean_and_not_without(tmp_path,
         args = ["--rounds", str(BYZ_ROUNDS), "--no-train", "--dim", str(DIM), "--seed", str(BYZ_SEED), "--sketch-dim", "0",
                 "--robust", robust, "--norm-factor", "0", "--min-wait", "60", "--peer-timeout", "60"]
         # The Byzantine peer in a process of its own (--byzantine applies to every peer of a process),
-        # the honest peers co-hosted on either side of it.
-        blocks = [f"0-{BYZ_BAD - 1}", str(BYZ_BAD), f"{BYZ_BAD + 1}-{BYZ_N - 1}"]
+        # the honest peers co-hosted in another.
+        blocks = [f"0-{BYZ_BAD - 1},{BYZ_BAD + 1}-{BYZ_N - 1}", str(BYZ_BAD)]
         procs = {b: spawn(path, b, run, *args, *(["--byzantine", f"scale:{BYZ_SCALE:g}"] if b == str(BYZ_BAD) else []))
                  for b in blocks}
         codes = wait_all(procs, timeout=400)
@@ -502,29 +503,29 @@ def test_a_message_with_two_bad_blocks_counts_both(tmp_path):
     beside it is malformed and refuses the message."""
     topo, path = make_topology(tmp_path, "ring", 4)
     cfg = PeerConfig(topology=path, id=0, no_train=True, dim=1024, run_dir=tmp_path / "run", sketch_dim=64)
-    peer = Node(cfg, topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
+    peer = make_node(cfg, topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
     rows = torch.zeros(2, 64, dtype=torch.float64)  # two rows, one key: malformed
     msg = Message(Kind.DELTA, 1, info={"sketches": [[1, 0]], "estimate": [[0, 0]]},
                   tensors={SKETCH_TENSOR: TensorPayload("none", (2, 64), {"data": rows}),
                            ESTIMATE_TENSOR: TensorPayload("none", (1, 64), {"data": torch.zeros(1, 64, dtype=torch.float64)})})
     with pytest.raises(GossipError, match="malformed block"):
-        peer._take_piggyback(msg)
-    assert peer.rejected_by_reason == {"estimate": 1}
+        peer.monitor.take(msg, peer.round, lambda reason, detail: peer.intake.reject(reason, detail, strike=False))
+    assert peer.intake.by_reason == {"estimate": 1}
 
 
 def test_non_finite_sketch_block_is_refused_by_the_peer(tmp_path):
     """Frames are decoded without a wire-level value scan, so the sketch block checks its own."""
     topo, path = make_topology(tmp_path, "ring", 4)
     cfg = PeerConfig(topology=path, id=0, no_train=True, dim=1024, run_dir=tmp_path / "run", sketch_dim=64)
-    peer = Node(cfg, topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
+    peer = make_node(cfg, topo, NodeSpec(x0=synthetic_state(0, 0, 1024), inc=1, train=False))
     rows = torch.zeros(1, 64, dtype=torch.float64)
     rows[0, 5] = math.inf
     msg = Message(Kind.DELTA, 1, info={"sketches": [[1, 0]]}, tensors={SKETCH_TENSOR: TensorPayload("none", (1, 64), {"data": rows})})
     with pytest.raises(GossipError, match="NaN or Inf"):
-        peer._take_piggyback(msg)
-    assert (1, 0) not in peer.book.entries
+        peer.monitor.take(msg, peer.round, lambda reason, detail: peer.intake.reject(reason, detail, strike=False))
+    assert (1, 0) not in peer.monitor.book.entries
     rows[0, 5] = 0.0
     msg.tensors[SKETCH_TENSOR] = TensorPayload("none", (1, 64), {"data": rows})
-    peer._take_piggyback(msg)  # the same block, finite, is taken
-    assert torch.equal(peer.book.entries[(1, 0)], rows[0])
+    peer.monitor.take(msg, peer.round, lambda reason, detail: peer.intake.reject(reason, detail, strike=False))  # the same block, finite, is taken
+    assert torch.equal(peer.monitor.book.entries[(1, 0)], rows[0])
     assert SKETCH_TENSOR not in msg.tensors

@@ -18,7 +18,9 @@ import torch
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.core import topology as T
 from p2pfl.host.files import dump_topology
-from p2pfl.node.node import TRACK, Node, NodeSpec
+from p2pfl.node.build import make_node
+from p2pfl.node.node import NodeSpec
+from p2pfl.node.tracking import TRACK
 from p2pfl.sim.simulation import train_network
 
 N, D, M, K = 8, 8, 16, 5
@@ -110,18 +112,18 @@ def test_the_tracking_variable_travels_in_the_same_messages_and_counts_in_their_
     assert gt == [2 * p for p in dsgd] and runs["gt"].messages == runs["dsgd"].messages
     assert sum(runs["gt"].bytes_sent.values()) > 1.9 * sum(runs["dsgd"].bytes_sent.values()) - 4 * 3 * 2 * 1024
     assert set(runs["gt"].models()[0]) == {"w"}  # evaluation and checkpoints see the model alone
-    assert set(runs["gt"].nodes[0].engine.x) == {"w", TRACK + "w"}
+    assert set(runs["gt"].nodes[0].mixer.engine.x) == {"w", TRACK + "w"}
 
 
 def test_the_correction_survives_a_checkpoint():
     topo = T.generate("ring", 4)
     cfg = PeerConfig(topology=Path("mem"), id=0, algorithm="gt", sketch_dim=0)
-    node = Node(cfg, topo, NodeSpec(x0={"w": torch.zeros(D)}, inc=1, train=True))
-    node.correction["w"] += torch.arange(D, dtype=torch.float32)
+    node = make_node(cfg, topo, NodeSpec(x0={"w": torch.zeros(D)}, inc=1, train=True))
+    node.algo.correction["w"] += torch.arange(D, dtype=torch.float32)
     tensors, meta = node.checkpoint_state()
-    back = Node(cfg, topo, NodeSpec(x0={"w": torch.zeros(D)}, inc=2, train=True))
+    back = make_node(cfg, topo, NodeSpec(x0={"w": torch.zeros(D)}, inc=2, train=True))
     back.resume(tensors, meta, -1)
-    assert torch.equal(back.correction["w"], torch.arange(D, dtype=torch.float32))
+    assert torch.equal(back.algo.correction["w"], torch.arange(D, dtype=torch.float32))
 
 
 def test_the_trainer_moves_its_adapter_by_the_correction_over_a_round(one_thread):
@@ -155,4 +157,4 @@ def test_the_flag_and_a_topology_setting_choose_the_algorithm(tmp_path):
 def test_gradient_tracking_refuses_rules_that_break_the_zero_sum_of_corrections(kw, needle):
     cfg = PeerConfig(topology=Path("mem"), id=0, algorithm="gt", sketch_dim=0, **kw)
     with pytest.raises(ConfigError, match=needle):
-        Node(cfg, T.generate("ring", 4), NodeSpec(x0={"w": torch.zeros(D)}, inc=1, train=True))
+        make_node(cfg, T.generate("ring", 4), NodeSpec(x0={"w": torch.zeros(D)}, inc=1, train=True))

@@ -42,9 +42,9 @@ from p2pfl.core.gossip import (
     zeros_like_state,
 )
 from p2pfl.core.schedule import Schedule
+from p2pfl.core.specs import check_schedule_codecs
 from p2pfl.core.wire import Kind, Message
 
-WHOLE_MODEL_CODECS = ("none", "fp16", "bf16")  # codecs a whole model may travel with: no replica corrects them
 MIN_WEIGHT = 1e-300  # a push-sum weight stays positive (receivers refuse 0) after ~500 rounds alone
 
 
@@ -250,10 +250,7 @@ def scheduled_gossip(me: int, schedule: Schedule, x: State, plan: CompressionPla
     """The exchange a schedule allows: per-edge CHOCO where edges recur, whole models elsewhere
     (refusing codecs whose error only CHOCO's replicas would correct)."""
     plan = CompressionPlan.parse(plan) if isinstance(plan, str) else plan
+    check_schedule_codecs(plan, str(schedule.spec), schedule.recurring)
     if schedule.recurring:
         return EdgeGossip(me, schedule, x, plan, gamma, seed, inc, norm_factor, window)
-    lossy = sorted({c.spec for c in (plan.default, *(c for _, c in plan.overrides))} - set(WHOLE_MODEL_CODECS))
-    if lossy:
-        raise GossipError(f"--compress {plan.spec}: {schedule.spec} draws fresh edges, so no replica corrects a lossy codec "
-                          f"({', '.join(lossy)}); whole models travel as {', '.join(WHOLE_MODEL_CODECS)}")
     return FullGossip(me, schedule, x, plan, seed, inc, window)

@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -34,7 +34,8 @@ from p2pfl.net.transport import CurveKeys, SharedContext, Transport, curve_keys
 from p2pfl.node import actions as A
 from p2pfl.node import node as N
 from p2pfl.node import snapshot
-from p2pfl.node.work import copy_inputs, perform
+from p2pfl.node.build import make_node
+from p2pfl.node.work import copy_inputs, learner_spec, perform
 
 
 class RecordSink(Protocol):
@@ -75,11 +76,40 @@ def local_ids(topo: topo_mod.Topology) -> set[int]:
     return {p for p, s in topo.peers.items() if s.host in mine or s.host.startswith("127.")}
 
 
+TrainerFactory = Callable[[PeerConfig, topo_mod.Topology, int], Any]  # (peer's config, topology, worker) -> trainer or None
+NodeFactory = Callable[[PeerConfig, topo_mod.Topology, N.NodeSpec, logging.Logger], N.Node]
+TransportFactory = Callable[[PeerConfig, topo_mod.PeerSpec, dict[int, topo_mod.PeerSpec], "CurveKeys | None", Any], Transport]
+
+
+def build_trainer(cfg: PeerConfig, topo: topo_mod.Topology, worker: int) -> Any:
+    """The peer's `learn.trainer.Trainer` (on the `worker`-th copy of the frozen model), or None
+    with --no-train. Imported here: a --no-train process never loads the learning stack."""
+    if cfg.no_train:
+        return None
+    from p2pfl.config import peer_trainers, run_datasets
+    from p2pfl.core.robust import flips_labels
+    from p2pfl.learn.trainer import Trainer, TrainerConfig
+
+    trainers = peer_trainers(cfg, {p: s.extra for p, s in topo.peers.items()}, str(cfg.topology))
+    return Trainer(TrainerConfig.from_dict({"seed": cfg.seed, **trainers[cfg.id]}), cfg.id, topo.n, replica=worker,
+                   label_flip=flips_labels(cfg.byzantine), datasets=run_datasets(trainers), rounds=cfg.rounds)
+
+
+def build_transport(cfg: PeerConfig, me: topo_mod.PeerSpec, neighbours: dict[int, topo_mod.PeerSpec], curve: CurveKeys | None,
+                    ctx: Any) -> Transport:
+    """ZeroMQ over TCP: a ROUTER at `me`, DEALERs to `neighbours` (others open on first use)."""
+    return Transport(me, neighbours, cfg.max_frame, curve=curve, ctx=ctx, retire_grace=cfg.round_timeout)
+
+
 class Host:
-    def __init__(self, cfg: PeerConfig, ids: list[int], exporter: RecordSink | None = None) -> None:
-        """`exporter` sees every record written (the Prometheus exporter of `--metrics-port`)."""
+    def __init__(self, cfg: PeerConfig, ids: list[int], *, trainers: TrainerFactory = build_trainer, nodes: NodeFactory = make_node,
+                 transports: TransportFactory = build_transport, exporter: RecordSink | None = None) -> None:
+        """Peers `ids` of `cfg.topology` in this process. `trainers`, `nodes` and `transports` build
+        each peer's parts (tests pass fakes); `exporter` sees every record written (the Prometheus
+        exporter of `--metrics-port`)."""
         self.topo = load_topology(cfg.topology)
         self.cfgs = {p: replace(cfg, id=p) for p in ids}
+        self.trainers, self.nodes, self.transports = trainers, nodes, transports
         self.peers: dict[int, Hosted] = {}
         self.failed: dict[int, str] = {}
         self.curve: dict[int, CurveKeys | None] = {p: curve_keys(self.topo, p, cfg.topology, cfg.secret_key if len(ids) == 1 else None)
@@ -101,23 +131,11 @@ class Host:
 
     def _make(self, cfg: PeerConfig) -> Hosted:
         log = logging.LoggerAdapter(logging.getLogger(f"p2pfl.peer.{cfg.id}"))
-        trainer: Any = None
-        if cfg.no_train:
-            x0 = synthetic_state(cfg.seed, cfg.id, cfg.dim)
-        else:
-            from p2pfl.config import peer_trainers, run_datasets
-            from p2pfl.core.robust import flips_labels
-            from p2pfl.learn.trainer import Trainer, TrainerConfig
-
-            trainers = peer_trainers(cfg, {p: s.extra for p, s in self.topo.peers.items()}, str(cfg.topology))
-            trainer = Trainer(TrainerConfig.from_dict({"seed": cfg.seed, **trainers[cfg.id]}), cfg.id, self.topo.n,
-                              replica=self.worker_of[cfg.id], label_flip=flips_labels(cfg.byzantine), datasets=run_datasets(trainers),
-                              rounds=cfg.rounds)
-            x0 = trainer.adapter_state()
-        spec = N.NodeSpec(x0=x0, inc=time.time_ns() // 1000, train=trainer is not None,
-                          augment=trainer is not None and trainer.cfg.augment != "off",
-                          eval_every=trainer.cfg.eval_every if trainer is not None else 1, secure=self.curve[cfg.id] is not None)
-        node = N.Node(cfg, self.topo, spec, logging.getLogger(f"p2pfl.peer.{cfg.id}"))
+        trainer = self.trainers(cfg, self.topo, self.worker_of[cfg.id])
+        x0 = synthetic_state(cfg.seed, cfg.id, cfg.dim) if trainer is None else trainer.adapter_state()
+        spec = N.NodeSpec(x0=x0, inc=time.time_ns() // 1000, train=trainer is not None, **learner_spec(trainer),
+                          secure=self.curve[cfg.id] is not None)
+        node = self.nodes(cfg, self.topo, spec, logging.getLogger(f"p2pfl.peer.{cfg.id}"))
         if self.curve[cfg.id] is None and cfg.id == min(self.cfgs):  # once per process
             log.warning("peer %d: NO ENCRYPTION OR AUTHENTICATION: the topology lists no public keys, so anyone who can reach "
                         "port %s can read and inject updates (run p2pfl-topology keygen)", cfg.id,
@@ -130,8 +148,6 @@ class Host:
             else:
                 last = max((r["round"] for r in read_jsonl(metrics)), default=-1) if metrics.exists() else -1
                 node.resume(found.tensors, found.meta, last)
-                if len(self.cfgs) == 1:  # the torch RNG is per process
-                    torch.set_rng_state(snapshot.join_plain(found.meta["torch_rng"], found.tensors))
                 if trainer is not None:
                     trainer.load_adapter_state(node.model())
                     if "optimizer" in found.meta:
@@ -158,8 +174,7 @@ class Host:
         for p in sockets:
             h = self.peers[p]
             neighbors = {j: self.topo.peers[j] for j in self.topo.neighbors(p) if j not in self.peers}
-            h.transport = Transport(self.topo.peers[p], neighbors, h.cfg.max_frame, curve=self.curve[p],
-                                    ctx=self.shared.ctx if self.shared else None, retire_grace=h.cfg.round_timeout)
+            h.transport = self.transports(h.cfg, self.topo.peers[p], neighbors, self.curve[p], self.shared.ctx if self.shared else None)
             h.transport.supervise = self._supervise
             await h.transport.start()
             tasks.append(self._supervise(asyncio.create_task(self._receive_loop(h), name=f"recv-{p}")))
@@ -229,7 +244,7 @@ class Host:
         try:
             self._run(h, h.node.receive(frames, vouched, asyncio.get_running_loop().time()))
         except Exception as e:  # carrying out the node's answer failed: count it, keep receiving
-            h.node.internal_error("carrying out a message's actions", e)
+            h.node.intake.internal_error("carrying out a message's actions", e)
 
     def _deliver(self, src: int, dst: int, frames: list[bytes]) -> None:
         h = self.peers[dst]
@@ -239,7 +254,7 @@ class Host:
         try:
             self._run(h, h.node.receive(frames, src, asyncio.get_running_loop().time()))
         except Exception as e:
-            h.node.internal_error("carrying out a message's actions", e)
+            h.node.intake.internal_error("carrying out a message's actions", e)
 
     def _tick(self, h: Hosted) -> None:
         h.timer = None
@@ -305,7 +320,11 @@ class Host:
                 h.log.exception("peer %d: %s failed: %s", h.cfg.id, type(a).__name__.lower(), e)
                 self._run(h, h.node.fail(f"{type(a).__name__.lower()} failed: {e}", now))
                 return
-            self._run(h, h.node.trained(metrics, out, now) if isinstance(a, A.Train) else h.node.evaluated(metrics, now))
+            try:
+                self._run(h, h.node.trained(metrics, out, now) if isinstance(a, A.Train) else h.node.evaluated(metrics, now))
+            except Exception as e:  # a fault in the round's next transition: that peer stops with it, as in `_tick`
+                h.log.exception("peer %d: internal error in round %d: %s", h.cfg.id, h.node.rnd, e)
+                self._run(h, h.node.fail(f"internal error: {type(e).__name__}: {e}", now))
 
         fut = loop.run_in_executor(self.work[self.worker_of[h.cfg.id]], perform, h.trainer, work, h.node.spec.augment, time.perf_counter)
         fut.add_done_callback(answer)
@@ -327,7 +346,6 @@ class Host:
         peer_dir = h.cfg.run_dir / f"peer-{h.cfg.id}"
         ckpt.save_state(peer_dir / "adapter.safetensors", h.node.model(), {"round": str(h.node.round), "peer": str(h.cfg.id)})
         tensors, meta = h.node.checkpoint_state()
-        meta["torch_rng"] = snapshot.split_plain(torch.get_rng_state(), "rng/torch", tensors)
         if h.trainer is not None:
             meta["optimizer"] = snapshot.split_plain(h.trainer.optimizer_state(), "opt", tensors)
         ckpt.save(peer_dir, rnd, tensors, meta)
@@ -341,11 +359,9 @@ def run_peers(cfg: PeerConfig, ids: list[int], exporter: RecordSink | None = Non
     torch.set_num_threads(1)
     if cfg.keep_memory and not keep_message_memory():
         logging.getLogger("p2pfl").info("no glibc mallopt here; allocator left as it is")
-    random.seed(cfg.seed * 1000 + ids[0])
-    torch.manual_seed(cfg.seed * 1000 + ids[0])
 
     async def main() -> int:
-        host = Host(cfg, ids, exporter)
+        host = Host(cfg, ids, exporter=exporter)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, host.request_stop)

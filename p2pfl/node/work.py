@@ -20,6 +20,13 @@ class Learner(Protocol):
     def load_adapter_state(self, state: State) -> None: ...
 
 
+def learner_spec(learner: Any) -> dict[str, Any]:
+    """What a node must know of its learner (`NodeSpec` fields): whether it synthesises with
+    neighbours' replicas, and how often it evaluates. A learner without a config (a test's) does neither."""
+    cfg = getattr(learner, "cfg", None)
+    return {"augment": getattr(cfg, "augment", "off") != "off", "eval_every": getattr(cfg, "eval_every", 1)}
+
+
 def copy_inputs(action: Train | Evaluate) -> Train | Evaluate:
     """The action with its tensors copied: the node's own keep changing while work waits its turn."""
     if isinstance(action, Evaluate):

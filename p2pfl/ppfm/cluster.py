@@ -357,9 +357,6 @@ class Overlay:
     def cluster_topology(self, cluster: int, peers: Mapping[int, PeerSpec] | None = None) -> Topology:
         return overlay_topology(self.clusters[cluster], peers)
 
-    def reps_topology(self, peers: Mapping[int, PeerSpec] | None = None) -> Topology:
-        return overlay_topology(self.reps, peers)
-
 
 def overlay(labels: Mapping[int, int], base_graph: nx.Graph) -> Overlay:
     clusters = {c: connect(members(labels, c), base_graph) for c in sorted(set(labels.values()))}

@@ -44,7 +44,6 @@ from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.core.compress import CompressionPlan
 from p2pfl.core.consensus import Sketcher, flatten
 from p2pfl.core.gossip import Action, ChocoEngine, GossipError, Refused, State
-from p2pfl.core.specs import parse_clusters as parse_clusters  # re-exported: node.py imports it from here
 from p2pfl.core.topology import Topology
 from p2pfl.core.wire import CLUSTER, GLOBAL, Message
 from p2pfl.ppfm import cluster as C

@@ -22,18 +22,24 @@ from p2pfl.core.gossip import State
 from p2pfl.core.state import synthetic_state
 from p2pfl.core.topology import Topology
 from p2pfl.core.wire import Message, encode, frames_nbytes
+from p2pfl.errors import P2pflError
 from p2pfl.node import actions as A
 from p2pfl.node import node as N
-from p2pfl.node.work import Learner, perform
+from p2pfl.node.build import make_node
+from p2pfl.node.work import Learner, learner_spec, perform
 
 DropRule = Callable[[int, int, Message], bool]  # (src, dst, msg) -> drop it?
+
+
+class SimulationError(P2pflError, RuntimeError):
+    """A simulated node hit an error it survived, which a test of the protocol must not pass over."""
 
 
 class Simulation:
     def __init__(self, topo: Topology, cfg: PeerConfig, learners: dict[int, Learner] | None = None,
                  states: dict[int, State] | None = None, latency: float = 1e-3, drop: DropRule | None = None,
                  teachers: bool = False, per_peer: dict[int, dict[str, Any]] | None = None,
-                 starts: dict[int, float] | None = None) -> None:
+                 starts: dict[int, float] | None = None, internal_errors_ok: bool = False) -> None:
         """`learners` train and evaluate (a peer without one gossips `states[p]` or its synthetic
         `--no-train` state); `teachers`: hand neighbours' replicas to the learners (augmentation);
         `per_peer`: settings of single peers over `cfg` (e.g. one `byzantine` peer); `starts`:
@@ -47,8 +53,9 @@ class Simulation:
             lr = self.learners.get(p)
             x0 = lr.adapter_state() if lr is not None else (states or {}).get(p) or synthetic_state(cfg.seed, p, cfg.dim)
             spec = N.NodeSpec(x0=x0, inc=1000 + p, train=lr is not None, augment=teachers and lr is not None,
-                              eval_every=getattr(getattr(lr, "cfg", None), "eval_every", 1))
-            self.nodes[p] = N.Node(pc, topo, spec, logging.getLogger(f"p2pfl.sim.{p}"))
+                              eval_every=learner_spec(lr)["eval_every"])
+            self.nodes[p] = make_node(pc, topo, spec, logging.getLogger(f"p2pfl.sim.{p}"))
+        self.internal_errors_ok = internal_errors_ok
         self.now = 0.0
         self._queue: list[tuple[float, int, Callable[[], list[A.Action]], int]] = []
         self._seq = itertools.count()
@@ -119,6 +126,8 @@ class Simulation:
             t, _, event, p = heapq.heappop(self._queue)
             self.now = max(self.now, t)
             self._run(p, event())
+            if self.nodes[p].intake.internal_errors and not self.internal_errors_ok:
+                raise SimulationError(f"peer {p}: {self.nodes[p].intake.internal_errors} internal error(s) at t={self.now:.3f} (see its log)")
 
     def run(self) -> dict[int, list[dict[str, Any]]]:
         """Every peer's rounds to the end (drain rounds included); the records by peer."""

@@ -1,0 +1,105 @@
+"""A node from its settings: the one place that picks its parts (a neighbourhood and a mixer, and
+the consensus monitor, the algorithm and any injected faults). Settings that have no meaning are
+refused by `core.specs`, which the command line also runs before it loads a model."""
+
+from __future__ import annotations
+
+import logging
+
+from p2pfl.config import ConfigError, PeerConfig
+from p2pfl.core.abuse import Abuser, abuse_rate
+from p2pfl.core.codec import CodecError
+from p2pfl.core.compress import CompressionPlan
+from p2pfl.core.conduct import Limits
+from p2pfl.core.consensus import flatten, shared_sketcher
+from p2pfl.core.estimate import EstimatorConfig, GossipEstimator
+from p2pfl.core.gossip import ChocoEngine
+from p2pfl.core.robust import parse_byzantine
+from p2pfl.core.scheduled import scheduled_gossip
+from p2pfl.core.specs import check_algorithm, check_clusters, check_estimator
+from p2pfl.core.topology import Topology, TopologyError
+from p2pfl.node.faults import Faults
+from p2pfl.node.intake import Intake
+from p2pfl.node.mixer import ChocoMixer, Mixer, ScheduledMixer
+from p2pfl.node.neighbourhood import Neighbourhood, Scheduled, StaticGraph
+from p2pfl.node.node import Node, NodeSpec, Parts
+from p2pfl.node.piggyback import SKETCH_TENSOR
+from p2pfl.node.ppfm import LevelsMixer, Overlay
+from p2pfl.node.records import Monitor
+from p2pfl.node.tracking import Dsgd, GradientTracking
+from p2pfl.ppfm.levels import Levels, PpfmConfig
+
+FLOOD_UP_TO = 32  # --estimator auto floods sketches up to this many peers, and gossip-averages beyond
+
+
+def estimator_config(kind: str, topo: Topology, k: int, rounds: int) -> EstimatorConfig | None:
+    """None for flooding (`consensus.SketchBook`), else the gossip estimator's settings. Its period
+    is a divisor of `rounds` when one is close to the default, so the last round gets an estimate."""
+    check_estimator(kind)
+    if k <= 0 or kind == "flood" or (kind == "auto" and topo.n <= FLOOD_UP_TO):
+        return None
+    base = EstimatorConfig.for_topology(k, topo.mixing_lambda())
+    every = max(d for d in range(1, base.every + 1) if rounds % d == 0) if rounds > 0 else base.every
+    return EstimatorConfig(k=k, lag=base.lag, every=every if 2 * every >= base.every else base.every)
+
+
+def make_node(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Logger | None = None) -> Node:
+    """Peer `cfg.id` of `topo`, built from the parts its settings ask for."""
+    log = log or logging.getLogger(f"p2pfl.node.{cfg.id}")
+    return Node(cfg, spec, make_parts(cfg, topo, spec, log), log)
+
+
+def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Logger) -> Parts:
+    if cfg.id not in topo.peers:
+        raise TopologyError(f"--id: peer {cfg.id} is not in {cfg.topology} (ids {topo.ids})")
+    me = cfg.id
+    schedule = topo.schedule_for(cfg.seed) if topo.schedule is not None else None
+    algo = GradientTracking(spec.x0) if check_algorithm(cfg, schedule is not None) else Dsgd()
+    try:
+        plan = CompressionPlan.parse(cfg.compress)
+    except CodecError as e:
+        raise ConfigError(f"--compress {cfg.compress!r}: {e}") from None
+    weights = topo.mh_weights(me)
+    weights.pop(me)
+    engine = ChocoEngine(me, weights, algo.extend(spec.x0), plan, cfg.gamma, seed=cfg.seed, inc=spec.inc,
+                         robust=cfg.robust, norm_factor=cfg.norm_factor, window=cfg.window)
+    exchange = None
+    if schedule is not None:  # the engine only holds the model; the schedule's exchange moves it
+        exchange = scheduled_gossip(me, schedule, engine.x, engine.plan, cfg.gamma, cfg.seed, spec.inc, cfg.norm_factor, cfg.window)
+    attack, rate = parse_byzantine(cfg.byzantine), abuse_rate(cfg.byzantine)
+
+    sketch_dim = cfg.sketch_dim
+    if schedule is not None and cfg.estimator == "auto" and topo.n > FLOOD_UP_TO:
+        sketch_dim = 0  # the gossip estimator averages with fixed weights; flooding is O(n) per message
+    sketcher = shared_sketcher(flatten(spec.x0).numel(), sketch_dim, cfg.seed) if sketch_dim > 0 else None
+    diameter = schedule.flood_rounds() if schedule is not None else topo.diameter()
+    est_cfg = None if schedule is not None else estimator_config(cfg.estimator, topo, cfg.sketch_dim, cfg.rounds)
+    estimator = GossipEstimator(me, weights, est_cfg) if est_cfg is not None else None
+
+    k = check_clusters(cfg, topo.n)
+    levels = None
+    if k is not None:
+        pcfg = PpfmConfig(k=k, recluster_every=cfg.recluster_every, global_every=cfg.global_every, lam=cfg.global_lambda,
+                          beta=cfg.cluster_beta, margin=cfg.cluster_margin, fingerprint_dim=cfg.fingerprint_dim, lag=diameter + 1)
+        levels = Levels(me, topo, spec.x0, pcfg, plan, cfg.gamma, seed=cfg.seed, inc=spec.inc)
+        for eng, stride in ((levels.cluster, 1), (levels.glob, cfg.global_every)):  # the global level sends every K rounds
+            eng.window, eng.round_window = cfg.window, cfg.window * stride
+    monitor = Monitor(me, topo.ids, sketcher, diameter, estimator, levels.cfg.fingerprint_dim if levels else None)
+
+    nbh: Neighbourhood
+    mixer: Mixer
+    if schedule is not None and exchange is not None:
+        nbh = Scheduled(me, topo, schedule, cfg, log)
+        mixer = ScheduledMixer(engine, exchange)
+    elif levels is not None:
+        nbh = Overlay(me, topo, cfg, levels, log)
+        mixer = LevelsMixer(engine, levels, monitor, spec.train, log)
+    else:
+        nbh = StaticGraph(me, topo, cfg, log)
+        mixer = ChocoMixer(engine)
+
+    abuser = None if rate is None else Abuser(me, engine.layout, rate, (SKETCH_TENSOR, max(1, cfg.sketch_dim)), spec.inc)
+    limits = Limits(claim_ahead=max(cfg.claim_ahead, 2 * cfg.max_lag), last_round=cfg.rounds + monitor.drain,
+                    strikes=cfg.strikes, cooloff=cfg.cooloff)
+    intake = Intake(me, topo.network_id(), spec.secure, cfg.max_frame, limits, log)
+    return Parts(nbh, mixer, monitor, algo, Faults(attack, abuser), intake)
