@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TOPOLOGY ?= topologies/ring.yaml
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run test test-fast bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; ec
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) -m "not serial" $(PYTEST_ARGS)
 	$(PY) -m pytest -q -p no:cacheprovider -m serial $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+# The in-process lane: no peer processes (tests marked slow) and no serial measurements.
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) -m "not slow and not serial" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/gossip_throughput.py

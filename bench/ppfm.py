@@ -57,7 +57,7 @@ def run_ppfm(topo: T.Topology, trainers: dict[int, Trainer], rounds: int, ppfm: 
     split_at = next((r["round"] for r in sim.records[first] if r["clusters"] > 1), None)
     labels = {p: sim.records[p][-1]["cluster_labels"] for p in topo.ids}
     reps = sorted({sim.records[p][-1]["representative"] for p in topo.ids})
-    theta_g = sim.nodes[reps[0]].levels.glob.x  # what the representatives agreed on (exact gossip: the same on each)
+    theta_g = sim.nodes[reps[0]].mixer.levels.glob.x  # what the representatives agreed on (exact gossip: the same on each)
     truth = [trainers[p].data.group for p in topo.ids]
     return {
         "personalised": final(sim, topo),

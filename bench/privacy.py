@@ -101,7 +101,7 @@ def run_cell(cfg: TrainerConfig, topo: T.Topology, rounds: int) -> dict:
     last = {p: sim.records[p][-1] for p in topo.ids}
     acc = [last[p]["global_accuracy"] for p in topo.ids]
     # A neighbour of t holds t's replica: t's adapter as it left t after its last local steps.
-    received = {t: sim.nodes[topo.neighbors(t)[0]].engine.replicas[t].xhat for t in topo.ids}
+    received = {t: sim.nodes[topo.neighbors(t)[0]].mixer.engine.replicas[t].xhat for t in topo.ids}
     out = {"mean": float(np.mean(acc)), "worst": float(np.min(acc)), "attack": membership_inference(trainers, received)}
     if cfg.dp_epsilon is not None:
         out.update(epsilon_spent_max=max(last[p]["dp_epsilon_spent"] for p in topo.ids),

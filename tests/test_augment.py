@@ -348,8 +348,9 @@ def test_daemon_passes_neighbour_replicas_as_teachers(tmp_path, cluster_dir, spa
     topo, path = make_topology(tmp_path, "ring", 3)
     sets = ["--set", 'partition="dirichlet:0.05"', "--set", 'augment="zero-shot"', "--set", "local_steps=2",
             "--set", "augment_steps=3", "--set", "augment_per_class=1", "--set", "samples_per_peer=64"]
-    procs = {p: spawn(path, p, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for p in topo.ids}
-    assert wait_all(procs, timeout=300) == {p: 0 for p in topo.ids}
+    blocks = ["0-1", "2"]  # peer 2's edges are TCP; two training processes keep the learning stack's load down
+    procs = {b: spawn(path, b, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for b in blocks}
+    assert wait_all(procs, timeout=300) == {b: 0 for b in blocks}
     for p in topo.ids:
         recs = read_jsonl(cluster_dir / "metrics" / f"peer-{p}.jsonl")
         aug = [r for r in recs if "synthetic_samples" in r]

@@ -141,6 +141,22 @@ def test_accuracy_at_default_lag(kind, n):
         assert max(abs(v / xi - 1) for v in est.values()) <= 2 * lam**cfg.lag + 0.10
 
 
+def test_on_ring_256_the_capped_lag_reads_low():
+    """ring-256 (lambda 0.9998): no estimator can know the network's state within its diameter (128
+    rounds). At the capped lag of 64 a peer sees the disagreement within some hops of it only, so
+    after 12 rounds of exact gossip every peer's estimate is below the exact value (about 0.6 of
+    it), not above it and not zero. tests/test_scale.py runs exponential-256 over processes."""
+    t = topo("ring", 256)
+    k = 256
+    cfg = EstimatorConfig.for_topology(k, lam_of("ring", 256))
+    x = torch.tensor(np.linalg.matrix_power(t.mixing_matrix(), 12)) @ iid(t, 512, seed=2)
+    s = sketch_all(x, k, seed=3)
+    res, _ = run_estimators(rows(t), single(k, cfg.lag), lambda i, r: s[i], cfg.lag)
+    xi = exact(x)
+    ratio = [v / xi for i in t.ids for q, v in res[i] if q == 0]
+    assert len(ratio) == t.n and all(0 < r < 1 for r in ratio), (min(ratio), max(ratio))
+
+
 # ---------------------------------------------------------------- the bound's shape
 
 

@@ -154,8 +154,9 @@ def test_the_report_shows_each_peers_spent_epsilon():
 def test_a_multi_process_run_with_dp_finishes_and_records_epsilon(tmp_path, cluster_dir, spawn):
     topo, path = make_topology(tmp_path, "ring", 3)
     sets = ["--set", "dp_epsilon=8", "--set", "local_steps=2", "--set", "samples_per_peer=64", "--set", "global_test_size=60"]
-    procs = {p: spawn(path, p, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for p in topo.ids}
-    assert wait_all(procs, timeout=300) == {p: 0 for p in topo.ids}
+    blocks = ["0-1", "2"]  # peer 2's edges are TCP; two training processes keep the learning stack's load down
+    procs = {b: spawn(path, b, cluster_dir, "--rounds", "3", "--min-wait", "30", *sets) for b in blocks}
+    assert wait_all(procs, timeout=300) == {b: 0 for b in blocks}
     for p in topo.ids:
         recs = read_jsonl(cluster_dir / "metrics" / f"peer-{p}.jsonl")
         spent = [r["dp_epsilon_spent"] for r in recs]
