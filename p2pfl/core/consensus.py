@@ -19,7 +19,10 @@ import functools
 import math
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
+
+from p2pfl.core.prng import splitmix64
 
 State = Mapping[str, torch.Tensor]
 
@@ -52,18 +55,25 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sketcher:
-    """s = sqrt(m/k) * P H D x: SRHT with a run-wide seed, O(d log d) per sketch, no d x k matrix."""
+    """s = sqrt(m/k) P H D x: SRHT with a run-wide seed, O(d log d) per sketch, no d x k matrix.
+
+    x is the model flattened in tensor-name order (float64) and zero-padded to m = the next power
+    of two >= its length; D flips signs; H is the orthonormal Walsh-Hadamard matrix in natural
+    order, H_ij = (-1)^popcount(i & j) / sqrt(m); P keeps k = min(k, m) rows. D and P come from
+    SplitMix64 (`core.prng`) from state (0x5EED xor seed): its first m outputs give the signs (+1
+    where the top bit is 0), the next m rank the coordinates, and P keeps the k of lowest rank, in
+    rank order. Any implementation rebuilds the same S from the seed (docs/wire.md)."""
 
     def __init__(self, dim: int, k: int, seed: int) -> None:
         if dim < 1 or k < 1:
             raise ValueError(f"sketch: need dim >= 1 and k >= 1, got dim={dim}, k={k}")
-        self.dim, self.k = dim, k
+        self.dim = dim
         self.m = 1 << max(0, (dim - 1).bit_length())
-        g = torch.Generator().manual_seed(0x5EED ^ seed)
-        self.signs = torch.randint(0, 2, (self.m,), generator=g, dtype=torch.int8).double() * 2 - 1
-        k_eff = min(k, self.m)
-        self.rows = torch.randperm(self.m, generator=g)[:k_eff]
-        self.scale = math.sqrt(self.m / k_eff)
+        self.k = min(k, self.m)  # the rows a sketch has: on the wire, every peer's are this long
+        z = splitmix64(0x5EED ^ seed, 2 * self.m)
+        self.signs = torch.from_numpy(np.where(z[: self.m] >> np.uint64(63), -1.0, 1.0))
+        self.rows = torch.from_numpy(np.argsort(z[self.m :], kind="stable")[: self.k].astype(np.int64))
+        self.scale = math.sqrt(self.m / self.k)
 
     def __call__(self, x: torch.Tensor | State) -> torch.Tensor:
         v = flatten(x) if isinstance(x, Mapping) else x.reshape(-1)

@@ -27,6 +27,7 @@ from p2pfl.errors import P2pflError
 
 Action = tuple[int, Message]  # (destination peer, message)
 FLAT = "_flat"  # name of the single tensor a flat delta carries
+ASK_AGAIN = 4  # rounds of ours before a state asked for and not applied is asked for again
 
 
 class GossipError(P2pflError, ValueError):
@@ -54,6 +55,7 @@ class Replica:
     round: int = -1  # latest round whose delta is in xhat
     synced: bool = True
     resync_asked: bool = False
+    asked_round: int = -1  # our round when we last asked for its state
     pending: dict[int, tuple[int, State]] = field(default_factory=dict)  # seq -> (round, decoded q)
     state_round: int | None = None  # our round when this neighbour last got our full state
     state_owed: bool = False  # it asked again in that round: the answer waits for our next round
@@ -168,7 +170,7 @@ class ChocoEngine:
         for k, v in self.xhat.items():  # a copy: xhat moves on while the message may still be queued
             enc = exact.encode(v.clone())
             tensors[k] = TensorPayload(codec=exact.spec, shape=tuple(v.shape), parts=dict(enc.parts), meta=dict(enc.meta))
-        return Message(Kind.STATE, self.me, round=self.round, seq=self.out_seq, inc=self.inc, tensors=tensors)
+        return Message(Kind.STATE, self.me, round=max(self.round, 0), seq=self.out_seq, inc=self.inc, tensors=tensors)
 
     def _control(self, kind: Kind) -> Message:
         return Message(kind, self.me, round=max(self.round, 0), seq=self.out_seq, inc=self.inc)
@@ -224,6 +226,18 @@ class ChocoEngine:
                 out += self._give_state(j, rep)
         return out
 
+    def overdue(self) -> list[Action]:
+        """Ask again for states that have not come: a state lost on the way, or refused on
+        arrival (damaged, or from a buggy sender), would otherwise leave its replica waiting and
+        its sender's deltas refused for the rest of the run. A replica waiting for a state it did
+        not ask for (one that came on first contact and was refused) asks now; one that asked
+        asks again `ASK_AGAIN` rounds later, a pace well under the sender's rate limit."""
+        out: list[Action] = []
+        for j, rep in sorted(self.replicas.items()):
+            if not rep.synced and (not rep.resync_asked or self.round - rep.asked_round >= ASK_AGAIN):
+                out.append(self._ask_resync(j, rep))
+        return out
+
     def forget(self, peer: int) -> Action:
         """Drop what we hold of a neighbour (after ignoring it for a while) and ask for its state."""
         rep = self.replicas[peer]
@@ -239,7 +253,6 @@ class ChocoEngine:
         if rep.inc is not None and msg.inc < rep.inc:
             # Incarnations grow (start time in microseconds): an older one is a replay or a zombie.
             raise GossipError(f"peer {msg.sender}: stale incarnation {msg.inc} < {rep.inc} (replayed or old message)")
-        first_contact = rep.inc is None
         rep.inc = msg.inc
         rep.pending.clear()
         rep.resync_asked = False
@@ -251,8 +264,9 @@ class ChocoEngine:
             rep.synced = False
             if msg.kind != Kind.STATE:
                 actions.append(self._ask_resync(msg.sender, rep))
-        if self.answers_contact and (not first_contact or self.out_seq > 0):
-            # Its replica of us is fresh (or stale): give it our exact xhat.
+        if self.answers_contact and self.out_seq > 0:
+            # Its replica of us is fresh (or stale) and ours has moved: give it our exact xhat.
+            # (Before our first delta xhat is zero, which a fresh replica already is.)
             try:
                 actions += self._give_state(msg.sender, rep)
             except Refused as e:
@@ -261,7 +275,7 @@ class ChocoEngine:
         return actions
 
     def _ask_resync(self, peer: int, rep: Replica) -> Action:
-        rep.resync_asked = True
+        rep.resync_asked, rep.asked_round = True, self.round
         return (peer, self._control(Kind.RESYNC))
 
     def _split(self, flat: torch.Tensor) -> State:
@@ -342,7 +356,9 @@ class ChocoEngine:
             return  # older than what we already applied
         state = self._decode(msg)
         rep.xhat = {k: v.clone() for k, v in state.items()}
-        rep.next_seq, rep.round, rep.synced, rep.resync_asked = msg.seq, msg.round, True, False
+        # A state holds the deltas before `seq`, the last of them of round `round`; with seq 0 it is
+        # the all-zero start and holds no round.
+        rep.next_seq, rep.round, rep.synced, rep.resync_asked = msg.seq, msg.round if msg.seq > 0 else -1, True, False
         for s in [s for s in rep.pending if s < msg.seq]:
             del rep.pending[s]
         self._drain(rep)

@@ -125,7 +125,7 @@ class EdgeGossip:
         return {e.dest for e in self.engines}  # they all come back
 
     def take_owed(self) -> list[Action]:
-        return [a for e in self.engines for a in e.take_owed()]
+        return [a for e in self.engines for a in e.take_owed() + e.overdue()]
 
     def forget(self, peer: int) -> list[Action]:
         eng = self.by_src.get(peer)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from p2pfl.core.codec import Codec, CodecError, Quantizer, check_part, meta_int
+from p2pfl.core.prng import splitmix64
 from p2pfl.core.specs import sparse_spec
 
 MAX_SPARSE_NUMEL = 2**31 - 1  # indices travel as int32
@@ -63,7 +64,7 @@ class Sparsifier(Codec):
 
 
 class TopKCodec(Sparsifier):
-    """The k largest |x| as values plus int32 indices (torch.topk; ties broken by torch)."""
+    """The k largest |x| as values plus int32 indices in ascending order (ties broken by torch)."""
 
     name = "topk"
 
@@ -81,7 +82,7 @@ class TopKCodec(Sparsifier):
         n = flat.numel()
         self._check_n(n)
         k = self.k_for(n)
-        idx = torch.arange(n) if k == n else self._topk_indices(flat.abs(), k)
+        idx = torch.arange(n) if k == n else self._topk_indices(flat.abs(), k).sort().values  # ascending: the bytes are a function of x
         parts, meta = self.values._encode(flat[idx], seed)
         return {**parts, "indices": idx.to(torch.int32)}, {**meta, "k": k}
 
@@ -116,18 +117,6 @@ class TopKCodec(Sparsifier):
         return out
 
 
-def _splitmix64(seed: int, count: int) -> np.ndarray:
-    """The first ``count`` outputs of SplitMix64 from ``seed`` (Steele et al. 2014), vectorised.
-
-    Spelled out here rather than borrowed from numpy/torch RNGs so that random-k indices are a
-    fixed function of the seed, immune to library version changes between peers."""
-    with np.errstate(over="ignore"):
-        z = np.uint64(seed) + (np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 class RandKCodec(Sparsifier):
     """Random-k: only the values travel; receivers rebuild the indices from meta 'seed'.
 
@@ -154,7 +143,7 @@ class RandKCodec(Sparsifier):
         j = np.arange(k + 1, dtype=np.uint64)
         starts = (j * np.uint64(n)) // np.uint64(k)  # k*n < 2^62: exact
         sizes = starts[1:] - starts[:-1]
-        return torch.from_numpy((starts[:-1] + _splitmix64(seed, k) % sizes).astype(np.int64))
+        return torch.from_numpy((starts[:-1] + splitmix64(seed, k) % sizes).astype(np.int64))
 
     def _encode(self, flat, seed):
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:

@@ -24,7 +24,10 @@ import torch
 from p2pfl.config import PeerConfig
 from p2pfl.errors import P2pflError
 
-PROTOCOL_VERSION = 2  # 2: every header carries the sender's network id (`net`)
+# 2: every header carries the sender's network id (`net`). 3: the consensus sketch is drawn from
+# SplitMix64 (any implementation can rebuild it), top-k indices go in ascending order, and a STATE
+# of seq 0 holds no round. docs/wire.md is the whole protocol; tests/golden/ pins its bytes.
+PROTOCOL_VERSION = 3
 MAX_HEADER = 4 * 1024 * 1024
 MAX_TENSORS = 4096
 BASE, CLUSTER, GLOBAL = "base", "cluster", "global"

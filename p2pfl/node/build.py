@@ -73,7 +73,7 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
         sketch_dim = 0  # the gossip estimator averages with fixed weights; flooding is O(n) per message
     sketcher = shared_sketcher(flatten(spec.x0).numel(), sketch_dim, cfg.seed) if sketch_dim > 0 else None
     diameter = schedule.flood_rounds() if schedule is not None else topo.diameter()
-    est_cfg = None if schedule is not None else estimator_config(cfg.estimator, topo, cfg.sketch_dim, cfg.rounds)
+    est_cfg = None if schedule is not None else estimator_config(cfg.estimator, topo, sketcher.k if sketcher else 0, cfg.rounds)
     estimator = GossipEstimator(me, weights, est_cfg) if est_cfg is not None else None
 
     k = check_clusters(cfg, topo.n)
@@ -84,7 +84,7 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
         levels = Levels(me, topo, spec.x0, pcfg, plan, cfg.gamma, seed=cfg.seed, inc=spec.inc)
         for eng, stride in ((levels.cluster, 1), (levels.glob, cfg.global_every)):  # the global level sends every K rounds
             eng.window, eng.round_window = cfg.window, cfg.window * stride
-    monitor = Monitor(me, topo.ids, sketcher, diameter, estimator, levels.cfg.fingerprint_dim if levels else None)
+    monitor = Monitor(me, topo.ids, sketcher, diameter, estimator, levels.sketcher.k if levels else None, log)
 
     nbh: Neighbourhood
     mixer: Mixer
@@ -98,7 +98,7 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
         nbh = StaticGraph(me, topo, cfg, log)
         mixer = ChocoMixer(engine)
 
-    abuser = None if rate is None else Abuser(me, engine.layout, rate, (SKETCH_TENSOR, max(1, cfg.sketch_dim)), spec.inc)
+    abuser = None if rate is None else Abuser(me, engine.layout, rate, (SKETCH_TENSOR, sketcher.k if sketcher else 1), spec.inc)
     limits = Limits(claim_ahead=max(cfg.claim_ahead, 2 * cfg.max_lag), last_round=cfg.rounds + monitor.drain,
                     strikes=cfg.strikes, cooloff=cfg.cooloff)
     intake = Intake(me, topo.network_id(), spec.secure, cfg.max_frame, limits, log)

@@ -106,8 +106,9 @@ class Mixer(ABC):
         return None
 
     def owed(self) -> list[Action]:
-        """Full states the one-per-round limit held back (a neighbour asked twice in a round)."""
-        return self.engine.take_owed()
+        """Full states the one-per-round limit held back (a neighbour asked twice in a round), and
+        requests for states that have not come (`ChocoEngine.overdue`)."""
+        return self.engine.take_owed() + self.engine.overdue()
 
     def forget(self, peer: int) -> list[Action]:
         """Drop what is kept of `peer` (its cool-off is over) and ask for its state."""

@@ -28,8 +28,10 @@ from p2pfl.node.liveness import Liveness
 class Neighbourhood(ABC):
     neighbours: list[int]  # fixed contacts: hellos at start, heartbeats, goodbyes (none on a schedule)
 
-    def __init__(self, me: int, cfg: PeerConfig, log: logging.Logger) -> None:
+    def __init__(self, me: int, known: set[int], cfg: PeerConfig, log: logging.Logger) -> None:
+        """`known`: the peers whose base-channel messages are expected at all."""
         self.me, self.cfg, self.log = me, cfg, log
+        self._known = known
         self.rounds: dict[int, int] = {}  # the latest round each peer claimed in an accepted base-channel message
         self.heard: set[int] = set()  # peers that sent anything with a valid identity, accepted or not
 
@@ -42,9 +44,8 @@ class Neighbourhood(ABC):
     def describe(self) -> str:
         """One line for the start of the log."""
 
-    @abstractmethod
     def knows(self, peer: int) -> bool:
-        """Whether base-channel messages from `peer` are expected at all."""
+        return peer in self._known
 
     def refuse(self, msg: Message) -> tuple[str, str] | None:
         """(reason, detail) if `msg` has no business here, before anything is read from it."""
@@ -96,9 +97,8 @@ class Neighbourhood(ABC):
 
 class StaticGraph(Neighbourhood):
     def __init__(self, me: int, topo: Topology, cfg: PeerConfig, log: logging.Logger) -> None:
-        super().__init__(me, cfg, log)
+        super().__init__(me, set(topo.neighbors(me)), cfg, log)
         self.neighbours = topo.neighbors(me)
-        self._known = set(self.neighbours)
         self.liveness = Liveness(me, self.neighbours, cfg.peer_timeout, log)
 
     @property
@@ -109,9 +109,6 @@ class StaticGraph(Neighbourhood):
         c = self.cfg
         return (f"peer {self.me}: {len(self.neighbours)} neighbours {self.neighbours}, {c.rounds} rounds, compress={c.compress}, "
                 f"run dir {c.run_dir}")
-
-    def knows(self, peer: int) -> bool:
-        return peer in self._known
 
     def accepted(self, msg: Message, now: float) -> list[Action]:
         return [Flush(msg.sender)] if self.liveness.seen(msg.sender, now, alive=msg.kind != Kind.BYE) else []
@@ -125,10 +122,9 @@ class StaticGraph(Neighbourhood):
 
 class Scheduled(Neighbourhood):
     def __init__(self, me: int, topo: Topology, schedule: Schedule, cfg: PeerConfig, log: logging.Logger) -> None:
-        super().__init__(me, cfg, log)
+        super().__init__(me, set(topo.peers) - {me}, cfg, log)
         self.neighbours = []
         self.schedule, self.n = schedule, topo.n
-        self._known = set(topo.peers) - {me}
         self.suspects: set[int] = set()  # peers that missed a deadline: not waited for until heard from
 
     @property
@@ -139,9 +135,6 @@ class Scheduled(Neighbourhood):
         c = self.cfg
         return (f"peer {self.me}: schedule {self.schedule.spec} (seed {c.seed}), algorithm {c.algorithm}, {c.rounds} rounds, "
                 f"compress={c.compress}, run dir {c.run_dir}")
-
-    def knows(self, peer: int) -> bool:
-        return peer in self._known
 
     def accepted(self, msg: Message, now: float) -> list[Action]:
         if msg.kind == Kind.BYE:

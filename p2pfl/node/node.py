@@ -194,9 +194,13 @@ class Node:
             if lie is not None:
                 self._reject("round-claim", lie, msg.sender, now)
                 return
+        if base:  # what rides on the message is judged apart from the model update it rides on
+            dropped, refused = self.monitor.take(msg, self.round)
+            for reason, detail in dropped:
+                self._reject(reason, detail, strike=False)
+            for detail in refused:
+                self._reject("block", detail, msg.sender, now)
         try:
-            if base:
-                self.monitor.take(msg, self.round, lambda reason, detail: self._reject(reason, detail, strike=False))
             replies = self.mixer.receive(msg)
         except Refused as e:
             self._reject(e.reason, str(e), msg.sender, now)

@@ -3,7 +3,8 @@ PPFM fingerprints and the gossip estimator's payload.
 
 These blocks ride on the messages the round sends anyway, so they cost no extra message; they are
 also the part of a message a hostile neighbour can make largest, so every block is checked in
-full (keys, shape, dtype, finiteness, round range) before a row reaches a book. Pure, like
+full (keys, shape, dtype, finiteness, round range) before a row reaches a book. A block is
+refused on its own: the model update it rode on is judged by the engine alone. Pure, like
 `p2pfl.node.node`, which owns one `Piggyback` and turns what it refuses into counted rejections.
 """
 
@@ -15,7 +16,6 @@ import torch
 
 from p2pfl.core.consensus import SketchBook
 from p2pfl.core.estimate import WINDOW, EstimatorError, GossipEstimator
-from p2pfl.core.gossip import GossipError
 from p2pfl.core.wire import Kind, Message, TensorPayload, all_finite
 
 SKETCH_TENSOR = "_sketches"
@@ -44,19 +44,24 @@ class Piggyback:
         if fingerprint_dim is not None:
             self.blocks.append(Block(FINGERPRINT_TENSOR, "fingerprints", fbook, fingerprint_dim))
 
-    def take_blocks(self, msg: Message, round_: int) -> list[tuple[str, str]]:
-        """File the flooded blocks of `msg` (taking them out of it) at this peer's last round
-        `round_`. Raises `GossipError` for a malformed block, which is a strike against the sender;
-        returns the (reason, detail) of what it dropped without blaming the sender.
+    def take_blocks(self, msg: Message, round_: int) -> tuple[list[tuple[str, str]], list[str]]:
+        """File the flooded blocks of `msg` (taking every block out of it, so the model part is left
+        as the sender's engine made it) at this peer's last round `round_`. Returns (dropped,
+        refused): the (reason, detail) of what was dropped without blaming the sender, and why each
+        malformed block was refused, a strike against the sender. A refused block loses only
+        itself: the model update it rode on still applies.
 
         Rows go into the books except this peer's own (only it makes those; a copy that comes back
         is redundant, and one that comes first would be a forgery), rows too old to matter, and
         rows of rounds no honest flood can have reached yet (they would never be pruned)."""
         dropped: list[tuple[str, str]] = []
+        refused: list[str] = []
+        stray = msg.tensors.pop(FINGERPRINT_TENSOR, None) if not any(b.tensor == FINGERPRINT_TENSOR for b in self.blocks) else None
+        if stray is not None:
+            refused.append(f"fingerprints from peer {msg.sender}: clustering is off here")
         lo = round_ - self.diameter - 4
         hi = max(round_, msg.round) + self.diameter + 2
-        for b in self.blocks:
-            tp = msg.tensors.pop(b.tensor, None)
+        for b, tp in [(b, msg.tensors.pop(b.tensor, None)) for b in self.blocks]:
             if tp is None:
                 continue
             keys = msg.info.get(b.key)
@@ -68,9 +73,11 @@ class Piggyback:
                 or tuple(data.shape) != (len(keys), b.k)
                 or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(v, int) for v in e) for e in keys)
             ):
-                raise GossipError(f"{b.key} from peer {msg.sender}: malformed block (keys/shape/dtype; rows of {b.k} float64 expected)")
+                refused.append(f"{b.key} from peer {msg.sender}: malformed block (keys/shape/dtype; rows of {b.k} float64 expected)")
+                continue
             if not all_finite(data):
-                raise GossipError(f"{b.key} from peer {msg.sender}: contains NaN or Inf")
+                refused.append(f"{b.key} from peer {msg.sender}: contains NaN or Inf")
+                continue
             future = 0
             for (origin, rnd), row in zip(keys, data, strict=True):
                 if rnd > hi:
@@ -79,9 +86,7 @@ class Piggyback:
                     b.book.add(origin, rnd, row.clone(), via=msg.sender)
             if future:  # an honest neighbour may relay rows that a liar gave it
                 dropped.append(("sketch-round", f"{b.key} from peer {msg.sender}: {future} rows of rounds after {hi}"))
-        if FINGERPRINT_TENSOR in msg.tensors:
-            raise GossipError(f"fingerprints from peer {msg.sender}: clustering is off here")
-        return dropped
+        return dropped, refused
 
     def take_estimate(self, msg: Message, round_: int) -> list[tuple[str, str]]:
         """Feed the gossip estimator's payload of `msg` (taking it out); a bad one is dropped, as

@@ -168,7 +168,7 @@ class LevelsMixer(Mixer):
     def owed(self) -> list[Action]:
         out = super().owed()
         for eng, channel in ((self.levels.cluster, CLUSTER), (self.levels.glob, GLOBAL)):
-            for dest, msg in eng.take_owed():
+            for dest, msg in eng.take_owed() + eng.overdue():
                 msg.channel = channel
                 out.append((dest, msg))
         return out

@@ -7,7 +7,7 @@ their sketch set is complete (or is given up on) and are written in round order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from p2pfl.core.consensus import SketchBook, Sketcher, flatten
 from p2pfl.core.estimate import GossipEstimator
 from p2pfl.core.state import State
 from p2pfl.core.wire import Message
-from p2pfl.node.intake import Intake
+from p2pfl.node.intake import Intake, LogLimiter
 from p2pfl.node.piggyback import Piggyback
 from p2pfl.ppfm.levels import level_distances
 
@@ -52,8 +52,9 @@ class Monitor:
     """
 
     def __init__(self, me: int, ids: list[int], sketcher: Sketcher | None, diameter: int, estimator: GossipEstimator | None,
-                 fingerprint_dim: int | None) -> None:
-        self.me, self.ids, self.sketcher, self.diameter, self.estimator = me, ids, sketcher, diameter, estimator
+                 fingerprint_dim: int | None, log: logging.Logger) -> None:
+        self.me, self.ids, self.sketcher, self.diameter, self.estimator, self.log = me, ids, sketcher, diameter, estimator, log
+        self._log_partial = LogLimiter()
         self.book = SketchBook(me, ids, horizon=diameter + 2)
         self.fbook = SketchBook(me, ids, horizon=diameter + 2)
         self.piggyback = Piggyback(me, self.book, sketcher.k if sketcher else -1, self.fbook, fingerprint_dim, estimator, diameter)
@@ -81,13 +82,12 @@ class Monitor:
     def attach(self, msg: Message, peer: int, rnd: int) -> Message:
         return self.piggyback.attach(msg, peer, rnd, self._payload)
 
-    def take(self, msg: Message, rnd: int, drop: Callable[[str, str], None]) -> None:
-        """File the blocks riding on `msg`; `drop(reason, detail)` counts what is dropped without
-        blaming the sender. A malformed block raises `GossipError` (a strike), after the estimator
-        payload beside it was taken or counted."""
-        for take in (self.piggyback.take_estimate, self.piggyback.take_blocks):
-            for reason, detail in take(msg, rnd):
-                drop(reason, detail)
+    def take(self, msg: Message, rnd: int) -> tuple[list[tuple[str, str]], list[str]]:
+        """File the blocks riding on `msg` (`Piggyback`): (dropped, refused) as (reason, detail) of
+        what is dropped without blaming the sender, and why each malformed block was refused."""
+        dropped = self.piggyback.take_estimate(msg, rnd)
+        more, refused = self.piggyback.take_blocks(msg, rnd)
+        return dropped + more, refused
 
     def mix(self, rnd: int, participants: set[int]) -> None:
         if self.estimator is not None:
@@ -110,6 +110,11 @@ class Monitor:
             est, got = self.book.estimate(srnd) if self.sketcher else (float("nan"), 0)
             rec["consensus_distance"] = est
             rec["consensus_peers"] = got
+            if self.sketcher is not None and got < len(self.ids):  # an estimate over part of the network says so
+                rec["consensus_missing"] = [p for p in self.ids if (p, srnd) not in self.book.entries]
+                if self._log_partial():
+                    self.log.warning("peer %d: the consensus estimate of round %d rests on %d of %d peers (no sketch from %s)",
+                                     self.me, srnd - 1, got, len(self.ids), rec["consensus_missing"])
             labels = self.labels_at.pop(srnd, None)
             if labels is not None and self.sketcher is not None:
                 have = {p: self.book.entries[(p, srnd)] for p in self.ids if (p, srnd) in self.book.entries}

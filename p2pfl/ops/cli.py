@@ -39,7 +39,7 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help=f"where metrics, logs and adapters go (default {d.run_dir})")
     p.add_argument("--seed", type=int, help=f"run seed shared by all peers (default {d.seed})")
     p.add_argument("--no-train", action="store_true", default=None, help="gossip a random state of --dim floats, no model")
-    p.add_argument("--dim", type=int, help=f"state size in --no-train mode (default {d.dim})")
+    p.add_argument("--dim", type=int, help=f"state size in --no-train mode, rounded up to a multiple of 128 (default {d.dim})")
     p.add_argument("--compress", help=f"codec spec, e.g. none, fp16, int8, sign, sign:2048, topk:0.05+int8 (default {d.compress})")
     p.add_argument("--gamma", type=float, help="CHOCO consensus step size (default: the codec's)")
     p.add_argument("--algorithm", choices=("dsgd", "gt"), help="dsgd: decentralized SGD; gt: gradient tracking with local "

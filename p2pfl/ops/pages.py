@@ -309,6 +309,9 @@ def summary_rows(s: Mapping[str, Any], topo_name: str, n_peers: int | None, sche
     ]
     if s["consensus_exact_final"] is not None:
         rows.append(("final consensus distance, exact from the saved adapters", _fmt(s["consensus_exact_final"])))
+    if s["consensus_partial_records"]:
+        rows.append(("consensus estimates over part of the network only",
+                     f"{s['consensus_partial_records']} records: no sketch from peer(s) {s['consensus_missing_peers']}"))
     if s["kind"] == AVERAGING:
         rows.append(("measured contraction per round (geometric mean of ratios)",
                      f"{_fmt(s['contraction_measured'])} vs lambda {_fmt(s['lambda'])} ({s['contraction_ratios']} ratios)"))

@@ -279,6 +279,10 @@ def summarize(records_by_peer: Mapping[int, Sequence[Record]], lambda_: float | 
         (r0, m0), (rf, mf) = present[0], present[-1]
         s.update(consensus_initial=m0, consensus_initial_round=r0, consensus_final=mf, consensus_final_round=rf)
     s["consensus_exact_final"] = exact.xi if exact else None
+    partial = [rec["consensus_missing"] for by_round in idx.values() for rec in by_round.values()
+               if isinstance(rec.get("consensus_missing"), list) and rec["consensus_missing"]]
+    s["consensus_partial_records"] = len(partial)  # estimates that rest on part of the network (a peer's sketches never came)
+    s["consensus_missing_peers"] = sorted({q for miss in partial for q in miss if isinstance(q, int)})
     if kind == AVERAGING:
         s.update(_against_the_bound(rounds, consensus, present, lambda_))
     else:

@@ -84,7 +84,7 @@ class Levels:
         self.state = C.ClusterState(k=cfg.k, every=cfg.recluster_every, margin=cfg.margin)
         self.sketcher = Sketcher(flatten(x0).numel(), cfg.fingerprint_dim, seed ^ FINGERPRINT_SEED)
         self._theta: State = self.cluster.x  # the cluster model this round's task step started from
-        self.fingerprint = torch.zeros(cfg.fingerprint_dim, dtype=torch.float64)  # S d_i, accumulated
+        self.fingerprint = torch.zeros(self.sketcher.k, dtype=torch.float64)  # S d_i, accumulated (k <= the model's size)
         self.labels: dict[int, int] = dict.fromkeys(topo.ids, 0)  # one cluster until the first split
         self.apply(self.labels)
 
