@@ -220,6 +220,7 @@ def test_the_network_id_is_the_spec_digest():
 
 
 def splitmix64(seed: int, count: int) -> list[int]:
+    """Textbook scalar SplitMix64 (Steele, Lea & Flood 2014) with explicit 64-bit masking, as docs/wire.md states it."""
     mask, out = (1 << 64) - 1, []
     for _ in range(count):
         seed = (seed + 0x9E3779B97F4A7C15) & mask
