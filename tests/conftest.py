@@ -17,6 +17,13 @@ from pathlib import Path
 
 import pytest
 
+# Two xdist workers share the cores, and each test's peer processes share them too: torch's
+# intra-op threads would only spin against each other (a trainer's round took 25x the CPU with
+# two threads on this 2-core machine under load). Set before torch loads; children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+
 from p2pfl.core import topology as T
 from p2pfl.host.files import dump_topology, read_jsonl
 from p2pfl.net import ports
@@ -86,15 +93,10 @@ class Spawner:
             pr.wait()
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Many small engines or trainers in one process: intra-op threads only contend on small tensors."""
-    import torch
-
-    before = torch.get_num_threads()
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread in every test (see OMP_NUM_THREADS above), whatever an earlier test set."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ FAST = dict(samples_per_peer=96, global_test_size=120, batch_size=16, local_step
 
 @pytest.fixture(scope="module")
 def rn():
-    torch.set_num_threads(1)
     return load_foundation(SHAPES_CLIP_RN)
 
 

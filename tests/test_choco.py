@@ -23,8 +23,6 @@ SHAPE = (80, 128)  # d = 10240
 TARGET = 1e-6
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def starts(seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)

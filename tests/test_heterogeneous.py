@@ -123,7 +123,7 @@ def _fixed_caption_loss(t: Trainer) -> float:
         return float(tasks.caption_loss(t.foundation, t.data.train.images[:64], t.data.captions[:64])[0])
 
 
-def test_the_contrastive_loss_falls_on_a_caption_peer(one_thread):
+def test_the_contrastive_loss_falls_on_a_caption_peer():
     t = Trainer(TrainerConfig(data_kind="captions", text_lora=True, local_steps=4, domain="noise"), 1, 8)
     assert len(t.data.captions) == len(t.data.train) and all(isinstance(c, str) and c for c in t.data.captions)
     before = _fixed_caption_loss(t)
@@ -132,7 +132,7 @@ def test_the_contrastive_loss_falls_on_a_caption_peer(one_thread):
     assert rounds[0]["data_kind"] == "captions" and rounds[-1]["train_loss"] < rounds[0]["train_loss"]
 
 
-def test_pseudo_label_accuracy_rises_over_rounds_on_a_shifted_domain(one_thread):
+def test_pseudo_label_accuracy_rises_over_rounds_on_a_shifted_domain():
     t = Trainer(TrainerConfig(data_kind="unlabelled", local_steps=3), 2, 8)  # the default shift: contrast+clutter
     acc = [t.train_round()["pseudo_label_accuracy"] for _ in range(5)]
     assert acc[-1] > acc[0] + 0.03, acc
@@ -154,7 +154,7 @@ def test_the_report_groups_peers_by_kind_with_a_table_by_dataset():
 
 
 @pytest.mark.slow
-def test_a_mixed_shapes_digits_ring_of_processes_beats_its_peers_trained_alone(tmp_path, spawn, cluster_dir, one_thread):
+def test_a_mixed_shapes_digits_ring_of_processes_beats_its_peers_trained_alone(tmp_path, spawn, cluster_dir):
     topo, path = make_topology(tmp_path, "ring", 4)
     topo.settings = {"rounds": 8, "trainer": {"partition": "dirichlet:0.5", "local_steps": 3, "eval_every": 8}}
     for p in topo.ids:

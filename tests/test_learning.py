@@ -5,7 +5,6 @@ what is checked is learning, not the number of processes. That training over rea
 TCP gives the same losses and accuracies as in one process is tests/test_layouts.py's claim."""
 
 import numpy as np
-import pytest
 
 from p2pfl.core import topology as T
 from p2pfl.learn.trainer import Trainer, TrainerConfig
@@ -13,8 +12,6 @@ from p2pfl.sim.simulation import train_network
 
 ROUNDS = 10
 SETTINGS = {"partition": "dirichlet:0.1", "local_steps": 5, "batch_size": 16, "global_test_size": 200, "eval_every": ROUNDS}
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ring4_gossip_beats_local_only_on_dirichlet_skew():

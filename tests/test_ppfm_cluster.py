@@ -28,8 +28,6 @@ SETTINGS = {"local_steps": 5, "batch_size": 16, "samples_per_peer": 128, "global
             "partition": "groups:task=shape,background", "seed": 0}
 MARGIN = 0.03  # PPFM's mean personalised accuracy must beat flat gossip by at least 3 points
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def ring(order: list[int], base_port: int = 30000) -> Topology:
     g = nx.Graph()
@@ -85,11 +83,13 @@ def test_planted_task_groups_are_found_over_processes_and_tcp(tmp_path, cluster_
 
 
 def test_one_homogeneous_group_is_not_split():
+    """A clustering every other round once the first fingerprints are in: rounds 4, 6 and 8 (the best
+    split measured 0.08-0.10 against the bar's 0.25)."""
     topo = ring(list(range(N)))
-    cfg = TrainerConfig.from_dict({**SETTINGS, "partition": "iid", "local_steps": 3, "global_test_size": 60, "eval_every": 20})
-    sim = train_network(topo, {p: Trainer(cfg, p, N) for p in topo.ids}, 20, clusters="auto")
+    cfg = TrainerConfig.from_dict({**SETTINGS, "partition": "iid", "local_steps": 3, "global_test_size": 60, "eval_every": 10})
+    sim = train_network(topo, {p: Trainer(cfg, p, N) for p in topo.ids}, 10, clusters="auto", recluster_every=2)
     for p, rs in sim.records.items():
-        assert [r["round"] for r in rs] == list(range(20))
+        assert [r["round"] for r in rs] == list(range(10))
         assert all(r["cluster_labels"] == [0] * N for r in rs), p
         assert rs[-1]["rejected_messages"] == 0
         evaluated = [r for r in rs if r["cluster_evaluated_round"] is not None]  # auto's bar kept one cluster

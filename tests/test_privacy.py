@@ -39,7 +39,7 @@ def _loop_gradients(tr: Trainer, images: torch.Tensor, labels: torch.Tensor) -> 
 
 @pytest.mark.parametrize("kw", [{}, {"train_a": True}, {"text_lora": True}, {"model": SHAPES_CLIP_RN}],
                          ids=["ffa", "train_a", "text_lora", "resnet"])
-def test_clipped_per_sample_gradients_equal_a_per_sample_loop(kw, one_thread):
+def test_clipped_per_sample_gradients_equal_a_per_sample_loop(kw):
     """Fused attention (peft target_parameters), c_fc/c_proj, A and B, the text tower, ResNet convs."""
     cfg = TrainerConfig(seed=2, dp_noise=1.0, **{**FAST, **kw})
     tr = Trainer(cfg, 0, 2)
@@ -86,7 +86,7 @@ def test_noise_and_sampling_are_not_a_function_of_the_run_seed():
     assert not torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
 
 
-def test_spent_epsilon_grows_with_rounds_and_matches_the_accountant(one_thread):
+def test_spent_epsilon_grows_with_rounds_and_matches_the_accountant():
     tr = Trainer(TrainerConfig(seed=1, dp_noise=1.1, **FAST), 0, 2, rounds=3)
     spent = [tr.train_round()["dp_epsilon_spent"] for _ in range(3)]
     assert spent[0] < spent[1] < spent[2]
@@ -96,7 +96,7 @@ def test_spent_epsilon_grows_with_rounds_and_matches_the_accountant(one_thread):
     assert tr.step == 9 and spent[-1] == pytest.approx(acc.get_epsilon(delta=1 / (2 * len(tr.data.train))), rel=1e-9)
 
 
-def test_training_stops_at_the_budget_and_the_peer_keeps_its_model(caplog, one_thread):
+def test_training_stops_at_the_budget_and_the_peer_keeps_its_model(caplog):
     cfg = TrainerConfig(seed=1, dp_noise=1.1, dp_epsilon=2.0, **FAST)  # no planned rounds: it trains until the budget
     tr = Trainer(cfg, 0, 2)
     caplog.set_level(logging.INFO, logger="p2pfl.peer.0")

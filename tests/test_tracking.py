@@ -126,7 +126,7 @@ def test_the_correction_survives_a_checkpoint():
     assert torch.equal(back.algo.correction["w"], torch.arange(D, dtype=torch.float32))
 
 
-def test_the_trainer_moves_its_adapter_by_the_correction_over_a_round(one_thread):
+def test_the_trainer_moves_its_adapter_by_the_correction_over_a_round():
     from p2pfl.config import TrainerConfig
     from p2pfl.learn.trainer import Trainer
 
