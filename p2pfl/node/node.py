@@ -36,7 +36,6 @@ from p2pfl.node.intake import Intake
 from p2pfl.node.mixer import Mixer
 from p2pfl.node.neighbourhood import Neighbourhood
 from p2pfl.node.records import Monitor, round_record
-from p2pfl.node.snapshot import restore, take
 from p2pfl.node.tracking import Dsgd
 
 HELLO_EVERY = 0.25  # seconds between start-up hellos to neighbours not seen yet
@@ -470,11 +469,17 @@ class Node:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return take(self.me, self.mixer, self.algo)
+        """The mixer's engines and what the algorithm keeps beside the model."""
+        tensors, meta = self.mixer.snapshot()
+        tensors.update(self.algo.snapshot())
+        meta["peer"] = self.me
+        return tensors, meta
 
     def resume(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], last_logged: int) -> None:
         """Continue from a checkpoint; the next round follows both the checkpoint and the last
         round already in the metrics file."""
-        self.start_round = max(restore(self.mixer, self.algo, tensors, meta) + 1, last_logged + 1)
+        self.mixer.restore(tensors, meta)
+        self.algo.restore(tensors)
+        self.start_round = max(self.mixer.round + 1, last_logged + 1)
         self.mixer.round = self.start_round - 1
         self.resumed = True

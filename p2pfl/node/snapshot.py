@@ -8,7 +8,7 @@ into both (`split_plain`) so that nothing is ever unpickled.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -16,10 +16,6 @@ from p2pfl.core.gossip import ChocoEngine, Replica
 from p2pfl.errors import P2pflError
 from p2pfl.ppfm.cluster import ClusterState
 from p2pfl.ppfm.levels import Levels
-
-if TYPE_CHECKING:  # the parts keep their state through this module
-    from p2pfl.node.mixer import Mixer
-    from p2pfl.node.tracking import Dsgd
 
 
 class CheckpointError(P2pflError, ValueError):
@@ -106,17 +102,3 @@ def restore_levels(levels: Levels, tensors: dict[str, torch.Tensor], meta: dict[
     levels.fingerprint = fp.double().clone()
     levels.apply(state.labels or levels.labels)
 
-
-def take(peer: int, mixer: Mixer, algo: Dsgd) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A node's checkpoint: its mixer's engines and what its algorithm keeps beside the model."""
-    tensors, meta = mixer.snapshot()
-    tensors.update(algo.snapshot())
-    meta["peer"] = peer
-    return tensors, meta
-
-
-def restore(mixer: Mixer, algo: Dsgd, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
-    """Put a checkpoint back; the last round it had sent."""
-    mixer.restore(tensors, meta)
-    algo.restore(tensors)
-    return mixer.round
