@@ -335,16 +335,19 @@ def validate(topo: Topology, source: str = "<topology>") -> None:
         seen[key] = spec.id
 
 
-def parse(text: str, source: str = "<topology>") -> Topology:
-    """A topology from the text of a YAML file (read by `p2pfl.host.files.load_topology`); a YAML
-    error names its line and column."""
+def load_yaml(text: str, source: str) -> Any:
+    """The document of a YAML text; an error names its line and column."""
     try:
-        doc = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise TopologyError(f"{source}: invalid YAML{where}: {getattr(e, 'problem', e)}") from e
-    return from_dict(doc, source)
+
+
+def parse(text: str, source: str = "<topology>") -> Topology:
+    """A topology from the text of a YAML file (read by `p2pfl.host.files.load_topology`)."""
+    return from_dict(load_yaml(text, source), source)
 
 
 def closed_form_gap(kind: str, n: int) -> float:

@@ -7,6 +7,8 @@ it imports the learning stack.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from pathlib import Path
@@ -14,17 +16,39 @@ from typing import Any
 
 import yaml
 
+from p2pfl.core import netfile
+from p2pfl.core.admission import MALFORMED, AdmissionError
 from p2pfl.core.topology import Topology, TopologyError, parse
+
+
+def _text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise TopologyError(f"{path}: cannot read {what} file ({e.strerror})") from e
 
 
 def load_topology(path: str | Path) -> Topology:
     """A topology file, checked (`p2pfl.core.topology.parse`); a missing or unreadable file is a `TopologyError`."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise TopologyError(f"{path}: cannot read topology file ({e.strerror})") from e
-    return parse(text, str(path))
+    return parse(_text(Path(path), "topology"), str(path))
+
+
+def load_network(path: str | Path) -> netfile.Network:
+    """An open network's file, checked (`p2pfl.core.netfile.parse`); unreadable: a `TopologyError`."""
+    return netfile.parse(_text(Path(path), "network"), str(path))
+
+
+def load_blobs(path: str | Path, what: str = "certificate") -> list[bytes]:
+    """The certificates or revocations of a file written by `p2pfl-topology authority`: base64,
+    one a line; a line that is not base64 is an `AdmissionError` naming it."""
+    out = []
+    for k, line in enumerate(_text(Path(path), what).splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(base64.b64decode(line.strip(), validate=True))
+            except binascii.Error:
+                raise AdmissionError(MALFORMED, f"{path}: line {k} is not a base64 {what}") from None
+    return out
 
 
 def dump_topology(topo: Topology, path: str | Path) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,10 @@ import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from p2pfl.config import PeerConfig
+from p2pfl.core.admission import verify
 from p2pfl.core.topology import PeerSpec, Topology, TopologyError
 from p2pfl.core.wire import frames_nbytes
+from p2pfl.net.gatekeeper import CERT_PROPERTY, PEER_PROPERTY, Gatekeeper, handshake_metadata
 
 log = logging.getLogger("p2pfl.transport")
 RETIRE_LINGER_MS = 2000  # a retired DEALER's last accepted messages; bounds how long closing the context can wait
@@ -38,11 +42,13 @@ RETIRE_LINGER_MS = 2000  # a retired DEALER's last accepted messages; bounds how
 
 @dataclass
 class CurveKeys:
-    """CurveZMQ keys (Z85 bytes): ours, and every peer's public key from the topology file."""
+    """CurveZMQ keys (Z85 bytes): ours, and every peer's public key from the topology file; in an
+    open network (no peer list) our admission certificate instead."""
 
     public: bytes
     secret: bytes
     peers: dict[int, bytes] = field(default_factory=dict)
+    cert: bytes | None = None
 
     def peer_of(self, public: bytes) -> int | None:
         for p, k in self.peers.items():
@@ -63,15 +69,28 @@ def curve_keys(topo: Topology, me: int, topology_path: Path, secret_key: Path | 
         if not isinstance(k, str) or len(k) != 40:
             raise TopologyError(f"{topology_path}: peer {p} public_key must be a 40-character Z85 string")
     path = secret_key or Path(topology_path).parent / "keys" / f"peer-{me}.key_secret"
+    public, secret = _key_pair(path)
+    if public.decode() != listed[me]:
+        raise TopologyError(f"--secret-key: {path} does not match peer {me}'s public_key in {topology_path}")
+    return CurveKeys(public=public, secret=secret, peers={p: str(k).encode() for p, k in listed.items()})
+
+
+def _key_pair(path: Path) -> tuple[bytes, bytes]:
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
         raise TopologyError(f"--secret-key: cannot load CurveZMQ secret key {path}: {e}") from e
     if secret is None:
         raise TopologyError(f"--secret-key: {path} holds no secret key")
-    if public.decode() != listed[me]:
-        raise TopologyError(f"--secret-key: {path} does not match peer {me}'s public_key in {topology_path}")
-    return CurveKeys(public=public, secret=secret, peers={p: str(k).encode() for p, k in listed.items()})
+    return public, secret
+
+
+def admitted_keys(cert: bytes, secret_key: Path, gate: Gatekeeper, now: float) -> tuple[int, CurveKeys]:
+    """Our id and keys in an open network: the id our certificate (`p2pfl.host.files.load_blobs`
+    reads its file) admits now with the key pair in `secret_key`; `AdmissionError` otherwise."""
+    public, secret = _key_pair(secret_key)
+    own = verify(cert, gate.authority_public, gate.network, now, claimed_key=public, revoked=gate.revocations)
+    return own.peer, CurveKeys(public=public, secret=secret, cert=cert)
 
 
 class _KnownKeys:
@@ -92,18 +111,27 @@ class _KnownKeys:
 class SharedContext:
     """One ZeroMQ context (and, with CURVE, one ZAP handler) for the transports of co-hosted peers."""
 
-    def __init__(self, curve: CurveKeys | None) -> None:
+    def __init__(self, curve: CurveKeys | None, gate: Gatekeeper | None = None) -> None:
+        """`gate`: an open network's admission, shared by the co-hosted peers like the context."""
         self.ctx = zmq.asyncio.Context()
         self.auth: AsyncioAuthenticator | None = None
-        if curve is not None:  # every peer of a topology accepts the same set of keys
+        if curve is not None:  # every peer of a topology (or of an open network) accepts the same keys
             self.auth = AsyncioAuthenticator(self.ctx)
             self.auth.start()
-            self.auth.configure_curve_callback(domain="*", credentials_provider=_KnownKeys(curve))
+            self.auth.configure_curve_callback(domain="*", credentials_provider=gate or _KnownKeys(curve))
 
     def close(self) -> None:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+
+def _property(frame: zmq.Frame, name: str) -> str | None:
+    """A received message's connection property (ZAP User-Id, handshake metadata), None if absent."""
+    try:
+        return frame.get(name)
+    except zmq.ZMQError:
+        return None
 
 
 @dataclass
@@ -132,17 +160,21 @@ class Transport:
         curve: CurveKeys | None = None,
         ctx: zmq.asyncio.Context | None = None,
         retire_grace: float = PeerConfig.round_timeout,
+        gate: Gatekeeper | None = None,
     ) -> None:
         """`ctx`: a context shared by the transports of co-hosted peers (one I/O thread, one ZAP
         handler for all); the transport then leaves its lifetime to the owner. `retire_grace`:
         how long a disconnected link keeps trying to deliver what waits on it (the peer's round
-        deadline ceiling: after that the receiver has stopped waiting for it)."""
+        deadline ceiling: after that the receiver has stopped waiting for it). `gate`: an open
+        network's admission (with `curve`, which then holds our certificate and no peer list):
+        DEALERs present the certificate, and only admitted connections' messages are received."""
         self.me = me
         self.neighbors = neighbors
         self.max_frame = max_frame
         self.queue_size = queue_size
         self.hwm = hwm
         self.curve = curve
+        self.gate = gate
         self.owns_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.asyncio.Context()
         self.router: zmq.Socket | None = None
@@ -156,14 +188,14 @@ class Transport:
         self.supervise: Callable[[asyncio.Task[None]], asyncio.Task[None]] | None = None  # the host watches the sender tasks
         self.stats = TransportStats()
         self.auth: AsyncioAuthenticator | None = None
-        self.keycheck: _KnownKeys | None = None
+        self.keycheck: _KnownKeys | Gatekeeper | None = None
 
     def _bind_endpoint(self) -> str:
         return f"tcp://{self.me.host}:{self.me.port}"
 
     async def start(self) -> None:
         if self.curve is not None and self.owns_ctx:
-            self.keycheck = _KnownKeys(self.curve)
+            self.keycheck = self.gate or _KnownKeys(self.curve)
             self.auth = AsyncioAuthenticator(self.ctx)
             self.auth.start()
             self.auth.configure_curve_callback(domain="*", credentials_provider=self.keycheck)
@@ -206,13 +238,24 @@ class Transport:
         else:
             d.curve_secretkey = self.curve.secret
             d.curve_publickey = self.curve.public
-            d.curve_serverkey = self.curve.peers[j]
+            d.curve_serverkey = self._server_key(j, spec)
+            for prop in handshake_metadata(self.me.id, self.curve.cert) if self.gate and self.curve.cert else ():
+                d.setsockopt(zmq.METADATA, prop)
         d.connect(spec.endpoint)
         self.dealers[j] = d
         asyncio.get_running_loop().add_reader(d.FD, self._dealer_ready, j)
         self.queues[j] = asyncio.Queue(self.queue_size)
         task = asyncio.create_task(self._sender(j), name=f"send-{j}")
         self.tasks.append(self.supervise(task) if self.supervise is not None else task)
+
+    def _server_key(self, j: int, spec: PeerSpec) -> bytes:
+        """Peer j's CURVE key: the topology's; in an open network the one its address entry names
+        (a bootstrap peer's, from the network file) or that of the certificate learned for it."""
+        assert self.curve is not None
+        key = self.curve.peers.get(j) or spec.extra.get("public_key") or (self.gate and self.gate.key_of(j))
+        if not key:
+            raise TopologyError(f"peer {j}: no CurveZMQ public key known (no certificate learned for it)")
+        return key.encode() if isinstance(key, str) else key
 
     def disconnect(self, j: int) -> None:
         """Close the DEALER to a peer opened with `connect` once its queue and held message have
@@ -344,26 +387,34 @@ class Transport:
         One task receives (the peer's receive loop).
 
         The authenticated id comes from the ZAP handshake (the frame's User-Id is the sender's
-        public key), so it cannot be forged by the sender, unlike the routing identity."""
+        public key), so it cannot be forged by the sender, unlike the routing identity. In an open
+        network it is the id the connection's certificate admits, and a message from a connection
+        the gatekeeper refuses is dropped here (it counts it)."""
         r = self.router
         assert r is not None and self._rx_waiter is None, "one receiving task at a time"
         while True:
             try:
                 frames = r.recv_multipart(zmq.NOBLOCK, copy=False)
-                break
             except zmq.Again:  # it read the events: the next message signals the FD
                 self._rx_waiter = asyncio.get_running_loop().create_future()
                 try:
                     await self._rx_waiter
                 finally:
                     self._rx_waiter = None
-        self.stats.messages_received += 1
-        self.stats.bytes_received += frames_nbytes(frames[1:])
-        authed = None
-        if self.curve is not None and len(frames) > 1:
-            user = frames[1].get("User-Id")
-            authed = self.curve.peer_of(user.encode() if isinstance(user, str) else user)
-        return frames[0].bytes, authed, frames[1:]
+                continue
+            self.stats.messages_received += 1
+            self.stats.bytes_received += frames_nbytes(frames[1:])
+            authed = None
+            if self.curve is not None and len(frames) > 1:
+                user = _property(frames[1], "User-Id") or ""  # pyzmq's ZAP handler names the key in Z85
+                if self.gate is None:
+                    authed = self.curve.peer_of(user.encode())
+                else:
+                    authed = self.gate.check(_property(frames[1], PEER_PROPERTY), user.encode(),
+                                             functools.partial(_property, frames[1], CERT_PROPERTY), time.time())
+                    if authed is None:
+                        continue
+            return frames[0].bytes, authed, frames[1:]
 
     async def drain(self, timeout: float) -> None:
         """Give queued messages (e.g. goodbyes) a moment to leave before closing."""

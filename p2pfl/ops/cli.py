@@ -25,6 +25,7 @@ from p2pfl.core.specs import check_peer
 from p2pfl.errors import P2pflError
 from p2pfl.host.files import dump_topology, load_topology
 from p2pfl.learn.options import check_trainers
+from p2pfl.ops import authority
 
 
 def _peer_parser() -> argparse.ArgumentParser:
@@ -138,7 +139,8 @@ def peer_main(argv: list[str] | None = None) -> int:
 
 
 def topology_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="p2pfl-topology", description="Generate and inspect topology files.")
+    p = argparse.ArgumentParser(prog="p2pfl-topology", description="Generate and inspect topology files; run an open "
+                                "network's admission authority.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="write a topology file with explicit edges")
     g.add_argument("kind", choices=topo_mod.GENERATORS)
@@ -155,8 +157,11 @@ def topology_main(argv: list[str] | None = None) -> int:
     k.add_argument("--topology", type=Path, help="give every peer of this file a key pair and write the public keys into it")
     k.add_argument("--keys-dir", type=Path, help="where secret keys go (default <topology dir>/keys, or ./keys)")
     k.add_argument("--name", help="write only this key pair (e.g. peer-3) and print its public key")
+    authority.add_parser(sub)
     args = p.parse_args(argv)
     try:
+        if args.cmd == "authority":
+            return authority.main(args)
         if args.cmd == "keygen":
             return _keygen(args)
         if args.cmd == "generate":
