@@ -31,6 +31,7 @@ MAX_BLOB = 512  # a certificate is 132 bytes plus the network name's length for 
 MAX_NAME = 64  # characters of a network name
 MAX_VALIDITY = 366 * 86400  # the longest certificate the authority issues, in seconds; bounds a revocation's life
 KEY_ID_BYTES = 8
+KEPT = 1024  # revocations a peer keeps; also the gatekeeper's learned certificates and remembered refusals
 Z85_KEY = 40  # characters of a CurveZMQ public key
 SIGNATURE = 64
 # Field types after the kind; the peer id and times are non-negative msgpack ints.
@@ -164,7 +165,7 @@ class Revocations:
     one that expires first if it expires later itself, and is refused otherwise (`dropped` counts
     both), so what is lost is always what would be moot soonest."""
 
-    def __init__(self, authority_public: bytes, network: str, capacity: int = 1024) -> None:
+    def __init__(self, authority_public: bytes, network: str, capacity: int = KEPT) -> None:
         self.authority_public, self.network, self.capacity = authority_public, network, capacity
         self.by_peer: dict[int, Revocation] = {}
         self.dropped = 0

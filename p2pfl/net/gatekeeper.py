@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from p2pfl.core.admission import (
     EXPIRED,
+    KEPT,
     MALFORMED,
     MAX_BLOB,
     NO_CERTIFICATE,
@@ -56,7 +57,7 @@ class Gatekeeper:
     presented again with the next message), and `capacity` remembered refusals."""
 
     def __init__(self, authority_public: bytes, network: str, revocations: Revocations | None = None,
-                 capacity: int = 1024, clock: Callable[[], float] = time.time) -> None:
+                 capacity: int = KEPT, clock: Callable[[], float] = time.time) -> None:
         self.authority_public, self.network, self.capacity, self.clock = authority_public, network, capacity, clock
         self.revocations = revocations if revocations is not None else Revocations(authority_public, network)
         self.certs: OrderedDict[bytes, Certificate] = OrderedDict()  # by CURVE key (Z85)
