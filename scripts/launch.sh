@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start every peer of a topology on this machine, one process each; see `p2pfl/ops/launch.py`.
-# usage: scripts/launch.sh TOPOLOGY [--rounds N] [--run-dir DIR] [-- EXTRA PEER ARGS]
+# With --ray [ADDRESS], on a Ray cluster's nodes instead (`p2pfl/ops/ray_launch.py`, docs/operations.md#cluster).
+# usage: scripts/launch.sh TOPOLOGY [--rounds N] [--run-dir DIR] [--ray [ADDRESS] ...] [-- EXTRA PEER ARGS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${P2PFL_PYTHON:-}

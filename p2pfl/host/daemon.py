@@ -351,8 +351,12 @@ class Host:
         ckpt.save(peer_dir, rnd, tensors, meta)
 
 
-def run_peers(cfg: PeerConfig, ids: list[int], exporter: RecordSink | None = None) -> int:
+def run_peers(cfg: PeerConfig, ids: list[int], exporter: RecordSink | None = None,
+              started: Callable[[Host], None] | None = None) -> int:
+    """Host `ids` until they finish. `started` sees the host on its loop once built (a Ray actor
+    keeps it, to stop the peers from another thread); SIGTERM/SIGINT stop them in the main thread."""
     import signal
+    import threading
 
     import uvloop
 
@@ -363,8 +367,11 @@ def run_peers(cfg: PeerConfig, ids: list[int], exporter: RecordSink | None = Non
     async def main() -> int:
         host = Host(cfg, ids, exporter=exporter)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, host.request_stop)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, host.request_stop)
+        if started is not None:
+            started(host)
         return await host.run()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -1,7 +1,8 @@
 """Local cluster launcher: the peers of a topology spread over P processes, progress, clean
 shutdown, summary. One process hosts a contiguous block of ids (co-hosted peers share one model
 and talk in process; blocks talk over loopback TCP). The default, one process per core, keeps
-every core busy without importing torch once per peer."""
+every core busy without importing torch once per peer. With `--ray`, `p2pfl.ops.ray_launch` places
+the blocks on a Ray cluster's nodes instead and reuses the progress line and the summary here."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from p2pfl.ops.pages import write_report
 from p2pfl.ops.report import ReportError, index_records, uncompressed_extra_bytes
 
 
-def _last_records(run_dir: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
+def last_records(run_dir: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
     out = {}
     for p in ids:
         path = run_dir / "metrics" / f"peer-{p}.jsonl"
@@ -75,6 +76,40 @@ def bytes_line(sent: int, uncompressed: int | None) -> str:
     return line + f", {uncompressed / 1e6:,.2f} MB with uncompressed deltas: compression saved {saved / 1e6:,.2f} MB{share}"
 
 
+def progress_line(recs: dict[int, dict[str, Any]], ids: list[int], alive: int) -> str:
+    """The launcher's live line from each peer's latest record: rounds, live peers, consensus, accuracy."""
+    rounds = [recs[p]["round"] + 1 if p in recs else 0 for p in ids]
+    cd = _mean([r.get("consensus_distance") for r in recs.values()])
+    acc = _mean([r.get("accuracy") for r in recs.values() if r.get("accuracy") is not None])
+    line = f"launch: rounds {min(rounds)}..{max(rounds)} | alive {alive}/{len(ids)} | consensus {cd:.3e}"
+    return line + (f" | accuracy {acc:.3f}" if math.isfinite(acc) else "")
+
+
+def finish(run_dir: Path, ids: list[int], codes: dict[int, int | None], report: bool) -> int:
+    """The end of a run: summary.json and its line, the bytes line, the report; 1 if a peer failed."""
+    failed = {p: c for p, c in codes.items() if c != 0}
+    summary = summarize(run_dir, ids)
+    summary["exit_codes"] = codes
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("launch: summary " + json.dumps(summary))
+    print(bytes_line(summary["bytes_sent_total"], summary["bytes_uncompressed_total"]))
+    if report:
+        try:
+            page = write_report(run_dir).resolve()
+            print(f"launch: report at {page} (open {page.as_uri()} in a browser)")
+        except ReportError as e:
+            print(f"launch: no report: {e}", file=sys.stderr)
+    if failed:
+        print(f"launch: peers failed: {failed} (see {run_dir / 'logs'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def id_spec(block: list[int]) -> str:
+    """A block of ids as `--id` takes it: a range where it is one, else a list."""
+    return f"{block[0]}-{block[-1]}" if block == list(range(block[0], block[-1] + 1)) else ",".join(map(str, block))
+
+
 def spread(ids: list[int], processes: int) -> list[list[int]]:
     """Contiguous blocks of ids, as even as possible, one per process (never an empty one)."""
     k = max(1, min(processes, len(ids)))
@@ -93,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", type=Path)
     ap.add_argument("--no-report", action="store_true", help="skip p2pfl-report at the end")
     ap.add_argument("--processes", type=int, help="processes to spread the peers over (default: one per core, at most one per peer)")
+    from p2pfl.ops import ray_launch  # its options; Ray itself is imported only by a --ray run
+
+    ray_launch.add_options(ap)
     args = ap.parse_args(argv)
     if args.processes is not None and args.processes < 1:
         print(f"launch: --processes must be >= 1, got {args.processes}", file=sys.stderr)
@@ -105,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
+    if args.ray is not None:
+        return ray_launch.run(args, topo, run_dir, extra)
     shutil.copy(args.topology, run_dir / "topology.yaml")
     common = ["--topology", str(args.topology), "--run-dir", str(run_dir)]
     if args.rounds is not None:
@@ -115,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     procs: dict[int, subprocess.Popen[bytes]] = {}  # first id of a block -> its process
     print(f"launch: {topo.n} peers of {args.topology} in {len(blocks)} processes -> {run_dir} (logs in {run_dir / 'logs'})", flush=True)
     for block in blocks:
-        ids = f"{block[0]}-{block[-1]}" if block == list(range(block[0], block[-1] + 1)) else ",".join(map(str, block))
         with open(run_dir / "logs" / f"process-{block[0]}.stdout", "wb") as out:  # the child keeps its own handle
             procs[block[0]] = subprocess.Popen(
-                [sys.executable, "-m", "p2pfl", *common, "--id", ids, "--threads", str(threads), *extra],
+                [sys.executable, "-m", "p2pfl", *common, "--id", id_spec(block), "--threads", str(threads), *extra],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
 
@@ -137,34 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     last_line = ""
     while any(pr.poll() is None for pr in procs.values()):
         time.sleep(1.0)
-        recs = _last_records(run_dir, topo.ids)
-        rounds = [recs[p]["round"] + 1 if p in recs else 0 for p in topo.ids]
-        cd = _mean([r.get("consensus_distance") for r in recs.values()])
-        acc = _mean([r.get("accuracy") for r in recs.values() if r.get("accuracy") is not None])
         alive = sum(len(b) for b in blocks if procs[b[0]].poll() is None)
-        line = f"launch: rounds {min(rounds)}..{max(rounds)} | alive {alive}/{topo.n} | consensus {cd:.3e}"
-        if math.isfinite(acc):
-            line += f" | accuracy {acc:.3f}"
+        line = progress_line(last_records(run_dir, topo.ids), topo.ids, alive)
         if line != last_line:
             print(line, flush=True)
             last_line = line
-    codes = {p: procs[b[0]].returncode for b in blocks for p in b}
-    failed = {p: c for p, c in codes.items() if c != 0}
-    summary = summarize(run_dir, topo.ids)
-    summary["exit_codes"] = codes
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("launch: summary " + json.dumps(summary))
-    print(bytes_line(summary["bytes_sent_total"], summary["bytes_uncompressed_total"]))
-    if not args.no_report:
-        try:
-            page = write_report(run_dir).resolve()
-            print(f"launch: report at {page} (open {page.as_uri()} in a browser)")
-        except ReportError as e:
-            print(f"launch: no report: {e}", file=sys.stderr)
-    if failed:
-        print(f"launch: peers failed: {failed} (see {run_dir / 'logs'})", file=sys.stderr)
-        return 1
-    return 0
+    return finish(run_dir, topo.ids, {p: procs[b[0]].returncode for b in blocks for p in b}, not args.no_report)
 
 
 if __name__ == "__main__":
