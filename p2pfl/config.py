@@ -45,6 +45,7 @@ class PeerConfig:
     algorithm: str = "dsgd"  # dsgd: decentralized SGD; gt: gradient tracking with local steps (K-GT; p2pfl/node/node.py)
     sketch_dim: int = 1024
     estimator: str = "auto"  # consensus estimate: flood (every sketch to every peer), gossip (averaged), auto
+    monitor_share: float = 0.25  # the estimate's bytes per message, at most this share of a delta's (fewer, smaller sketches); 0: no cap
     heartbeat: float = 1.0  # seconds between heartbeats
     peer_timeout: float = 10.0  # silent this long => marked down
     min_wait: float = 2.0  # floor of the adaptive round deadline

@@ -149,6 +149,30 @@ class EstimatorConfig:
         return EstimatorConfig(k=k, lag=lag, every=math.ceil(lag / in_flight))
 
 
+ROW_KEY_BYTES = 8  # a row's [origin, round] key in the message's info, about (msgpack)
+
+
+def flood_every(n: int, edges: int, k: int, budget: float) -> int:
+    """Rounds between flooded sketch rounds so that a message carries, on average, at most
+    `budget` bytes of sketch rows: a sketch round's n (n - 1) row deliveries (every peer gets every
+    other peer's row once) ride on the round's 2 |E| messages."""
+    if n < 2 or edges < 1 or budget <= 0:
+        return 1
+    per_message = n * (n - 1) * (8 * k + ROW_KEY_BYTES) / (2 * edges)
+    return max(1, math.ceil(per_message / budget))
+
+
+def gossip_within(cfg: EstimatorConfig, budget: float) -> EstimatorConfig:
+    """The gossip estimator's settings with at most `budget` bytes of payload per message: fewer
+    instances in flight (an estimate every `lag` rounds at the least), then fewer sketch rows
+    (at least 16)."""
+    if budget <= 0 or cfg.max_payload_bytes <= budget:
+        return cfg
+    k = max(16, min(cfg.k, int(budget // 8) - 1))
+    in_flight = max(1, int(budget // ((k + 1) * 8)))
+    return EstimatorConfig(k=k, lag=cfg.lag, every=max(cfg.every, math.ceil(cfg.lag / in_flight)))
+
+
 def lag_for(lam: float, target: float, max_lag: int = 64) -> int:
     if lam <= 0.0:
         return 2

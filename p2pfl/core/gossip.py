@@ -5,6 +5,11 @@ apply each neighbour's q_j to the replica xhat_j strictly in sequence order;
 x_i += gamma * sum_j w_ij (xhat_j - xhat_i).
 With the identity codec and gamma = 1 this is exact gossip averaging x <- W x.
 
+A round mixed with a neighbour's replica before its delta of that round came (the deadline
+passed) would move the network mean: the neighbour adds its half of the pair, we did not. The engine remembers those
+rounds and, as the missing delta applies, owes gamma * w_ij * q_j for each of them; the debt is
+added to x at the next mix (`settle`), so both ends have mixed the same pair (docs/wan.md).
+
 The engine is pure: it consumes and produces `wire.Message`s and never touches sockets or
 clocks, so every protocol path (gaps, restarts, resyncs) is unit-tested in-process.  Replicas
 stay bit-identical with the sender because both apply the same decoded tensor with the same op.
@@ -59,6 +64,7 @@ class Replica:
     pending: dict[int, tuple[int, State]] = field(default_factory=dict)  # seq -> (round, decoded q)
     state_round: int | None = None  # our round when this neighbour last got our full state
     state_owed: bool = False  # it asked again in that round: the answer waits for our next round
+    stale: list[int] = field(default_factory=list)  # our rounds mixed with this replica before it held that round
 
 
 @dataclass
@@ -120,6 +126,8 @@ class ChocoEngine:
         self.guard = NormGuard(norm_factor)
         self.duplicates = 0
         self.last_stats = RoundStats(round=-1)
+        self.owed: State | None = None  # gamma * w_ij * q_j for late deltas of rounds mixed without them
+        self.settled = 0  # late deltas whose missing term was owed (one count per round mixed without it)
 
     # ------------------------------------------------------------------ sending
 
@@ -242,6 +250,7 @@ class ChocoEngine:
         """Drop what we hold of a neighbour (after ignoring it for a while) and ask for its state."""
         rep = self.replicas[peer]
         rep.pending.clear()
+        rep.stale.clear()
         rep.synced = False
         return self._ask_resync(peer, rep)
 
@@ -255,6 +264,7 @@ class ChocoEngine:
             raise GossipError(f"peer {msg.sender}: stale incarnation {msg.inc} < {rep.inc} (replayed or old message)")
         rep.inc = msg.inc
         rep.pending.clear()
+        rep.stale.clear()
         rep.resync_asked = False
         actions: list[Action] = []
         if msg.seq == 0:
@@ -356,6 +366,7 @@ class ChocoEngine:
             return  # older than what we already applied
         state = self._decode(msg)
         rep.xhat = {k: v.clone() for k, v in state.items()}
+        rep.stale.clear()  # which of the deltas it holds those rounds lacked is not known: the debt lapses
         # A state holds the deltas before `seq`, the last of them of round `round`; with seq 0 it is
         # the all-zero start and holds no round.
         rep.next_seq, rep.round, rep.synced, rep.resync_asked = msg.seq, msg.round if msg.seq > 0 else -1, True, False
@@ -375,6 +386,22 @@ class ChocoEngine:
                 rep.xhat[k] += v
             rep.next_seq += 1
             rep.round = max(rep.round, rnd)
+            if rep.stale:
+                self._owe(rep, rnd, q)
+
+    def _owe(self, rep: Replica, rnd: int, q: State) -> None:
+        """A delta of round `rnd` applied after rounds >= `rnd` were mixed without it: what each of
+        those mixes left out of the pair is owed. Rounds the replica now holds are settled."""
+        times = sum(1 for s in rep.stale if s >= rnd)
+        rep.stale = [s for s in rep.stale if s > rep.round]
+        if not times or not q:
+            return
+        j = next(p for p, r in self.replicas.items() if r is rep)
+        if self.owed is None:
+            self.owed = zeros_like_state(self.x)
+        for k, v in q.items():
+            self.owed[k] += (self.gamma * self.weights[j] * times) * v
+        self.settled += times
 
     def _drain_all(self) -> None:
         for rep in self.replicas.values():
@@ -390,16 +417,32 @@ class ChocoEngine:
         return [j for j in live if j in self.replicas and not (self.replicas[j].synced and self.replicas[j].round >= rnd)]
 
     def mix(self, live: Iterable[int]) -> None:
-        """Step 4. Down or unsynced neighbours are left out, i.e. their weight moves to self."""
+        """Step 4. Down or unsynced neighbours are left out, i.e. their weight moves to self.
+
+        A replica that lacks this round's delta (the deadline passed) is remembered, and the
+        delta's term owed when it comes. Robust rules owe nothing: they are not a sum of pairwise
+        terms that cancel, and a debt paid outside the rule would let a late delta bypass it."""
         use = [j for j in live if j in self.replicas and self.replicas[j].synced]
         if self.robust.kind != "off":
             robust_step(self.robust, self.x, self.xhat, [self.replicas[j].xhat for j in use], [self.weights[j] for j in use], self.gamma)
             return
+        self.settle()
+        for j in use:
+            if self.replicas[j].round < self.round:
+                self.replicas[j].stale.append(self.round)
         for name in self.x:
             acc = torch.zeros_like(self.x[name])
             for j in use:
                 acc += self.weights[j] * (self.replicas[j].xhat[name] - self.xhat[name])
             self.x[name] += self.gamma * acc
+
+    def settle(self) -> None:
+        """Add what is owed for rounds mixed without a delta that has come since. Called by a mix
+        and at the end of a round, never while the trainer holds the model."""
+        if self.owed is not None:
+            for name, v in self.owed.items():
+                self.x[name] += v
+            self.owed = None
 
     def neighbor_distance(self, live: Iterable[int]) -> float:
         """sqrt(mean_j ||xhat_j - xhat_i||^2) over live, synced neighbours: local disagreement."""

@@ -93,6 +93,20 @@ def admitted_keys(cert: bytes, secret_key: Path, gate: Gatekeeper, now: float) -
     return own.peer, CurveKeys(public=public, secret=secret, cert=cert)
 
 
+def dial_endpoint(me: int, spec: PeerSpec) -> str:
+    """Where peer `me` dials `spec`: its address, or the one its topology entry names for `me`
+    under `via` (a fault-injecting proxy in between: `p2pfl.net.proxy.route`)."""
+    via = spec.extra.get("via", {})
+    if not isinstance(via, dict):
+        raise TopologyError(f"peer {spec.id}: 'via' must map peer ids to 'host:port', got {via!r}")
+    if me not in via:
+        return spec.endpoint
+    host, sep, port = str(via[me]).rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise TopologyError(f"peer {spec.id}: via[{me}] must be 'host:port', got {via[me]!r}")
+    return f"tcp://{host}:{port}"
+
+
 class _KnownKeys:
     """ZAP credentials provider: a connection is accepted only with a key listed in the topology."""
 
@@ -241,7 +255,7 @@ class Transport:
             d.curve_serverkey = self._server_key(j, spec)
             for prop in handshake_metadata(self.me.id, self.curve.cert) if self.gate and self.curve.cert else ():
                 d.setsockopt(zmq.METADATA, prop)
-        d.connect(spec.endpoint)
+        d.connect(dial_endpoint(self.me.id, spec))
         self.dealers[j] = d
         asyncio.get_running_loop().add_reader(d.FD, self._dealer_ready, j)
         self.queues[j] = asyncio.Queue(self.queue_size)

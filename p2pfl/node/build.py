@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.core.abuse import Abuser, abuse_rate
 from p2pfl.core.codec import CodecError
 from p2pfl.core.compress import CompressionPlan
 from p2pfl.core.conduct import Limits
 from p2pfl.core.consensus import flatten, shared_sketcher
-from p2pfl.core.estimate import EstimatorConfig, GossipEstimator
+from p2pfl.core.estimate import EstimatorConfig, GossipEstimator, flood_every, gossip_within
 from p2pfl.core.gossip import ChocoEngine
 from p2pfl.core.robust import parse_byzantine
 from p2pfl.core.scheduled import scheduled_gossip
@@ -32,13 +34,23 @@ from p2pfl.ppfm.levels import Levels, PpfmConfig
 FLOOD_UP_TO = 32  # --estimator auto floods sketches up to this many peers, and gossip-averages beyond
 
 
-def estimator_config(kind: str, topo: Topology, k: int, rounds: int) -> EstimatorConfig | None:
-    """None for flooding (`consensus.SketchBook`), else the gossip estimator's settings. Its period
-    is a divisor of `rounds` when one is close to the default, so the last round gets an estimate."""
+def delta_bytes(engine: ChocoEngine) -> int:
+    """The payload bytes of one of the engine's deltas (the codecs' sizes do not depend on the values)."""
+    g = torch.Generator().manual_seed(0)
+    named = [(engine.plan.default, engine.numel)] if engine.flat else [(engine.plan.codec_for(n), engine.x[n].numel()) for n in engine.order]
+    return sum(sum(p.numel() * p.element_size() for p in codec.encode(torch.randn(n, generator=g), seed=0).parts.values())
+               for codec, n in named)
+
+
+def estimator_config(kind: str, topo: Topology, k: int, rounds: int, budget: float = 0.0) -> EstimatorConfig | None:
+    """None for flooding (`consensus.SketchBook`), else the gossip estimator's settings, within
+    `budget` bytes a message (`gossip_within`). Its period is a divisor of `rounds` when one is
+    close to the default, so the last round gets an estimate."""
     check_estimator(kind)
     if k <= 0 or kind == "flood" or (kind == "auto" and topo.n <= FLOOD_UP_TO):
         return None
-    base = EstimatorConfig.for_topology(k, topo.mixing_lambda())
+    base = gossip_within(EstimatorConfig.for_topology(k, topo.mixing_lambda()), budget)
+    k = base.k
     every = max(d for d in range(1, base.every + 1) if rounds % d == 0) if rounds > 0 else base.every
     return EstimatorConfig(k=k, lag=base.lag, every=every if 2 * every >= base.every else base.every)
 
@@ -71,10 +83,17 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
     sketch_dim = cfg.sketch_dim
     if schedule is not None and cfg.estimator == "auto" and topo.n > FLOOD_UP_TO:
         sketch_dim = 0  # the gossip estimator averages with fixed weights; flooding is O(n) per message
-    sketcher = shared_sketcher(flatten(spec.x0).numel(), sketch_dim, cfg.seed) if sketch_dim > 0 else None
+    numel = flatten(spec.x0).numel()
+    if not cfg.monitor_share >= 0:
+        raise ConfigError(f"--monitor-share: expected a number >= 0, got {cfg.monitor_share}")
+    budget = cfg.monitor_share * delta_bytes(engine)
+    k_max = min(sketch_dim, 1 << max(0, (numel - 1).bit_length()))  # a sketch has at most the padded size's rows
+    est_cfg = None if schedule is not None else estimator_config(cfg.estimator, topo, k_max, cfg.rounds, budget)
+    k = est_cfg.k if est_cfg is not None else k_max
+    sketcher = shared_sketcher(numel, k, cfg.seed) if k > 0 else None
     diameter = schedule.flood_rounds() if schedule is not None else topo.diameter()
-    est_cfg = None if schedule is not None else estimator_config(cfg.estimator, topo, sketcher.k if sketcher else 0, cfg.rounds)
     estimator = GossipEstimator(me, weights, est_cfg) if est_cfg is not None else None
+    every = 1 if schedule is not None else flood_every(topo.n, topo.graph.number_of_edges(), k, budget)
 
     k = check_clusters(cfg, topo.n)
     levels = None
@@ -84,7 +103,7 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
         levels = Levels(me, topo, spec.x0, pcfg, plan, cfg.gamma, seed=cfg.seed, inc=spec.inc)
         for eng, stride in ((levels.cluster, 1), (levels.glob, cfg.global_every)):  # the global level sends every K rounds
             eng.window, eng.round_window = cfg.window, cfg.window * stride
-    monitor = Monitor(me, topo.ids, sketcher, diameter, estimator, levels.sketcher.k if levels else None, log)
+    monitor = Monitor(me, topo.ids, sketcher, diameter, estimator, levels.sketcher.k if levels else None, log, every=every, last=cfg.rounds)
 
     nbh: Neighbourhood
     mixer: Mixer

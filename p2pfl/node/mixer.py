@@ -159,8 +159,12 @@ class ChocoMixer(Mixer):
         self.engine.mix(nbh.participants(rnd))
         return {}
 
+    def end_round(self, rnd: int) -> None:
+        """Late deltas that came during the round (a drain round's wait included) are owed now."""
+        self.engine.settle()
+
     def stats(self, rnd: int, nbh: Neighbourhood) -> dict[str, Any]:
-        return self._stats(self.engine, nbh.live, len(nbh.live), self.engine.duplicates)
+        return {**self._stats(self.engine, nbh.live, len(nbh.live), self.engine.duplicates), "late_settled": self.engine.settled}
 
 
 class ScheduledMixer(Mixer):

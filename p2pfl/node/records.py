@@ -52,8 +52,11 @@ class Monitor:
     """
 
     def __init__(self, me: int, ids: list[int], sketcher: Sketcher | None, diameter: int, estimator: GossipEstimator | None,
-                 fingerprint_dim: int | None, log: logging.Logger) -> None:
+                 fingerprint_dim: int | None, log: logging.Logger, every: int = 1, last: int = -1) -> None:
+        """`every`, `last`: flooded sketches are taken on rounds r with r % every == 0 and on round
+        `last` (the one after the last training round, whose record then has an estimate)."""
         self.me, self.ids, self.sketcher, self.diameter, self.estimator, self.log = me, ids, sketcher, diameter, estimator, log
+        self.every, self.last = every, last
         self._log_partial = LogLimiter()
         self.book = SketchBook(me, ids, horizon=diameter + 2)
         self.fbook = SketchBook(me, ids, horizon=diameter + 2)
@@ -71,9 +74,14 @@ class Monitor:
         if self.sketcher is None:
             return
         if self.estimator is None:
-            self.book.add(self.me, rnd, self.sketcher(model))
+            if self.sketched(rnd):
+                self.book.add(self.me, rnd, self.sketcher(model))
         elif self.estimator.starts(rnd):
             self.estimator.add_own(rnd, self.sketcher(model))
+
+    def sketched(self, rnd: int) -> bool:
+        """Whether round `rnd`'s models are sketched and flooded."""
+        return rnd % self.every == 0 or rnd == self.last
 
     def start_sending(self, rnd: int) -> None:
         """This round's estimator payload, the same for every neighbour."""
@@ -100,11 +108,16 @@ class Monitor:
     def ready(self, last_round: int, force: bool = False) -> list[dict[str, Any]]:
         """Records whose estimate is known (or given up on), in order, with it filled in."""
         out = []
-        complete = self.estimator.complete if self.estimator is not None else self.book.complete
+        complete = self.estimator.complete if self.estimator is not None else lambda r: not self.sketched(r) or self.book.complete(r)
         for srnd, rec in self.queue.pop_ready(last_round, complete, force):
             if self.estimator is not None:  # an estimate on the estimator's rounds, null on the others
                 rec["consensus_distance"] = self.estimates.pop(srnd, float("nan"))
                 rec["consensus_lag"] = self.estimator.cfg.lag
+                out.append(rec)
+                continue
+            if self.sketcher is not None and not self.sketched(srnd):  # between flooded sketch rounds
+                rec["consensus_distance"] = float("nan")
+                self.labels_at.pop(srnd, None)
                 out.append(rec)
                 continue
             est, got = self.book.estimate(srnd) if self.sketcher else (float("nan"), 0)
@@ -148,4 +161,5 @@ def round_record(me: int, rnd: int, now: float, round_s: float, waited: float, l
         "misbehaving_marks": intake.conduct.bans,
         "internal_errors": intake.internal_errors,
         "duplicates": stats["duplicates"],
+        "late_settled": stats.get("late_settled", 0),
     }

@@ -49,6 +49,8 @@ def _peer_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", choices=("auto", "flood", "gossip"), help="consensus estimate: flood every sketch (exact set, "
                    "O(n) per message), gossip-average them (O(1) per message, a lag), auto: flood up to 32 peers "
                    f"(default {d.estimator})")
+    p.add_argument("--monitor-share", type=float, help="the consensus estimate's bytes per message at most this share of a delta's: "
+                   f"sketches every few rounds, fewer gossip rows; 0: every round, whatever it costs (default {d.monitor_share:g})")
     p.add_argument("--heartbeat", type=float, help=f"seconds between heartbeats (default {d.heartbeat:g})")
     p.add_argument("--peer-timeout", type=float, help=f"mark a silent neighbour down after this many seconds (default {d.peer_timeout:g})")
     p.add_argument("--min-wait", type=float, help=f"floor of the adaptive round deadline in seconds (default {d.min_wait:g})")

@@ -29,6 +29,7 @@ from p2pfl.node.build import make_node
 from p2pfl.node.work import Learner, learner_spec, perform
 
 DropRule = Callable[[int, int, Message], bool]  # (src, dst, msg) -> drop it?
+Latency = Callable[[int, int, Message], float]  # (src, dst, msg) -> virtual seconds on the way
 
 
 class SimulationError(P2pflError, RuntimeError):
@@ -37,14 +38,15 @@ class SimulationError(P2pflError, RuntimeError):
 
 class Simulation:
     def __init__(self, topo: Topology, cfg: PeerConfig, learners: dict[int, Learner] | None = None,
-                 states: dict[int, State] | None = None, latency: float = 1e-3, drop: DropRule | None = None,
+                 states: dict[int, State] | None = None, latency: float | Latency = 1e-3, drop: DropRule | None = None,
                  teachers: bool = False, per_peer: dict[int, dict[str, Any]] | None = None,
                  starts: dict[int, float] | None = None, internal_errors_ok: bool = False) -> None:
         """`learners` train and evaluate (a peer without one gossips `states[p]` or its synthetic
         `--no-train` state); `teachers`: hand neighbours' replicas to the learners (augmentation);
         `per_peer`: settings of single peers over `cfg` (e.g. one `byzantine` peer); `starts`:
         when single peers start (else at 0); what is sent to one before then arrives when it
-        starts, as a DEALER holds messages for a peer that is not listening yet."""
+        starts, as a DEALER holds messages for a peer that is not listening yet. `latency` may
+        differ per link and message; a link keeps its order, as a TCP connection does."""
         self.topo, self.latency, self.drop = topo, latency, drop
         self.learners = learners or {}
         self.nodes: dict[int, N.Node] = {}
@@ -66,6 +68,7 @@ class Simulation:
         self.bytes_sent: dict[int, int] = dict.fromkeys(topo.ids, 0)
         self.channel_bytes: dict[str, int] = {}  # by gossip level: base, cluster, global
         self.messages = self.dropped = 0
+        self._arrival: dict[tuple[int, int], float] = {}  # each link's last arrival time
         self.codes: dict[int, int] = {}
         self.starts = {p: (starts or {}).get(p, 0.0) for p in topo.ids}
         for p, nd in self.nodes.items():
@@ -110,7 +113,8 @@ class Simulation:
         self.channel_bytes[a.msg.channel] = self.channel_bytes.get(a.msg.channel, 0) + n
         self.messages += 1
         dst = self.nodes[a.dest]
-        at = max(self.now + self.latency, self.starts[a.dest])
+        lat = self.latency(src, a.dest, a.msg) if callable(self.latency) else self.latency
+        at = self._arrival[src, a.dest] = max(self.now + lat, self.starts[a.dest], self._arrival.get((src, a.dest), 0.0))
         self._at(at, a.dest, lambda: [] if dst.finished else dst.receive(frames, src, self.now))
 
     def _work(self, p: int, a: A.Train | A.Evaluate) -> None:
