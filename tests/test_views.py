@@ -223,8 +223,9 @@ ATTACKERS = [100, 101, 102]
 
 
 def full_honest_peer(seed: int) -> Views:
-    """Peer 0 whose active view holds honest peers 1..5, each linked by its own request."""
-    v = Views(0, CFG, seed)
+    """Peer 0 whose active view holds honest peers 1..5, each linked by its own request; it makes
+    no switches of its own (`rewires`), so every change of its view is the attackers' doing."""
+    v = Views(0, ViewConfig(rewires=0), seed)
     for h in HONEST:
         v.receive(h, ViewMsg(ViewKind.NEIGHBOR, contact=b"h"), 0.0)
     assert v.active == set(HONEST)

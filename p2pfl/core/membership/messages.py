@@ -35,7 +35,7 @@ class ViewConfig:
     arwl: int = 6  # active random walk length of a FORWARD_JOIN
     prwl: int = 3  # the walk's hop count at which the joiner also enters a passive view
     shuffle_ttl: int = 3  # hops of a SHUFFLE's random walk
-    shuffle_period: float = 5.0  # seconds between a peer's shuffles
+    shuffle_period: float = 10.0  # seconds between a peer's shuffles (their bytes: docs/membership.md)
     ka: int = 3  # active entries a shuffle carries
     kp: int = 4  # passive entries a shuffle carries
     max_payload: int = 512  # bytes of one entry's contact payload (address + certificate)
@@ -44,10 +44,11 @@ class ViewConfig:
     request_timeout: float = 5.0  # a JOIN, NEIGHBOR or SHUFFLE unanswered this long is given up
     tracked: int = 64  # senders whose rate buckets are kept (the rest share one bucket)
     recent: int = 16  # contacts kept for addressees outside both views (a shuffle's origin)
+    rewires: int = 4  # switches a new peer makes, one per request_timeout at most (views.Views._rewire)
 
     def __post_init__(self) -> None:
         at_least = {"active": 1, "passive": 1, "arwl": 1, "prwl": 0, "shuffle_ttl": 0, "ka": 0, "kp": 0,
-                    "max_payload": 0, "burst": 1, "tracked": 1, "recent": 1}
+                    "max_payload": 0, "burst": 1, "tracked": 1, "recent": 1, "rewires": 0}
         for name, low in at_least.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:

@@ -16,6 +16,8 @@ at hop `prwl` adds it to its passive view. A peer short of neighbours asks passi
 NEIGHBOR (high priority while it holds at most half its active view; the paper: when empty).
 Every `shuffle_period` a peer sends a SHUFFLE walk with a sample of its views; the walk's end
 answers with a sample of its passive view and both add what they got to their passive views.
+A new peer also makes `rewires` switches (`_rewire`) so the overlay's links are not an imprint of
+the order in which peers joined.
 
 Rules against a valid member that lies in its view messages (it is authenticated, so lies are
 about others, about priorities and about walk lengths):
@@ -32,13 +34,15 @@ about others, about priorities and about walk lengths):
   so the sender chooses neither the victims nor, beyond its budget, how many. A relayed payload
   never overwrites one already held; only a peer's own messages update its payload.
 - Active view: a request is accepted outright only while active plus our own pending requests are
-  below `active` (a peer that lost a neighbour claims the slot for its own passive choice first).
-  A full view takes a peer in only by eviction (a JOIN, a high-priority NEIGHBOR, the end of a
-  FORWARD_JOIN walk: one slot per walk) and evicts the entry that last got in that way; if that
-  one is gone, it evicts a random entry only if it has not done so since it last lost another
-  neighbour, else it refuses. So others' requests, from any number of identities, push out at most
-  one of a peer's neighbours per neighbour it loses otherwise; every other change of its active
-  view is its own uniform choice from its passive view.
+  below `active` (a peer that lost a neighbour claims the slot for its own passive choice first,
+  and no request from outside its passive view, forced or not, takes a slot so held). A full view takes a peer in only by
+  eviction (a JOIN, a high-priority NEIGHBOR, the end of a FORWARD_JOIN walk: one slot per walk)
+  and evicts the entry that last got in that way; if that one is gone, it evicts a random entry
+  only if it has not done so since it last lost another neighbour, else it refuses. So others'
+  requests, from any number of identities, push out at most one of a peer's neighbours per
+  neighbour it loses otherwise; every other change of its active view is its own uniform choice
+  from its passive view. What no local rule bounds is an attacker's own degree: one that accepts
+  every link is where short peers' requests succeed (docs/membership.md measures both).
 - FORWARD_JOIN and SHUFFLE are taken only from active neighbours (walks travel on links);
   replies only when asked for.
 - State: at most `ViewConfig.state_bytes` of protocol data per peer (28 KiB at the
@@ -112,6 +116,7 @@ class Views:
         self._contact: int | None = None
         self._walks, self._walked = cfg.burst / 2, -math.inf  # join walks this peer may start
         self._tried: set[int] = set()  # asked for a link since the last tick
+        self._rewires, self._next_rewire = cfg.rewires, -math.inf  # switches left (`_rewire`), when next
         self._left = False
         self.counts: Counter[str] = Counter()  # evictions, refills, shuffles, ... (fixed keys)
 
@@ -180,7 +185,30 @@ class Views:
         elif now >= self._next_shuffle:
             self._next_shuffle = now + self.cfg.shuffle_period
             out += self._start_shuffle(now)
+        if now >= self._next_rewire:
+            out += self._rewire(now)
         return out
+
+    def _rewire(self, now: float) -> Out:
+        """One switch of a young peer: drop a random neighbour (it keeps us as a passive entry and
+        refills) and ask a random passive entry with high priority. Joins through one contact
+        leave links among peers that arrived together (docs/membership.md measures the spectral
+        gap); `rewires` switches per peer, at most one per `request_timeout`,
+        undo that at a one-time cost of a few new links."""
+        if self._rewires <= 0 or len(self._active) < self.cfg.active or self._pending:
+            return []
+        cands = sorted(self._passive.keys() - self._tried)
+        if not cands:
+            return []
+        self._rewires -= 1
+        self._next_rewire = now + self.cfg.request_timeout
+        b = self._rng.choice(sorted(self._active))
+        c = self._rng.choice(cands)
+        self._drop_active(b)
+        self._to_passive(b, self.contact(b) or b"")
+        self._tried.add(c)
+        self._pending[c] = (now + self.cfg.request_timeout, False)
+        return [(b, ViewMsg(ViewKind.DISCONNECT)), (c, ViewMsg(ViewKind.NEIGHBOR, contact=self.payload, high=True))]
 
     def down(self, peer: int, now: float) -> Out:
         """The liveness layer found `peer` dead or unreachable: forget it and promote from passive."""
@@ -246,8 +274,7 @@ class Views:
         yes = ViewMsg(ViewKind.NEIGHBOR_REPLY, contact=self.payload, accept=True)
         if s in self._active:
             return [(s, yes)]
-        room = len(self._active) + len(self._pending.keys() - {s}) < self.cfg.active
-        out = self._admit(s, msg.contact, forced=not room) if room or msg.high else None
+        out = self._admit(s, msg.contact, forced=msg.high)
         if out is None:
             self._remember(s, msg.contact)
             return [(s, replace(yes, accept=False))]
@@ -271,7 +298,7 @@ class Views:
         if len(self._active) >= self.cfg.active:  # filled meanwhile: undo the link at the other end
             self._to_passive(s, msg.contact)
             return [(s, ViewMsg(ViewKind.DISCONNECT))]
-        return self._admit(s, msg.contact, forced=False) or []
+        return self._admit(s, msg.contact, forced=False, own=True) or []
 
     def _on_disconnect(self, s: int, msg: ViewMsg, now: float, _: _Bucket) -> Out:
         was = s in self._active
@@ -310,14 +337,18 @@ class Views:
         return []
 
     # -- the views ----------------------------------------------------------------------------
-    def _admit(self, p: int, contact: bytes, forced: bool) -> Out | None:
+    def _admit(self, p: int, contact: bytes, forced: bool, own: bool = False) -> Out | None:
         """Put `p` in the active view, with the DISCONNECT of the entry a full view evicts for it
-        (only when `forced`; see the rules); None if it cannot take `p`."""
+        (only when `forced`; see the rules); None if it cannot take `p`. Slots held for our own
+        pending requests are free only to the answers (`own`) and to peers of our passive view,
+        which we might have asked ourselves (else two short peers asking others refuse each other)."""
         if p == self.me or p in self._active:
             return []
         out: Out = []
-        if len(self._active) >= self.cfg.active:
-            if not forced or (self._forced is None and self._spent):
+        held = 0 if own or p in self._passive else len(self._pending.keys() - {p})
+        if len(self._active) + held >= self.cfg.active:
+            full = len(self._active) >= self.cfg.active
+            if not forced or not full or (self._forced is None and self._spent):
                 return None
             if self._forced is None:
                 victim, self._spent = self._rng.choice(sorted(self._active)), True
