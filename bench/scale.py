@@ -13,9 +13,13 @@ without the daemon: W trainers of the shared model, one per worker thread, each 
 ``loop2``. Case ``batches`` asks what batching co-hosted peers' forward passes through the
 frozen model could gain: one thread trains at batch 32, 64, 128 and 256 (the same samples per
 round), rounds interleaved, and it reports samples per second by batch and the best over 32.
-Prints one JSON line.
+Case ``rayN`` runs the N training peers on a local Ray instance in 2 actors of N/2 peers
+(`scripts/launch.sh --ray --actors 2`, one CPU and one training thread each) against case ``N``,
+the same peers in one process (two training threads): start-up (launch to the first round's start,
+Ray's own start included) and seconds per round, and ``ray_over_one_process`` their ratios; PSS is
+not sampled there (the actors are Ray's worker processes). Prints one JSON line.
 
-usage: python bench/scale.py [--cases 1,8,64,256,procs8,notrain1024,loop1,loop2,batches] [--rounds 3] [--set KEY=VALUE ...]
+usage: python bench/scale.py [--cases 1,8,64,256,procs8,notrain1024,loop1,loop2,batches,ray64] [--rounds 3] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -39,21 +43,30 @@ ROOT = Path(__file__).resolve().parent.parent
 SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # every process the bench starts
 
 
-def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], timeout: float, threads: int = 0) -> dict:
+def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], timeout: float, threads: int = 0,
+             ray_actors: int = 0) -> dict:
+    """N peers of a ring in `processes` processes, or with `ray_actors` in that many actors of a
+    local Ray instance (the launcher's --ray)."""
     tmp = Path(tempfile.mkdtemp(prefix="p2pfl-scale-"))
     path = tmp / "ring.yaml"
     dump_topology(T.generate("ring", n, base_port=free_base_port(n)), path)
     run = tmp / "run"
-    args = ["--topology", str(path), "--run-dir", str(run), "--rounds", str(rounds), "--round-timeout", "3600",
-            "--peer-timeout", "600", "--startup-timeout", "600", "--log-level", "WARNING", "--threads", str(threads)]
-    args += ["--no-train"] if not train else [a for s in sets for a in ("--set", s)]
+    peer = ["--round-timeout", "3600", "--peer-timeout", "600", "--startup-timeout", "600", "--log-level", "WARNING"]
+    peer += ["--no-train"] if not train else [a for s in sets for a in ("--set", s)]
     blocks = [list(range(n))[i * n // processes : (i + 1) * n // processes] for i in range(processes)]
+    if ray_actors:  # the launcher gives each actor as many training threads as CPUs (one)
+        cmds = [[sys.executable, "-m", "p2pfl.ops.launch", str(path), "--ray", "--actors", str(ray_actors), "--run-dir", str(run),
+                 "--rounds", str(rounds), "--no-report", "--", *peer]]
+    else:
+        common = ["--topology", str(path), "--run-dir", str(run), "--rounds", str(rounds), "--threads", str(threads), *peer]
+        cmds = [[sys.executable, "-m", "p2pfl", *common, "--id", f"{b[0]}-{b[-1]}"] for b in blocks]
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, "-m", "p2pfl", *args, "--id", f"{b[0]}-{b[-1]}"], cwd=ROOT, env=SINGLE_THREAD_ENV,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp / f"err-{b[0]}.log", "wb")) for b in blocks]  # noqa: SIM115
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=SINGLE_THREAD_ENV, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp / f"err-{k}.log", "wb")) for k, cmd in enumerate(cmds)]  # noqa: SIM115
     peak = 0
     while any(p.poll() is None for p in procs):
-        peak = max(peak, sum(pss_kib(p.pid) for p in procs))
+        if not ray_actors:
+            peak = max(peak, sum(pss_kib(p.pid) for p in procs))
         if time.time() - t0 > timeout:
             for p in procs:
                 p.kill()
@@ -61,8 +74,11 @@ def run_case(n: int, processes: int, rounds: int, train: bool, sets: list[str], 
         time.sleep(0.5)
     codes = [p.returncode for p in procs]
     recs = {p: read_jsonl(run / "metrics" / f"peer-{p}.jsonl") for p in range(n) if (run / "metrics" / f"peer-{p}.jsonl").exists()}
-    out: dict = {"peers": n, "processes": processes, "train": train, "rounds": rounds, "exit_codes": sorted(set(codes)),
-                 "peak_pss_mb": round(peak / 1024, 1), "pss_per_peer_mb": round(peak / 1024 / n, 2)}
+    out: dict = {"peers": n, "processes": processes, "train": train, "rounds": rounds, "exit_codes": sorted(set(codes))}
+    if ray_actors:
+        out.update(processes=None, ray_actors=ray_actors)
+    else:
+        out.update(peak_pss_mb=round(peak / 1024, 1), pss_per_peer_mb=round(peak / 1024 / n, 2))
     done = [r for rs in recs.values() for r in rs]
     if len(recs) < n or not done:
         return {**out, "error": f"only {len(recs)} of {n} peers wrote records"}
@@ -166,6 +182,8 @@ def main() -> None:
             results[case] = loop_case(int(case.removeprefix("loop")), args.rounds, args.set)
         elif case == "batches":
             results[case] = loop_case(0, args.rounds, args.set)
+        elif case.startswith("ray"):
+            results[case] = run_case(int(case.removeprefix("ray")), 1, args.rounds, True, args.set, args.timeout, ray_actors=2)
         elif case.startswith("notrain"):
             results[case] = run_case(int(case.removeprefix("notrain")), 1, args.rounds, False, args.set, args.timeout)
         else:
@@ -181,6 +199,10 @@ def main() -> None:
         a, b = results.get(num, {}).get("samples_per_s"), results.get(den, {}).get("samples_per_s")
         if a is not None and b:
             out[key] = round(a / b, 3)
+    for case, r in results.items():
+        one = results.get(case.removeprefix("ray"), {})
+        if case.startswith("ray") and "seconds_per_round" in r and "seconds_per_round" in one:
+            r["ray_over_one_process"] = {k: round(r[k] / one[k], 3) for k in ("startup_s", "seconds_per_round")}
     emit(out)
 
 

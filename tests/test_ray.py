@@ -2,9 +2,10 @@
 one CPU each, so the two actors land one per node), peers talking ZeroMQ over TCP between the
 actors, the run gathered into one local run directory.
 
-The same run under the local launcher and on Ray decides the same: with exact gossip and
-deadlines that never fire the final adapters are bit-identical, and training gives the same
-losses. A killed actor is restarted by Ray and its peers resume from their checkpoints.
+The same run under the local launcher (one process) and on Ray (two actors) decides the same:
+with exact gossip and deadlines that never fire the final adapters are bit-identical, and training
+gives the same losses. A killed actor is restarted by Ray and its peers resume from their
+checkpoints; the gathered run directory resumes as a local one does.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def test_the_peers_device_decides_whether_actors_ask_for_gpus(tmp_path):
 def test_ring16_no_train_over_two_nodes_gives_the_local_launchers_adapters(tmp_path, cluster):
     topo, path = make_topology(tmp_path, "ring", 16)
     peer = ["--no-train", "--dim", "16384", "--min-wait", "20", "--sketch-dim", "256"]
-    launch(path, tmp_path / "local", "--rounds", "10", "--processes", "2", "--no-report", "--", *peer)
+    launch(path, tmp_path / "local", "--rounds", "10", "--processes", "1", "--no-report", "--", *peer)
     out = launch(path, tmp_path / "ray", "--rounds", "10", "--ray", cluster.address, "--", *peer)
     actors = actors_of(out)
     assert [a[0] for a in actors] == ["0-7", "8-15"] and len({a[2] for a in actors}) == 2, out  # one actor per node
@@ -136,7 +137,7 @@ def test_ring8_training_on_ray_gives_the_local_launchers_losses(tmp_path, cluste
     _, path = make_topology(tmp_path, "ring", 8)
     sets = ["local_steps=2", "samples_per_peer=64", "global_test_size=100", "partition=\"dirichlet:0.5\""]
     peer = ["--min-wait", "60", "--sketch-dim", "256", *[a for s in sets for a in ("--set", s)]]
-    launch(path, tmp_path / "local", "--rounds", "3", "--processes", "2", "--no-report", "--", *peer)
+    launch(path, tmp_path / "local", "--rounds", "3", "--processes", "1", "--no-report", "--", *peer)
     launch(path, tmp_path / "ray", "--rounds", "3", "--ray", cluster.address, "--no-report", "--", *peer)
     for p in range(8):
         ra, rb = (read_jsonl(tmp_path / d / "metrics" / f"peer-{p}.jsonl") for d in ("local", "ray"))
@@ -147,8 +148,8 @@ def test_ring8_training_on_ray_gives_the_local_launchers_losses(tmp_path, cluste
 
 @pytest.mark.slow
 @ON_RAY
-def test_a_killed_actor_is_restarted_and_its_peers_resume(tmp_path, cluster):
-    rounds = 30
+def test_a_killed_actor_is_restarted_and_its_peers_resume_and_the_run_resumes(tmp_path, cluster):
+    rounds = 24
     _, path = make_topology(tmp_path, "ring", 4)
     args = ["--rounds", str(rounds), "--ray", cluster.address, "--no-report", "--", "--no-train", "--dim", "1024",
             "--round-period", "1.0", "--checkpoint-every", "2", "--peer-timeout", "3"]
@@ -178,3 +179,12 @@ def test_a_killed_actor_is_restarted_and_its_peers_resume(tmp_path, cluster):
     for p in (2, 3):
         log = (tmp_path / "run" / "logs" / f"peer-{p}.log").read_text()
         assert "resumed from checkpoint-" in log, log[-2000:]
+    # The gathered run goes on from its exit checkpoints (taken after the drain rounds) as a local one
+    # would: each peer's files go back to its actor first.
+    launch(tmp_path / "run" / "topology.yaml", tmp_path / "run", "--rounds", str(rounds + 4), "--ray", cluster.address,
+           "--no-report", "--", "--no-train", "--dim", "1024", "--resume")
+    for p in range(4):
+        more = [r["round"] for r in read_jsonl(tmp_path / "run" / "metrics" / f"peer-{p}.jsonl") if r["round"] >= rounds]
+        assert more and more[-1] == rounds + 3 and more == list(range(more[0], rounds + 4)), (p, more)
+        log = (tmp_path / "run" / "logs" / f"peer-{p}.log").read_text()
+        assert f"next round {more[0]}" in log.rsplit("resumed from checkpoint-", 1)[-1], log[-2000:]

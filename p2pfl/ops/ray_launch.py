@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -152,6 +154,12 @@ class PeerActor:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.host.request_stop)
 
+    def clean(self) -> None:
+        """Delete this actor's files on its node, once the launcher has them all."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the run's folder on this node, once its last actor is done
+            self.run_dir.parent.rmdir()
+
     def files(self, peer: int) -> dict[str, bytes]:
         out = peer_files(self.run_dir, peer)
         if peer == self.ids[0] and (log := self.run_dir / "logs" / f"process-{peer}.stdout").is_file():
@@ -198,7 +206,8 @@ def run(args: argparse.Namespace, topo: topo_mod.Topology, run_dir: Path, extra:
     except ImportError:
         print("launch: --ray needs Ray: pip install -e '.[ray]'", file=sys.stderr)
         return 2
-    ray.init(address=None if args.ray == "local" else args.ray, log_to_driver=False, logging_level=logging.WARNING)
+    local = {"include_dashboard": False} if args.ray == "local" else {}  # a cluster's head has its own settings
+    ray.init(address=None if args.ray == "local" else args.ray, log_to_driver=False, logging_level=logging.WARNING, **local)
     try:
         return _run(ray, args, topo, run_dir, extra, gpu)
     finally:
@@ -275,6 +284,7 @@ def _watch(ray: Any, args: argparse.Namespace, actors: list[Any], blocks: list[l
 
     codes: dict[int, int] = {}
     restarts = dict.fromkeys(refs, 0)
+    down: set[int] = set()  # restarted actors whose peers have not answered since
     stopping = {"n": 0}
 
     def forward(sig: int, _frame: Any) -> None:
@@ -301,6 +311,7 @@ def _watch(ray: Any, args: argparse.Namespace, actors: list[Any], blocks: list[l
                     restarts[k] += 1
                     print(f"launch: {what} died; Ray restarts it ({restarts[k]} of {args.max_restarts}) and its peers resume", flush=True)
                     refs[k] = restart(k)
+                    down.add(k)
                 else:
                     print(f"launch: {what} is lost: {e}", file=sys.stderr)
                     codes[k] = 1
@@ -309,15 +320,14 @@ def _watch(ray: Any, args: argparse.Namespace, actors: list[Any], blocks: list[l
                 codes[k] = 1
         asked = {k: actors[k].records.remote() for k in refs}
         answered, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=1.0) if asked else ([], [])
-        alive = 0
         for k, r in asked.items():
             if r in answered:
                 try:
                     latest.update(ray.get(r))
-                    alive += len(blocks[k])
+                    down.discard(k)
                 except RayActorError:
-                    pass
-        line = progress_line(latest, ids, alive)
+                    down.add(k)
+        line = progress_line(latest, ids, sum(len(blocks[k]) for k in refs if k not in down))
         if line != last_line:
             print(line, flush=True)
             last_line = line
@@ -326,12 +336,13 @@ def _watch(ray: Any, args: argparse.Namespace, actors: list[Any], blocks: list[l
 
 def _gather(ray: Any, actors: list[Any], blocks: list[list[int]], run_dir: Path) -> None:
     """Every peer's files from its node into the local run dir, one peer at a time (a bounded
-    share of Ray's object store)."""
+    share of Ray's object store); an actor whose files all came deletes its copy."""
     from ray.exceptions import GetTimeoutError, RayActorError
 
     for k, a in enumerate(actors):
-        for p in blocks[k]:
-            try:
+        try:
+            for p in blocks[k]:
                 put_files(run_dir, ray.get(a.files.remote(p), timeout=PLACE_TIMEOUT))
-            except (RayActorError, GetTimeoutError) as e:
-                print(f"launch: peer {p}'s files stay on its node: {type(e).__name__}", file=sys.stderr)
+            ray.get(a.clean.remote(), timeout=PLACE_TIMEOUT)
+        except (RayActorError, GetTimeoutError) as e:
+            print(f"launch: the files of peers {id_spec(blocks[k])} stay on their node: {type(e).__name__}", file=sys.stderr)
