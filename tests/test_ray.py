@@ -40,9 +40,11 @@ def cluster():
     pytest.importorskip("ray", reason="Ray is the optional extra .[ray] (the Makefile's setup installs it)")
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # Ray's workers take ports the kernel picks (min_worker_port 0), not from 10002-19999, where the
+    # peers of tests beside this one draw theirs.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "min_worker_port": 0})
     try:
-        c.add_node(num_cpus=1)
+        c.add_node(num_cpus=1, min_worker_port=0)
         c.wait_for_nodes()
         yield c
     finally:
