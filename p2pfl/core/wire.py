@@ -45,6 +45,7 @@ class Kind(StrEnum):
     STATE = "state"  # full replica (resync), exact fp32
     RESYNC = "resync"  # request a STATE from the receiver
     BYE = "bye"  # clean shutdown: mark me down now, not after a timeout
+    VIEW = "view"  # open membership: a HyParView message (p2pfl.core.membership.messages) as one uint8 part
 
 
 DTYPES: dict[str, torch.dtype] = {

@@ -16,12 +16,16 @@ from p2pfl.core.conduct import Limits
 from p2pfl.core.consensus import flatten, shared_sketcher
 from p2pfl.core.estimate import EstimatorConfig, GossipEstimator, flood_every, gossip_within
 from p2pfl.core.gossip import ChocoEngine
+from p2pfl.core.membership.messages import ViewConfig
+from p2pfl.core.membership.size import SizeEstimator
+from p2pfl.core.membership.views import Views
 from p2pfl.core.robust import parse_byzantine
 from p2pfl.core.scheduled import scheduled_gossip
-from p2pfl.core.specs import check_algorithm, check_clusters, check_estimator
+from p2pfl.core.specs import check_algorithm, check_clusters, check_estimator, parse_clusters
 from p2pfl.core.topology import Topology, TopologyError
 from p2pfl.node.faults import Faults
 from p2pfl.node.intake import Intake
+from p2pfl.node.membership import Open, OpenMixer
 from p2pfl.node.mixer import ChocoMixer, Mixer, ScheduledMixer
 from p2pfl.node.neighbourhood import Neighbourhood, Scheduled, StaticGraph
 from p2pfl.node.node import Node, NodeSpec, Parts
@@ -67,10 +71,7 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
     me = cfg.id
     schedule = topo.schedule_for(cfg.seed) if topo.schedule is not None else None
     algo = GradientTracking(spec.x0) if check_algorithm(cfg, schedule is not None) else Dsgd()
-    try:
-        plan = CompressionPlan.parse(cfg.compress)
-    except CodecError as e:
-        raise ConfigError(f"--compress {cfg.compress!r}: {e}") from None
+    plan = _plan(cfg)
     weights = topo.mh_weights(me)
     weights.pop(me)
     engine = ChocoEngine(me, weights, algo.extend(spec.x0), plan, cfg.gamma, seed=cfg.seed, inc=spec.inc,
@@ -118,7 +119,38 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
         mixer = ChocoMixer(engine)
 
     abuser = None if rate is None else Abuser(me, engine.layout, rate, (SKETCH_TENSOR, sketcher.k if sketcher else 1), spec.inc)
-    limits = Limits(claim_ahead=max(cfg.claim_ahead, 2 * cfg.max_lag), last_round=cfg.rounds + monitor.drain,
+    return Parts(nbh, mixer, monitor, algo, Faults(attack, abuser), _intake(cfg, topo.network_id(), spec, monitor.drain, log))
+
+
+def _intake(cfg: PeerConfig, net: int, spec: NodeSpec, drain: int, log: logging.Logger) -> Intake:
+    limits = Limits(claim_ahead=max(cfg.claim_ahead, 2 * cfg.max_lag), last_round=cfg.rounds + drain,
                     strikes=cfg.strikes, cooloff=cfg.cooloff)
-    intake = Intake(me, topo.network_id(), spec.secure, cfg.max_frame, limits, log)
-    return Parts(nbh, mixer, monitor, algo, Faults(attack, abuser), intake)
+    return Intake(cfg.id, net, spec.secure, cfg.max_frame, limits, log)
+
+
+def _plan(cfg: PeerConfig) -> CompressionPlan:
+    try:
+        return CompressionPlan.parse(cfg.compress)
+    except CodecError as e:
+        raise ConfigError(f"--compress {cfg.compress!r}: {e}") from None
+
+
+def make_open_node(cfg: PeerConfig, contact: int | None, spec: NodeSpec, net: int, views: ViewConfig | None = None,
+                   payload: bytes = b"", size: tuple[int, int] = (64, 16), log: logging.Logger | None = None) -> Node:
+    """Peer `cfg.id` of an open network (`net`: its id, `core.admission.network_id`), joining
+    through `contact` (None: the first peer); `payload`: its contact for the views (address and
+    certificate); `size`: the size estimator's K and epoch in rounds. D-SGD with CHOCO on the
+    active view (`node.membership`); the consensus estimate is absent (`membership.NO_ESTIMATE`)."""
+    log = log or logging.getLogger(f"p2pfl.node.{cfg.id}")
+    unsupported = {"--algorithm gt": cfg.algorithm != "dsgd", "--byzantine": cfg.byzantine != "off",
+                   "--clusters": parse_clusters(cfg.clusters) is not None}
+    for option, used in unsupported.items():
+        if used:
+            raise ConfigError(f"{option}: not available in an open network yet")
+    me = cfg.id
+    engine = ChocoEngine(me, {}, spec.x0, _plan(cfg), cfg.gamma, seed=cfg.seed, inc=spec.inc, robust=cfg.robust,
+                         norm_factor=cfg.norm_factor, window=cfg.window)
+    nbh = Open(me, Views(me, views, seed=cfg.seed, payload=payload), contact, spec.inc, cfg, log)
+    mixer = OpenMixer(engine, SizeEstimator(me, size[0], size[1], cfg.seed))
+    monitor = Monitor(me, [me], None, 1, None, None, log)
+    return Node(cfg, spec, Parts(nbh, mixer, monitor, Dsgd(), Faults(None, None), _intake(cfg, net, spec, monitor.drain, log)), log)

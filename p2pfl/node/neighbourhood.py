@@ -18,6 +18,7 @@ import logging
 from abc import ABC, abstractmethod
 
 from p2pfl.config import PeerConfig
+from p2pfl.core.gossip import Refused
 from p2pfl.core.schedule import Schedule
 from p2pfl.core.topology import Topology
 from p2pfl.core.wire import BASE, Kind, Message
@@ -46,6 +47,17 @@ class Neighbourhood(ABC):
 
     def knows(self, peer: int) -> bool:
         return peer in self._known
+
+    def ready(self) -> bool:
+        """Whether the first round may start (besides every neighbour heard from, or the start-up timeout)."""
+        return True
+
+    def handle(self, msg: Message, now: float) -> list[Action] | None:
+        """The actions of a message the neighbourhood answers itself (open membership's VIEW),
+        None for the others; `Refused` names the rule that refuses one. A fixed graph has no views."""
+        if msg.kind == Kind.VIEW:
+            raise Refused("view-unexpected", f"view message from peer {msg.sender}, but this network's topology is fixed")
+        return None
 
     def refuse(self, msg: Message) -> tuple[str, str] | None:
         """(reason, detail) if `msg` has no business here, before anything is read from it."""

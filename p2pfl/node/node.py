@@ -183,6 +183,14 @@ class Node:
     # ------------------------------------------------------------------ messages
 
     def _receive(self, msg: Message, now: float) -> None:
+        try:
+            own = self.nbh.handle(msg, now)  # the neighbourhood's own protocol (open membership's views)
+        except Refused as e:
+            self._reject(e.reason, str(e), msg.sender, now)
+            return
+        if own is not None:
+            self._out += own
+            return
         refusal = self.nbh.refuse(msg)
         if refusal is not None:
             self._reject(*refusal)
@@ -282,7 +290,7 @@ class Node:
         nbrs, live = self.nbh.neighbours, self.nbh.live
         # A neighbour whose messages were refused is up all the same: waiting for it to behave
         # would let it hold this peer back while the others start.
-        if set(nbrs) - live - self.nbh.heard and now < self._startup_end and not self._stop:
+        if (set(nbrs) - live - self.nbh.heard or not self.nbh.ready()) and now < self._startup_end and not self._stop:
             if now >= self._next_hello:
                 self._broadcast(self.mixer.control("hello"), [j for j in nbrs if j not in live])
                 self._next_hello = now + HELLO_EVERY
@@ -307,9 +315,11 @@ class Node:
         A peer without a checkpoint starts from a neighbour's current model (its exact xhat);
         a resumed peer keeps its own model. Both start at the slowest live neighbour's round, so
         no neighbour waits on rounds that the newcomer would replay."""
-        running = self._running
-        if now < self._startup_end and not all(self.mixer.synced(j) for j in running):
+        live = self.nbh.live  # neighbours gone since start-up are not waited for (an open network's view turns over)
+        running = {j: r for j, r in self._running.items() if j in live} or {j: r for j, r in self.nbh.rounds.items() if j in live}
+        if now < self._startup_end and not (running and all(self.mixer.synced(j) for j in running)):
             return self._until(self._startup_end)
+        running = running or self._running
         synced = [j for j in sorted(running) if self.mixer.synced(j)]
         if not self.resumed and synced:
             self.mixer.adopt(synced[0])

@@ -13,19 +13,20 @@ import heapq
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from p2pfl.config import PeerConfig
 from p2pfl.core.consensus import flatten
 from p2pfl.core.gossip import State
+from p2pfl.core.membership.messages import ViewConfig
 from p2pfl.core.state import synthetic_state
 from p2pfl.core.topology import Topology
 from p2pfl.core.wire import Message, encode, frames_nbytes
 from p2pfl.errors import P2pflError
 from p2pfl.node import actions as A
 from p2pfl.node import node as N
-from p2pfl.node.build import make_node
+from p2pfl.node.build import make_node, make_open_node
 from p2pfl.node.work import Learner, learner_spec, perform
 
 DropRule = Callable[[int, int, Message], bool]  # (src, dst, msg) -> drop it?
@@ -36,8 +37,23 @@ class SimulationError(P2pflError, RuntimeError):
     """A simulated node hit an error it survived, which a test of the protocol must not pass over."""
 
 
+@dataclass
+class OpenNet:
+    """An open network in the simulator: peers `ids`, each joining through `contact` at its start
+    time (`Simulation(starts=...)`), some leaving (SIGTERM: a goodbye after the round) or
+    crashing (silence) at given virtual times."""
+
+    ids: list[int]
+    contact: int = 0
+    views: ViewConfig | None = None
+    leaves: dict[int, float] = field(default_factory=dict)
+    crashes: dict[int, float] = field(default_factory=dict)
+    net: int = 1
+    size: tuple[int, int] = (64, 16)  # the size estimator's K and epoch (rounds)
+
+
 class Simulation:
-    def __init__(self, topo: Topology, cfg: PeerConfig, learners: dict[int, Learner] | None = None,
+    def __init__(self, topo: Topology | OpenNet, cfg: PeerConfig, learners: dict[int, Learner] | None = None,
                  states: dict[int, State] | None = None, latency: float | Latency = 1e-3, drop: DropRule | None = None,
                  teachers: bool = False, per_peer: dict[int, dict[str, Any]] | None = None,
                  starts: dict[int, float] | None = None, internal_errors_ok: bool = False) -> None:
@@ -46,7 +62,8 @@ class Simulation:
         `per_peer`: settings of single peers over `cfg` (e.g. one `byzantine` peer); `starts`:
         when single peers start (else at 0); what is sent to one before then arrives when it
         starts, as a DEALER holds messages for a peer that is not listening yet. `latency` may
-        differ per link and message; a link keeps its order, as a TCP connection does."""
+        differ per link and message; a link keeps its order, as a TCP connection does. With an
+        `OpenNet` the peers are those of an open network (`build.make_open_node`)."""
         self.topo, self.latency, self.drop = topo, latency, drop
         self.learners = learners or {}
         self.nodes: dict[int, N.Node] = {}
@@ -56,7 +73,12 @@ class Simulation:
             x0 = lr.adapter_state() if lr is not None else (states or {}).get(p) or synthetic_state(cfg.seed, p, cfg.dim)
             spec = N.NodeSpec(x0=x0, inc=1000 + p, train=lr is not None, augment=teachers and lr is not None,
                               eval_every=learner_spec(lr)["eval_every"])
-            self.nodes[p] = make_node(pc, topo, spec, logging.getLogger(f"p2pfl.sim.{p}"))
+            log = logging.getLogger(f"p2pfl.sim.{p}")
+            if isinstance(topo, OpenNet):
+                contact = None if p == topo.contact else topo.contact
+                self.nodes[p] = make_open_node(pc, contact, spec, topo.net, topo.views, size=topo.size, log=log)
+            else:
+                self.nodes[p] = make_node(pc, topo, spec, log)
         self.internal_errors_ok = internal_errors_ok
         self.now = 0.0
         self._queue: list[tuple[float, int, Callable[[], list[A.Action]], int]] = []
@@ -73,6 +95,18 @@ class Simulation:
         self.starts = {p: (starts or {}).get(p, 0.0) for p in topo.ids}
         for p, nd in self.nodes.items():
             self._at(self.starts[p], p, lambda nd=nd: nd.start(self.now))
+        self.crashed: set[int] = set()
+        if isinstance(topo, OpenNet):
+            for p, t in topo.leaves.items():
+                self._at(t, p, lambda nd=self.nodes[p]: (nd.stop(), nd.tick(self.now))[1])
+            for p, t in topo.crashes.items():
+                self._at(t, p, lambda p=p: self._crash(p))
+
+    def _crash(self, p: int) -> list[A.Action]:
+        """Peer `p` stops dead: nothing more from it or to it."""
+        self.crashed.add(p)
+        self.codes[p] = -9
+        return []
 
     def _at(self, t: float, p: int, event: Callable[[], list[A.Action]]) -> None:
         heapq.heappush(self._queue, (t, next(self._seq), event, p))
@@ -129,6 +163,8 @@ class Simulation:
         while self._queue and not stop():
             t, _, event, p = heapq.heappop(self._queue)
             self.now = max(self.now, t)
+            if p in self.crashed:
+                continue
             self._run(p, event())
             if self.nodes[p].intake.internal_errors and not self.internal_errors_ok:
                 raise SimulationError(f"peer {p}: {self.nodes[p].intake.internal_errors} internal error(s) at t={self.now:.3f} (see its log)")
@@ -150,8 +186,13 @@ class Simulation:
             if a.round <= target:
                 del self._held[p]
                 self._work(p, a)
-        self._process(lambda: all(nd.finished or nd.rnd > target for nd in self.nodes.values()))
+        self._process(lambda: all(nd.finished or nd.rnd > target or p in self.crashed for p, nd in self.nodes.items()))
         return target
+
+    def advance(self, until: float) -> None:
+        """Run every event up to virtual time `until`."""
+        self._process(lambda: self._queue[0][0] > until)
+        self.now = max(self.now, until)
 
     def models(self) -> dict[int, State]:
         return {p: nd.model() for p, nd in self.nodes.items()}
