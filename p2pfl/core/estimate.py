@@ -152,14 +152,17 @@ class EstimatorConfig:
 ROW_KEY_BYTES = 8  # a row's [origin, round] key in the message's info, about (msgpack)
 
 
-def flood_every(n: int, edges: int, k: int, budget: float) -> int:
-    """Rounds between flooded sketch rounds so that a message carries, on average, at most
+def flood_every(n: int, edges: int, k: int, budget: float, rounds: int) -> int:
+    """Rounds between flooded sketch rounds so that a run's messages carry, on average, at most
     `budget` bytes of sketch rows: a sketch round's n (n - 1) row deliveries (every peer gets every
-    other peer's row once) ride on the round's 2 |E| messages."""
+    other peer's row once) ride on the round's 2 |E| messages. A run of `rounds` rounds floods
+    floor(rounds / every) times, at least once (its last round's estimate), so short runs
+    spread them over the whole run."""
     if n < 2 or edges < 1 or budget <= 0:
         return 1
     per_message = n * (n - 1) * (8 * k + ROW_KEY_BYTES) / (2 * edges)
-    return max(1, math.ceil(per_message / budget))
+    every = max(1, math.ceil(per_message / budget))
+    return max(every, rounds // max(1, rounds // every))
 
 
 def gossip_within(cfg: EstimatorConfig, budget: float) -> EstimatorConfig:

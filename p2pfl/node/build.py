@@ -94,7 +94,7 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
     sketcher = shared_sketcher(numel, k, cfg.seed) if k > 0 else None
     diameter = schedule.flood_rounds() if schedule is not None else topo.diameter()
     estimator = GossipEstimator(me, weights, est_cfg) if est_cfg is not None else None
-    every = 1 if schedule is not None else flood_every(topo.n, topo.graph.number_of_edges(), k, budget)
+    every = 1 if schedule is not None else flood_every(topo.n, topo.graph.number_of_edges(), k, budget, cfg.rounds)
 
     k = check_clusters(cfg, topo.n)
     levels = None

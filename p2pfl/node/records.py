@@ -53,8 +53,9 @@ class Monitor:
 
     def __init__(self, me: int, ids: list[int], sketcher: Sketcher | None, diameter: int, estimator: GossipEstimator | None,
                  fingerprint_dim: int | None, log: logging.Logger, every: int = 1, last: int = -1) -> None:
-        """`every`, `last`: flooded sketches are taken on rounds r with r % every == 0 and on round
-        `last` (the one after the last training round, whose record then has an estimate)."""
+        """`every`, `last`: flooded sketches are taken on round `last` (the one after the last
+        training round, whose record then has an estimate) and every `every` rounds before it,
+        never on round 0 (the sketch of round r + 1 is round r's estimate)."""
         self.me, self.ids, self.sketcher, self.diameter, self.estimator, self.log = me, ids, sketcher, diameter, estimator, log
         self.every, self.last = every, last
         self._log_partial = LogLimiter()
@@ -81,7 +82,7 @@ class Monitor:
 
     def sketched(self, rnd: int) -> bool:
         """Whether round `rnd`'s models are sketched and flooded."""
-        return rnd % self.every == 0 or rnd == self.last
+        return 0 < rnd <= self.last and (self.last - rnd) % self.every == 0
 
     def start_sending(self, rnd: int) -> None:
         """This round's estimator payload, the same for every neighbour."""
