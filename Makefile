@@ -19,11 +19,10 @@ run: setup
 # Tests run on one pytest-xdist worker per core, at most 4: the multi-process tests idle while
 # their peers wait for rounds, and more workers than that would only crowd the cores and memory.
 # Tests marked `serial` run afterwards on their own (pytest exits 5 when a selection has none).
-# --dist loadgroup keeps a module's tests marked xdist_group on one worker (tests/test_ray.py's Ray test cluster).
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadgroup -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) -m "not serial" $(PYTEST_ARGS)
 	$(PY) -m pytest -q -p no:cacheprovider -m serial $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 # The in-process lane: no peer processes (tests marked slow) and no serial measurements.

@@ -30,13 +30,14 @@ from p2pfl.ops.ray_launch import add_options, layout, wants_gpu
 
 from .conftest import ROOT, make_topology
 
-ON_RAY = pytest.mark.xdist_group("ray")  # one test cluster for the module, so its tests share one worker
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
-    """A head node and a worker node of one CPU each; torn down after the module's tests."""
+    """A head node and a worker node of one CPU each, for every test of a pytest(-xdist worker)
+    session: pytest-xdist 3.8's xdist_group does not keep a module's tests together under pytest 9,
+    so a module scope could start one per test."""
     pytest.importorskip("ray", reason="Ray is the optional extra .[ray] (the Makefile's setup installs it)")
     from ray.cluster_utils import Cluster
 
@@ -113,7 +114,6 @@ def test_the_peers_device_decides_whether_actors_ask_for_gpus(tmp_path):
 
 
 @pytest.mark.slow
-@ON_RAY
 def test_ring16_no_train_over_two_nodes_gives_the_local_launchers_adapters(tmp_path, cluster):
     topo, path = make_topology(tmp_path, "ring", 16)
     peer = ["--no-train", "--dim", "16384", "--min-wait", "20", "--sketch-dim", "256"]
@@ -134,7 +134,6 @@ def test_ring16_no_train_over_two_nodes_gives_the_local_launchers_adapters(tmp_p
 
 
 @pytest.mark.slow
-@ON_RAY
 def test_ring8_training_on_ray_gives_the_local_launchers_losses(tmp_path, cluster):
     _, path = make_topology(tmp_path, "ring", 8)
     sets = ["local_steps=2", "samples_per_peer=64", "global_test_size=100", "partition=\"dirichlet:0.5\""]
@@ -172,7 +171,6 @@ def launch_until(path: Path, run_dir: Path, args: list[str], reached: int, act) 
 
 
 @pytest.mark.slow
-@ON_RAY
 def test_a_killed_actor_is_restarted_and_its_peers_resume_and_the_run_resumes_until_ctrl_c(tmp_path, cluster):
     rounds = 24
     _, path = make_topology(tmp_path, "ring", 4)
