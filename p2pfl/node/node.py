@@ -297,7 +297,8 @@ class Node:
             return self._until(min(self._next_hello, self._startup_end))
         missing = sorted(set(nbrs) - live)
         if missing:
-            self.log.warning("peer %d: starting without neighbours %s (not seen in %.0fs)", self.me, missing, self.cfg.startup_timeout)
+            waited = now - self._startup_end + self.cfg.startup_timeout  # less than the timeout when the others are up (open networks)
+            self.log.warning("peer %d: starting without neighbours %s (not heard from in %.1fs)", self.me, missing, waited)
         # One more hello so neighbours that saw us before we saw them have our latest state.
         self._broadcast(self.mixer.control("hello"), nbrs)
         # Catch up only when every live neighbour is past round 0: one neighbour's claim alone
