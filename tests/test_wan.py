@@ -211,3 +211,26 @@ def test_resets_on_one_link_apply_no_delta_twice_and_replicas_stay_exact(tmp_pat
     assert all(recs[p][-1]["duplicates"] == 0 for p in topo.ids)
     assert_replicas_match(run, [(0, 1), (1, 2), (2, 3), (3, 0)])
     assert exact_distance(finals(run, topo.ids).values()) < 1e-3 * exact_distance({p: synthetic_state(0, p, 8192) for p in topo.ids}.values())
+
+
+@pytest.mark.slow
+def test_a_straggler_behind_a_one_megabit_link_paces_its_neighbours_within_the_deadline(tmp_path, spawn):
+    """Peer 2's links carry 1 Mbit/s each way and a delta is 64 KB: half a second on the wire.
+    Its neighbours wait for it, never past the round deadline's ceiling (--round-timeout), and it
+    keeps up: every round is mixed, replicas stay exact and exact gossip keeps its mean."""
+    topo, path, proxy = routed(tmp_path, "ring", 4, [(1, 2), (2, 3)])
+    for j in (1, 3):
+        proxy.set(2, j, rate=1e6 / 8)
+    run = tmp_path / "run"
+    timeout, rounds = 2.0, 8
+    args = ["--no-train", "--dim", "16384", "--rounds", str(rounds), "--min-wait", "0.1", "--round-timeout", str(timeout),
+            "--sketch-dim", "256"]
+    asyncio.run(run_routed(proxy, spawn, path, run, ["2", "0-1,3"], args))
+    recs = {p: records(run, p) for p in topo.ids}
+    assert all([r["round"] for r in recs[p]] == list(range(rounds)) for p in topo.ids)
+    waits = [r["wait_s"] for p in (1, 3) for r in recs[p][1:]]
+    assert min(waits) >= 0.3 and max(waits) <= timeout + 0.5  # held back by the slow link, never past the deadline
+    assert proxy.links[2, 1].bytes >= rounds * 64 * 1024  # the deltas went through the capped link
+    x0 = {p: synthetic_state(0, p, 16384) for p in topo.ids}
+    assert drift(x0, finals(run, topo.ids)) < 1e-6
+    assert_replicas_match(run, [(1, 2), (2, 3)])
