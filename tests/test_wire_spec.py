@@ -20,8 +20,9 @@ import msgpack
 import numpy as np
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-VERSION = 3
-PINNED = {3: "009dbf77cf5eac270282585f63abed192405e6091bc8a6ecbba06790c4de9c28"}  # sha256 of each version's golden vectors (`digest`): its bytes never change
+VERSION = 4
+PINNED = {3: "009dbf77cf5eac270282585f63abed192405e6091bc8a6ecbba06790c4de9c28",
+          4: "65fbaf7524a6147f2c67dd49defb44feb240c5c57305cfa50ffd4e3826952c4b"}  # sha256 of each version's golden vectors (`digest`): its bytes never change
 
 NET = 0x0123_4567_89AB_CDEF  # any 63-bit value
 INC = 1_733_600_000_000_000  # a start time in microseconds
@@ -88,6 +89,11 @@ def spec_frames(v: dict) -> list[bytes]:
     return [msgpack.packb(header, use_bin_type=True), *data]
 
 
+VIEW_BODY = msgpack.packb({"k": "neighbor", "c": b"10.0.0.5:29500", "h": True}, use_bin_type=True)
+VIEW = {"kind": "view", "sender": 3, "round": 0, "seq": 0,
+        "tensors": [tensor("view", "msgpack", [len(VIEW_BODY)], {"data": np.frombuffer(VIEW_BODY, np.uint8)})]}
+
+
 def vectors() -> list[dict]:
     """One input per message kind and per kind of payload."""
     x = f32(0.5, -1.25, 2.0, 0.0, -0.75, 3.5)  # two tensors of 3 values, flattened in name order
@@ -127,16 +133,20 @@ def vectors() -> list[dict]:
          "tensors": [tensor("_flat", "none", [6], {"data": x})]},
         {"name": "state-push-sum", "kind": "state", **control, "tensors": [tensor("_flat", "none", [6], {"data": x})],
          "info": {"weight": 0.375}},
+        {"name": "view-neighbor", **VIEW},
+        {"name": "delta-open", "kind": "delta", **control, "tensors": [
+            tensor("_flat", "none", [6], {"data": x}), tensor("_size", "none", [4], {"data": f32(0.5, 1.25, 0.0625, 2.0)})],
+         "info": {"deg": 5, "size": 2}},
     ]
 
 
-def golden_file() -> Path:
-    return GOLDEN / f"wire-v{VERSION}.json"
+def golden_file(version: int = VERSION) -> Path:
+    return GOLDEN / f"wire-v{version}.json"
 
 
-def load_golden() -> dict[str, list[bytes]]:
-    doc = json.loads(golden_file().read_text())
-    assert doc["version"] == VERSION
+def load_golden(version: int = VERSION) -> dict[str, list[bytes]]:
+    doc = json.loads(golden_file(version).read_text())
+    assert doc["version"] == version
     return {v["name"]: [bytes.fromhex(f) for f in v["frames"]] for v in doc["vectors"]}
 
 
@@ -201,28 +211,29 @@ def test_the_package_decodes_the_golden_bytes_to_the_inputs():
 
 
 def test_the_view_kind_is_the_spec_layout():
-    """`view` (docs/wire.md section 5), from the spec alone against the package; its golden vector
-    waits for the next version (v3's bytes are frozen)."""
-    from p2pfl.core.membership.messages import ViewKind, ViewMsg
+    """`view` (docs/wire.md section 5): the package's own view message is the spec's (and the
+    golden vector's) layout, and decodes to the same HyParView message."""
+    from p2pfl.core.membership.messages import ViewConfig, ViewKind, ViewMsg
     from p2pfl.core.wire import decode, encode
-    from p2pfl.node.membership import view_message
+    from p2pfl.node.membership import read_view, view_message
 
-    body = msgpack.packb({"k": "neighbor", "c": b"10.0.0.5:29500", "h": True}, use_bin_type=True)
-    v = {"kind": "view", "sender": 3, "round": 0, "seq": 0,
-         "tensors": [tensor("view", "msgpack", [len(body)], {"data": np.frombuffer(body, np.uint8)})]}
-    msg = view_message(3, INC, ViewMsg(ViewKind.NEIGHBOR, contact=b"10.0.0.5:29500", high=True))
+    sent = ViewMsg(ViewKind.NEIGHBOR, contact=b"10.0.0.5:29500", high=True)
+    msg = view_message(3, INC, sent)
     msg.net = NET
     frames = [bytes(f) for f in encode(msg)]
-    assert frames == spec_frames(v)
-    assert decode(frames).kind.value == "view"
+    assert frames == spec_frames(VIEW) == load_golden()["view-neighbor"]
+    assert read_view(decode(frames), ViewConfig()) == sent
 
 
 def test_golden_vectors_are_frozen_for_their_version():
-    """The bytes of a protocol version never change; new bytes are a new version (and file)."""
+    """The bytes of a protocol version never change; new bytes are a new version (and file). Earlier
+    versions' files stay, for implementations of those versions."""
     from p2pfl.core.wire import PROTOCOL_VERSION
 
     assert PROTOCOL_VERSION == VERSION, "the wire changed version: write tests/golden/wire-v<N>.json and freeze its digest"
-    assert digest(load_golden()) == PINNED.get(VERSION)
+    assert VERSION in PINNED
+    for version, pinned in PINNED.items():
+        assert digest(load_golden(version)) == pinned, version
 
 
 def test_the_network_id_is_the_spec_digest():

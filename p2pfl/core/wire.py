@@ -26,8 +26,10 @@ from p2pfl.errors import P2pflError
 
 # 2: every header carries the sender's network id (`net`). 3: the consensus sketch is drawn from
 # SplitMix64 (any implementation can rebuild it), top-k indices go in ascending order, and a STATE
-# of seq 0 holds no round. docs/wire.md is the whole protocol; tests/golden/ pins its bytes.
-PROTOCOL_VERSION = 3
+# of seq 0 holds no round. 4: the kind `view` (open networks' peer sampling), and an open network's
+# deltas carry the sender's degree (info `deg`) and size-estimate minima (`_size`, info `size`).
+# docs/wire.md is the whole protocol; tests/golden/ pins its bytes.
+PROTOCOL_VERSION = 4
 MAX_HEADER = 4 * 1024 * 1024
 MAX_TENSORS = 4096
 BASE, CLUSTER, GLOBAL = "base", "cluster", "global"
