@@ -35,14 +35,15 @@ about others, about priorities and about walk lengths):
   never overwrites one already held; only a peer's own messages update its payload.
 - Active view: a request is accepted outright only while active plus our own pending requests are
   below `active` (a peer that lost a neighbour claims the slot for its own passive choice first,
-  and no request from outside its passive view, forced or not, takes a slot so held). A full view takes a peer in only by
-  eviction (a JOIN, a high-priority NEIGHBOR, the end of a FORWARD_JOIN walk: one slot per walk)
-  and evicts the entry that last got in that way; if that one is gone, it evicts a random entry
-  only if it has not done so since it last lost another neighbour, else it refuses. So others'
-  requests, from any number of identities, push out at most one of a peer's neighbours per
-  neighbour it loses otherwise; every other change of its active view is its own uniform choice
-  from its passive view. What no local rule bounds is an attacker's own degree: one that accepts
-  every link is where short peers' requests succeed (docs/membership.md measures both).
+  and only a passive entry asking for itself takes a slot so held, never a walk's joiner). A full
+  view takes a peer in only by eviction (a JOIN, a high-priority NEIGHBOR, the end of a
+  FORWARD_JOIN walk: one slot per walk) and evicts the entry that last got in that way; if that
+  one is gone, it evicts a random entry only if it has not done so since it last lost another
+  neighbour, else it refuses. So others' requests, from any number of identities, push out at
+  most one of a peer's neighbours per neighbour it loses otherwise; every other change of its
+  active view is its own uniform choice from its passive view. What no local rule bounds is an
+  attacker's own degree: one that accepts every link is where short peers' requests succeed
+  (docs/membership.md measures both).
 - FORWARD_JOIN and SHUFFLE are taken only from active neighbours (walks travel on links);
   replies only when asked for.
 - State: at most `ViewConfig.state_bytes` of protocol data per peer (28 KiB at the
@@ -260,7 +261,7 @@ class Views:
             return []
         nxt = [q for q in self._active if q not in (s, n)]
         if msg.ttl == 0 or not nxt:
-            out = self._admit(n, msg.peer_contact, forced=True)
+            out = self._admit(n, msg.peer_contact, forced=True, relayed=True)
             if out is None:
                 self._insert(((n, msg.peer_contact),), bucket)
                 return []
@@ -337,15 +338,16 @@ class Views:
         return []
 
     # -- the views ----------------------------------------------------------------------------
-    def _admit(self, p: int, contact: bytes, forced: bool, own: bool = False) -> Out | None:
+    def _admit(self, p: int, contact: bytes, forced: bool, own: bool = False, relayed: bool = False) -> Out | None:
         """Put `p` in the active view, with the DISCONNECT of the entry a full view evicts for it
         (only when `forced`; see the rules); None if it cannot take `p`. Slots held for our own
-        pending requests are free only to the answers (`own`) and to peers of our passive view,
-        which we might have asked ourselves (else two short peers asking others refuse each other)."""
+        pending requests are free only to the answers (`own`) and to peers of our passive view
+        asking for themselves, which we might have asked (else two short peers asking others
+        refuse each other); not to a walk's joiner (`relayed`: attackers' walk ends took them)."""
         if p == self.me or p in self._active:
             return []
         out: Out = []
-        held = 0 if own or p in self._passive else len(self._pending.keys() - {p})
+        held = 0 if own or (p in self._passive and not relayed) else len(self._pending.keys() - {p})
         if len(self._active) + held >= self.cfg.active:
             full = len(self._active) >= self.cfg.active
             if not forced or not full or (self._forced is None and self._spent):
