@@ -56,7 +56,9 @@ def estimator_config(kind: str, topo: Topology, k: int, rounds: int, budget: flo
     base = gossip_within(EstimatorConfig.for_topology(k, topo.mixing_lambda()), budget)
     k = base.k
     every = max(d for d in range(1, base.every + 1) if rounds % d == 0) if rounds > 0 else base.every
-    return EstimatorConfig(k=k, lag=base.lag, every=every if 2 * every >= base.every else base.every)
+    if 0 < rounds <= base.every:  # a run shorter than the period: its last round still starts an instance
+        every = rounds
+    return EstimatorConfig(k=k, lag=base.lag, every=every if 2 * every >= base.every or every == rounds else base.every)
 
 
 def make_node(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Logger | None = None) -> Node:
