@@ -31,7 +31,7 @@ Per seed:
 static graph (-ln lambda is the asymptotic contraction per round).
 
 usage: python bench/membership.py [--peers 256] [--seeds 0,1,2] [--payload 160] [--no-delta]
-                                  [--rewires 6]
+                                  [--rewires 4]
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class ViewConfig:
     request_timeout: float = 5.0  # a JOIN, NEIGHBOR or SHUFFLE unanswered this long is given up
     tracked: int = 64  # senders whose rate buckets are kept (the rest share one bucket)
     recent: int = 16  # contacts kept for addressees outside both views (a shuffle's origin)
-    rewires: int = 6  # switches a new peer makes, one per request_timeout at most (views.Views._rewire)
+    rewires: int = 4  # switches a new peer makes, one per request_timeout at most (views.Views._rewire)
 
     def __post_init__(self) -> None:
         at_least = {"active": 1, "passive": 1, "arwl": 1, "prwl": 0, "shuffle_ttl": 0, "ka": 0, "kp": 0,
