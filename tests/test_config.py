@@ -131,6 +131,7 @@ ENTRY = {"name": "e", "peers": [*_peers(2), {"id": 2, "host": "127.0.0.1", "port
     (None, ["--robust", "trimmed:0"], "robust: trimmed needs B >= 1, got '0'"),
     (None, ["--byzantine", "scale:x"], "--byzantine: scale:F needs a finite factor F, got 'scale:x'"),
     (None, ["--clusters", "many"], "--clusters: expected off, auto or a positive integer, got 'many'"),
+    (None, ["--monitor-share", "-1"], "--monitor-share: expected a number >= 0, got -1.0"),
     (None, ["--clusters", "2", "--cluster-beta", "1.5"], "--cluster-beta: expected a number in [0, 1] with --clusters, got 1.5"),
     (WIDE, ["--clusters", "auto"], "--clusters: PPFM floods every peer's fingerprint, so at most 64 peers; this topology has 65"),
     (None, ["--algorithm", "gt", "--robust", "median"], "--algorithm gt with --robust: not supported"),

@@ -332,6 +332,11 @@ def check_estimator(kind: str) -> None:
         raise ConfigError(f"--estimator: expected auto, flood or gossip, got {kind!r}")
 
 
+def check_monitor_share(share: float) -> None:
+    if not share >= 0:  # NaN too
+        raise ConfigError(f"--monitor-share: expected a number >= 0, got {share}")
+
+
 def check_clusters(cfg: PeerConfig, n: int) -> int | Literal["auto"] | None:
     """`parse_clusters` of ``--clusters``, refused beyond `PPFM_MAX_PEERS` peers."""
     k = parse_clusters(cfg.clusters)
@@ -372,6 +377,7 @@ def check_peer(cfg: PeerConfig, topo: Topology) -> None:
     RobustSpec.parse(cfg.robust)
     ByzantineSpec.parse(cfg.byzantine)
     check_estimator(cfg.estimator)
+    check_monitor_share(cfg.monitor_share)
     check_algorithm(cfg, topo.schedule is not None)
     if check_clusters(cfg, topo.n) is not None:
         check_ppfm(cfg)

@@ -21,7 +21,13 @@ from p2pfl.core.membership.size import SizeEstimator
 from p2pfl.core.membership.views import Views
 from p2pfl.core.robust import parse_byzantine
 from p2pfl.core.scheduled import scheduled_gossip
-from p2pfl.core.specs import check_algorithm, check_clusters, check_estimator, parse_clusters
+from p2pfl.core.specs import (
+    check_algorithm,
+    check_clusters,
+    check_estimator,
+    check_monitor_share,
+    parse_clusters,
+)
 from p2pfl.core.topology import Topology, TopologyError
 from p2pfl.node.faults import Faults
 from p2pfl.node.intake import Intake
@@ -87,8 +93,7 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
     if schedule is not None and cfg.estimator == "auto" and topo.n > FLOOD_UP_TO:
         sketch_dim = 0  # the gossip estimator averages with fixed weights; flooding is O(n) per message
     numel = flatten(spec.x0).numel()
-    if not cfg.monitor_share >= 0:
-        raise ConfigError(f"--monitor-share: expected a number >= 0, got {cfg.monitor_share}")
+    check_monitor_share(cfg.monitor_share)
     budget = cfg.monitor_share * delta_bytes(engine)
     k_max = min(sketch_dim, 1 << max(0, (numel - 1).bit_length()))  # a sketch has at most the padded size's rows
     est_cfg = None if schedule is not None else estimator_config(cfg.estimator, topo, k_max, cfg.rounds, budget)
