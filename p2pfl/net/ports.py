@@ -1,10 +1,12 @@
-"""Free TCP ports on 127.0.0.1 for peers started on this machine (tests, benches)."""
+"""Free TCP ports for peers started on this machine (tests, benches) or on a Ray actor's node."""
 
 from __future__ import annotations
 
 import random
 import socket
 from pathlib import Path
+
+from p2pfl.errors import P2pflError
 
 _HANDED: list[range] = []  # blocks this process handed out: an earlier run's peers may still retry them
 
@@ -16,11 +18,12 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def free_base_port(n: int = 1, share: int = 0, shares: int = 1) -> int:
-    """A base port with n consecutive free TCP ports on 127.0.0.1, from 10000 up to the ephemeral
-    range: the kernel hands ephemeral ports to outgoing connections (every peer's DEALERs), which
-    could otherwise take a port between this check and a later peer's bind. No port is handed out
-    twice in a process, so no run's peers listen where an earlier run's peers connected.
+def hold_block(n: int = 1, host: str = "127.0.0.1", share: int = 0, shares: int = 1) -> list[socket.socket]:
+    """n consecutive free TCP ports from 10000 up to the ephemeral range, bound on `host` ("": every
+    address) and held open until the caller closes them: the kernel hands ephemeral ports to
+    outgoing connections (every peer's DEALERs), which could otherwise take a port between this
+    check and a later peer's bind. No port is handed out twice in a process, so no run's peers
+    listen where an earlier run's peers connected.
 
     `share` of `shares`: draw only from that disjoint slice of the range, so that processes that
     draw side by side (pytest-xdist workers) never draw the same ports."""
@@ -33,17 +36,25 @@ def free_base_port(n: int = 1, share: int = 0, shares: int = 1) -> int:
         base = random.randint(low, high)
         if any(base < r.stop and r.start < base + n for r in _HANDED):
             continue
-        socks = []
+        socks: list[socket.socket] = []
         try:
             for k in range(n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + k))
-                socks.append(s)
-            _HANDED.append(range(base, base + n))
-            return base
+                socks.append(socket.socket())
+                socks[-1].bind((host, base + k))
         except OSError:
-            continue
-        finally:
             for s in socks:
                 s.close()
-    raise RuntimeError("no free port block")
+            continue
+        _HANDED.append(range(base, base + n))
+        return socks
+    raise P2pflError(f"no block of {n} free TCP ports on {socket.gethostname()}")
+
+
+def free_base_port(n: int = 1, share: int = 0, shares: int = 1) -> int:
+    """A base port with n consecutive free TCP ports on 127.0.0.1 (`hold_block`), released for the
+    peers to bind."""
+    socks = hold_block(n, "127.0.0.1", share, shares)
+    base = socks[0].getsockname()[1]
+    for s in socks:
+        s.close()
+    return base

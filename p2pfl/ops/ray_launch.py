@@ -37,7 +37,7 @@ import yaml
 from p2pfl.config import peer_trainers
 from p2pfl.core import topology as topo_mod
 from p2pfl.errors import P2pflError
-from p2pfl.net.ports import free_base_port
+from p2pfl.net.ports import hold_block
 from p2pfl.ops.launch import finish, id_spec, last_records, progress_line, spread
 from p2pfl.ops.placement import fill
 
@@ -75,23 +75,6 @@ def put_files(run_dir: Path, files: dict[str, bytes]) -> None:
         path.write_bytes(data)
 
 
-def hold_ports(n: int, tries: int = 50) -> list[socket.socket]:
-    """n TCP ports of this machine below the ephemeral range (`free_base_port`), bound on every
-    address until the peers bind them, so that actors placed side by side never pick the same."""
-    for _ in range(tries):
-        base, held = free_base_port(n), []
-        try:
-            for k in range(n):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("", base + k))
-            return held
-        except OSError:
-            for s in held:
-                s.close()
-    raise P2pflError(f"ray launch: no block of {n} free ports on {socket.gethostname()}")
-
-
 class PeerActor:
     """A block of peers on one Ray node: the daemon's `Host` in a thread of this actor's process
     (Ray runs `records` and `stop` beside `run`), its run-dir files under `run_dir` on the node."""
@@ -107,7 +90,7 @@ class PeerActor:
         """Where this actor landed: its node's address, a port per peer (held), its process id."""
         import ray
 
-        self.held = hold_ports(len(self.ids))
+        self.held = hold_block(len(self.ids), host="")  # on every address, until the peers bind: actors side by side never pick the same
         return {"host": ray.util.get_node_ip_address(), "ports": [s.getsockname()[1] for s in self.held], "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 
