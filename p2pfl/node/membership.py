@@ -251,4 +251,5 @@ class OpenMixer(ChocoMixer):
             self.engine.weights[j] = w[j]
         self.engine.mix(use)
         return {"network_size_estimate": self.size.estimate(rnd), "degree": self._degree, "mixed_with": sorted(use),
+                "active": sorted(nbh.neighbours),
                 "consensus_absent": NO_ESTIMATE}
