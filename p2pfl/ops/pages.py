@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from p2pfl.ops.overlay import daemon_size_settings, is_open, overlay_rows, overlay_summary
 from p2pfl.ops.report import (
     AVERAGING,
     COUNTERS,
@@ -29,6 +30,7 @@ from p2pfl.ops.report import (
     exact_consensus,
     index_records,
     load_adapters,
+    load_network_file,
     load_run,
     record_number,
     summarize,
@@ -56,6 +58,15 @@ RELATIVE_TEXT = (
     " Its size is judged against the models' own scale: right, the distance relative to the adapter "
     "norm, Xi / sqrt(mean_i ||x_i||^2), which is 0 when all peers hold the same adapter and 1 when "
     "the peers' adapters cancel out on average."
+)
+OVERLAY_TEXT = (
+    "Open network: no file lists the peers, so the overlay is rebuilt from the records. Top: live peers "
+    "(those with a record that round), joins (a peer's first record) and leaves (its records stop before the "
+    "run's last round): a goodbye takes a peer out of its neighbours' active views at once, a crash only after "
+    "their liveness timeout. Middle: the degree band, and the rounds where the links held at both ends do not "
+    "connect the live peers; peers write their records at different moments of a round, so a link being made "
+    "or dropped shows at one end only (joins, switches, and peers that finish and say goodbye). Bottom: the "
+    "size estimate against the live count and the peers of the epoch it measures."
 )
 
 
@@ -260,6 +271,62 @@ def plot_clusters(idx: Mapping[int, Mapping[int, Record]], s: Mapping[str, Any],
     return _save(fig, path)
 
 
+def plot_overlay(o: Mapping[str, Any], title: str, path: Path) -> Path:
+    """An open network's overlay over time (`p2pfl.ops.overlay.overlay_summary`): membership,
+    degrees and connectedness, and the size estimate against the live count."""
+    fig = _figure(8.5, 7.0)  # within the page's width and, below its table, the height of a screen
+    top, mid, low = fig.subplots(3, 1, sharex=True)
+    ser = o["series"]
+    rounds = ser["round"]
+    top.step(rounds, ser["live"], where="mid", color="black", lw=2, label="live peers (a record this round)")
+    top.bar(rounds, ser["joins"], color="tab:green", width=0.8, label="joins (first record)")
+    below = np.zeros(len(rounds))
+    for key, colour, label in (("leaves_goodbye", "tab:orange", "leaves: goodbye"), ("leaves_silence", "tab:red", "leaves: silent (crash)"),
+                               ("leaves_unknown", "0.5", "leaves: no neighbour to tell")):
+        if any(ser[key]):
+            top.bar(rounds, [-v for v in ser[key]], bottom=below, color=colour, width=0.8, label=label)
+            below -= np.array(ser[key])
+    top.axhline(0, color="0.3", lw=0.8)
+    top.set_ylabel("peers")
+    top.set_title(f"Overlay — {title}\n{o['peers_seen']} peers seen, {len(o['left'])} left "
+                  f"({len(o['goodbyes'])} goodbyes, {len(o['silences'])} silent)", fontsize=10)
+    top.legend(loc="center right", fontsize=8)
+
+    pts = [(r, lo, m, hi) for r, lo, m, hi in zip(rounds, ser["degree_min"], ser["degree_mean"], ser["degree_max"], strict=True) if m is not None]
+    if pts:
+        r_, lo, m, hi = zip(*pts, strict=True)
+        mid.fill_between(r_, lo, hi, color="tab:blue", alpha=0.25, step="mid", label="degree min–max over live peers")
+        mid.plot(r_, m, color="tab:blue", lw=2, drawstyle="steps-mid", label="mean degree")
+    for k, r in enumerate(o["rounds_not_connected"]):
+        mid.axvspan(r - 0.5, r + 0.5, color="tab:red", alpha=0.15, lw=0, label="not connected (links held at both ends)" if k == 0 else None)
+    mid.set_ylim(bottom=0)
+    mid.set_ylabel("degree")
+    mid.set_title(f"connected in {o['rounds_connected']} of {len(rounds)} rounds", fontsize=10)
+    mid.legend(loc="lower right", fontsize=8)
+
+    low.step(rounds, ser["live"], where="mid", color="black", lw=1.5, label="live peers")
+    est = [(r, lo, m, hi) for r, lo, m, hi in zip(rounds, ser["size_min"], ser["size_mean"], ser["size_max"], strict=True) if m is not None]
+    if est:
+        r_, lo, m, hi = zip(*est, strict=True)
+        low.fill_between(r_, lo, hi, color="tab:purple", alpha=0.25, step="mid")
+        low.plot(r_, m, color="tab:purple", lw=2, marker=".", label="size estimate (mean, min–max over peers)")
+    tgt = [(r, t) for r, t in zip(rounds, ser["size_target"], strict=True) if t]
+    if tgt:
+        r_, t = zip(*tgt, strict=True)
+        sd = o["size_relative_std"]
+        low.step(r_, t, where="mid", color="tab:green", ls="--", lw=1.5, label="peers of the epoch it measures")
+        low.fill_between(r_, [v * (1 - sd) for v in t], [v * (1 + sd) for v in t], color="tab:green", alpha=0.12, step="mid",
+                         label=f"± one standard deviation ({sd:.1%}, K = {o['size_k']})")
+    low.set_ylim(bottom=0)
+    low.set_ylabel("peers")
+    low.set_title(f"network size: extrema propagation, epochs of {o['size_epoch']} rounds", fontsize=10)
+    low.legend(loc="lower right", fontsize=8)
+    for ax in (top, mid, low):
+        ax.grid(True, alpha=0.3)
+    _integer_rounds(low)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------- summary page
 
 
@@ -297,24 +364,26 @@ def summary_rows(s: Mapping[str, Any], topo_name: str, n_peers: int | None, sche
         rounds += f" (records per peer {s['rounds_per_peer_min']}–{s['rounds_per_peer_max']})"
     kind = ("training: local steps between gossip rounds" if s["kind"] == TRAINING
             else "pure averaging (no training): peers only gossip")
-    rows = [
-        ("topology", topo_name),
-        ("run kind", kind),
-        ("peers", peers),
-        ("rounds", rounds),
-        (f"lambda: contraction per round of schedule {schedule} (seed 0)" if schedule else "lambda = ‖W − 11ᵀ/n‖₂", _fmt(s["lambda"])),
-        ("spectral gap 1 − lambda", _fmt(s["spectral_gap"])),
-        (f"initial mean consensus estimate (round {_fmt(s['consensus_initial_round'])})", _fmt(s["consensus_initial"])),
-        (f"final mean consensus estimate (round {_fmt(s['consensus_final_round'])})", _fmt(s["consensus_final"])),
-    ]
+    rows = [("topology", topo_name), ("run kind", kind), ("peers", peers), ("rounds", rounds)]
+    if "overlay" not in s:  # an open network's graph changes with its membership: no one W
+        rows += [
+            (f"lambda: contraction per round of schedule {schedule} (seed 0)" if schedule else "lambda = ‖W − 11ᵀ/n‖₂", _fmt(s["lambda"])),
+            ("spectral gap 1 − lambda", _fmt(s["spectral_gap"])),
+        ]
+    if "overlay" not in s or s["consensus_initial"] is not None:  # an open network's peers may estimate none (a note says why)
+        rows += [
+            (f"initial mean consensus estimate (round {_fmt(s['consensus_initial_round'])})", _fmt(s["consensus_initial"])),
+            (f"final mean consensus estimate (round {_fmt(s['consensus_final_round'])})", _fmt(s["consensus_final"])),
+        ]
     if s["consensus_exact_final"] is not None:
         rows.append(("final consensus distance, exact from the saved adapters", _fmt(s["consensus_exact_final"])))
     if s["consensus_partial_records"]:
         rows.append(("consensus estimates over part of the network only",
                      f"{s['consensus_partial_records']} records: no sketch from peer(s) {s['consensus_missing_peers']}"))
     if s["kind"] == AVERAGING:
-        rows.append(("measured contraction per round (geometric mean of ratios)",
-                     f"{_fmt(s['contraction_measured'])} vs lambda {_fmt(s['lambda'])} ({s['contraction_ratios']} ratios)"))
+        if "overlay" not in s or s["contraction_measured"] is not None:  # an open network's peers may estimate none
+            rows.append(("measured contraction per round (geometric mean of ratios)",
+                         f"{_fmt(s['contraction_measured'])} vs lambda {_fmt(s['lambda'])} ({s['contraction_ratios']} ratios)"))
         if s["rounds_above_bound"] is not None:
             n_est = sum(1 for b, v in zip(s["bound"], s["series"]["consensus_mean"], strict=True) if b is not None and v is not None)
             rows.append(("rounds above the spectral bound of exact gossip", f"{s['rounds_above_bound']} of {n_est}"))
@@ -415,31 +484,47 @@ def _figures(idx: Mapping[int, Mapping[int, Record]], s: Mapping[str, Any], titl
     """The plots, each with its paragraph. A training run (the only kind with accuracy) leads with
     accuracy and the relative consensus distance beside it, an averaging run with the consensus
     distance against its bound; the paragraph on what the consensus distance means goes with the
-    first."""
+    first. An open network's run adds its overlay, and draws no consensus distance when its peers
+    recorded none (they do not know the network)."""
     accuracy = "accuracy_final_mean" in s or "global_accuracy_final_mean" in s
-    paths = [plot_accuracy(idx, s, title, out / "accuracy.png")] if accuracy else []
-    paths += [plot_consensus(idx, s, title, out / "consensus.png"), plot_bytes(s, title, out / "bytes.png")]
-    if "clusters_final" in s:
-        paths.append(plot_clusters(idx, s, title, out / "clusters.png"))
     text = kind_text(s, relative_shown=accuracy and _has_relative(s))
-    return [(p.name, text if k == 0 else "") for k, p in enumerate(paths)]
+    figures = [(plot_accuracy(idx, s, title, out / "accuracy.png").name, text)] if accuracy else []
+    if "overlay" in s:
+        figures.append((plot_overlay(s["overlay"], title, out / "overlay.png").name, OVERLAY_TEXT))
+    if "overlay" not in s or s["consensus_initial"] is not None:
+        figures.append((plot_consensus(idx, s, title, out / "consensus.png").name, "" if accuracy else text))
+    figures.append((plot_bytes(s, title, out / "bytes.png").name, ""))
+    if "clusters_final" in s:
+        figures.append((plot_clusters(idx, s, title, out / "clusters.png").name, ""))
+    return figures
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the PNGs, summary.md, summary.html and report.json; returns summary.html's path."""
+    """Write the PNGs, summary.md, summary.html and report.json; returns summary.html's path. A
+    run of a topology file, or of an open network (`network.yaml`, peers that join and leave:
+    the page adds the overlay over time, `p2pfl.ops.overlay`)."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
     topo, records, notes = load_run(run_dir)
+    net = load_network_file(run_dir, notes)
+    idx = index_records(records)
+    o = overlay_summary(idx, *daemon_size_settings()) if idx and is_open(idx) else None
     lam = topo.mixing_lambda() if topo is not None else None
-    ids = topo.ids if topo is not None else sorted(records)
+    ids = topo.ids if topo is not None else sorted(set(idx) - set(o["left"]) if o else records)  # open: those at the end
     vectors = load_adapters(run_dir, ids, notes)
     s = summarize(records, lam, exact_consensus(vectors) if vectors else None)
-    idx = index_records(records)
-    title = topo.name if topo is not None else run_dir.name
+    title = topo.name if topo is not None else net.name if net is not None else run_dir.name
+    topo_name = title
+    if o is not None:
+        s["overlay"] = o
+        topo_name = f"{title}: open network, no peer list (peers join and leave; see the overlay rows)"
+        absent = {rec["consensus_absent"] for by_round in idx.values() for rec in by_round.values() if isinstance(rec.get("consensus_absent"), str)}
+        notes += [f"no consensus estimate: {why}" for why in sorted(absent)]
     out.mkdir(parents=True, exist_ok=True)
 
     figures = _figures(idx, s, title, out)
-    rows = summary_rows(s, title, topo.n if topo is not None else None, str(topo.schedule) if topo is not None and topo.schedule else None)
+    rows = summary_rows(s, topo_name, topo.n if topo is not None else None, str(topo.schedule) if topo is not None and topo.schedule else None)
+    rows += overlay_rows(o) if o is not None else []
     tables = dataset_table(s)
     (out / "summary.md").write_text(_markdown(title, rows, figures, notes, tables))
     (out / "report.json").write_text(json.dumps({"topology": title, **s, "notes": notes}, indent=1))

@@ -24,14 +24,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from p2pfl.core import netfile
 from p2pfl.core import topology as topo_mod
 from p2pfl.errors import P2pflError
-from p2pfl.host.files import load_topology, read_jsonl
+from p2pfl.host.files import load_network, load_topology, read_jsonl
 
 Record = Mapping[str, Any]
 COUNTERS = ("rejected_messages", "duplicates", "dropped_messages")  # cumulative per peer
 LAMBDA_ZERO = 1e-12  # below this W is 11^T/n to rounding: exact gossip agrees after one round
 TRAINING, AVERAGING = "training", "averaging"
+NETWORK_FILE = "network.yaml"  # an open network's run directory holds this instead of topology.yaml
 
 
 class ReportError(P2pflError):
@@ -67,16 +69,23 @@ def _read_lenient(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def is_open_run(run_dir: Path) -> bool:
+    """An open network's run directory: `network.yaml` and no topology file."""
+    return (run_dir / NETWORK_FILE).exists() and not (run_dir / "topology.yaml").exists()
+
+
 def load_run(run_dir: Path) -> tuple[topo_mod.Topology | None, dict[int, list[dict[str, Any]]], list[str]]:
-    """Topology (None when unusable: the plots lose the bound, not the data), records, notes."""
+    """Topology (None when unusable: the plots lose the bound, not the data; None in an open
+    network's run, whose directory holds `network.yaml` instead), records, notes."""
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: not a directory")
     notes: list[str] = []
     topo: topo_mod.Topology | None = None
-    try:
-        topo = load_topology(run_dir / "topology.yaml")
-    except topo_mod.TopologyError as e:
-        notes.append(f"no usable topology, so no spectral bound: {e}")
+    if not is_open_run(run_dir):
+        try:
+            topo = load_topology(run_dir / "topology.yaml")
+        except topo_mod.TopologyError as e:
+            notes.append(f"no usable topology, so no spectral bound: {e}")
     metrics = run_dir / "metrics"
     files = sorted((pid, f) for f in metrics.glob("peer-*.jsonl") if (pid := _peer_id(f)) is not None)
     if not files:
@@ -89,6 +98,17 @@ def load_run(run_dir: Path) -> tuple[topo_mod.Topology | None, dict[int, list[di
     if not any(records.values()):
         raise ReportError(f"{metrics}: metrics files hold no records")
     return topo, records, notes
+
+
+def load_network_file(run_dir: Path, notes: list[str]) -> netfile.Network | None:
+    """An open network's file, when the run has one and no topology; a bad one is a note."""
+    if not is_open_run(run_dir):
+        return None
+    try:
+        return load_network(run_dir / NETWORK_FILE)
+    except topo_mod.TopologyError as e:
+        notes.append(f"unusable network file: {e}")
+        return None
 
 
 def load_adapters(run_dir: Path, ids: Sequence[int], notes: list[str]) -> list[np.ndarray] | None:
