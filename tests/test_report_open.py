@@ -83,6 +83,10 @@ def test_the_overlay_of_hand_made_records():
     assert o["size_error_max"] == pytest.approx(3 / 5 - 1)  # the largest: 4 and 1 gone, the estimate of rounds 2-3
     assert o["goodbyes"] == [1] and o["silences"] == [2]
 
+    junk = report.index_records({0: [rec(0, 0, [1, 0, "1", True, None, 7.0, 99])], 1: [rec(1, 0, [0], degree="5")]})
+    j = overlay.overlay_summary(junk, size_k=64, size_epoch=2)["series"]  # ids that are no int, itself, a peer never seen
+    assert (j["links"], j["one_sided"], j["connected"], j["degree_max"]) == ([1], [0], [True], [7])
+
 
 @pytest.fixture(scope="module")
 def churn(tmp_path_factory) -> tuple[Simulation, Path]:
@@ -97,9 +101,9 @@ def churn(tmp_path_factory) -> tuple[Simulation, Path]:
 
 def test_open_run_report_shows_what_the_simulation_did(churn):
     sim, run = churn
-    page = pages.write_report(run)
+    assert pages.main([str(run)]) == 0  # p2pfl-report RUN_DIR
     out = run / "report"
-    assert page == out / "summary.html" and (out / "summary.md").exists()
+    assert (out / "summary.html").exists() and (out / "summary.md").exists()
     assert_png(out / "overlay.png")
     assert_png(out / "bytes.png")
     assert not (out / "consensus.png").exists()  # no peer of an open network estimates it

@@ -37,8 +37,9 @@ def is_open(idx: Mapping[int, Mapping[int, Record]]) -> bool:
     return any(isinstance(rec.get("active"), list) for by_round in idx.values() for rec in by_round.values())
 
 
-def _ids(value: Any) -> set[int]:
-    return {q for q in value if isinstance(q, int) and not isinstance(q, bool)} if isinstance(value, list) else set()
+def _ids(value: Any, me: int) -> set[int]:
+    """The peer ids of an `active` field; anything else in it (and the peer itself) is ignored."""
+    return {q for q in value if isinstance(q, int) and not isinstance(q, bool) and q != me} if isinstance(value, list) else set()
 
 
 def _band(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
@@ -63,7 +64,7 @@ def overlay_summary(idx: Mapping[int, Mapping[int, Record]], size_k: int, size_e
     with a record in the epoch it measures (a peer reports its last complete epoch's estimate)."""
     rounds = sorted({r for by_round in idx.values() for r in by_round})
     end = rounds[-1]
-    active = {p: {r: _ids(rec.get("active")) for r, rec in by_round.items()} for p, by_round in idx.items()}
+    active = {p: {r: _ids(rec.get("active"), p) for r, rec in by_round.items()} for p, by_round in idx.items()}
     first = {p: min(by_round) for p, by_round in idx.items()}
     last = {p: max(by_round) for p, by_round in idx.items()}
     members: dict[int, set[int]] = {}  # epoch -> peers with a record in it
