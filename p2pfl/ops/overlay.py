@@ -153,7 +153,8 @@ def overlay_rows(o: Mapping[str, Any]) -> list[tuple[str, str]]:
         (f"leaves (records stop before round {rounds[-1]})", leaves),
         ("degree (links a delta went to) min / mean / max, all records", " / ".join("n/a" if v is None else f"{v:.3g}" for v in d.values())),
         ("overlay connected (links held at both ends)", f"{o['rounds_connected']} of {len(rounds)} rounds"
-         + (f"; not in rounds {_rounds_text(o['rounds_not_connected'])}" if o["rounds_not_connected"] else "")),
+         + (f"; not in rounds {_rounds_text(o['rounds_not_connected'])} (at most {max(ser['components'])} components, "
+            f"{max(ser['isolated'])} isolated peers in a round)" if o["rounds_not_connected"] else "")),
     ]
     last = [(r, m, t) for r, m, t in zip(rounds, ser["size_mean"], ser["size_target"], strict=True) if m is not None and t]
     if last:

@@ -301,7 +301,8 @@ def plot_overlay(o: Mapping[str, Any], title: str, path: Path) -> Path:
         mid.axvspan(r - 0.5, r + 0.5, color="tab:red", alpha=0.15, lw=0, label="not connected (links held at both ends)" if k == 0 else None)
     mid.set_ylim(bottom=0)
     mid.set_ylabel("degree")
-    mid.set_title(f"connected in {o['rounds_connected']} of {len(rounds)} rounds", fontsize=10)
+    mid.set_title(f"connected in {o['rounds_connected']} of {len(rounds)} rounds (at most {max(ser['components'])} components, "
+                  f"{max(ser['isolated'])} isolated peers in a round)", fontsize=10)
     mid.legend(loc="lower right", fontsize=8)
 
     low.step(rounds, ser["live"], where="mid", color="black", lw=1.5, label="live peers")
@@ -310,6 +311,9 @@ def plot_overlay(o: Mapping[str, Any], title: str, path: Path) -> Path:
         r_, lo, m, hi = zip(*est, strict=True)
         low.fill_between(r_, lo, hi, color="tab:purple", alpha=0.25, step="mid")
         low.plot(r_, m, color="tab:purple", lw=2, marker=".", label="size estimate (mean, min–max over peers)")
+    else:
+        low.text(0.5, 0.5, f"no size estimate recorded (the first comes after an epoch of {o['size_epoch']} rounds)",
+                 ha="center", va="center", transform=low.transAxes, fontsize=9, color="0.35")
     tgt = [(r, t) for r, t in zip(rounds, ser["size_target"], strict=True) if t]
     if tgt:
         r_, t = zip(*tgt, strict=True)
