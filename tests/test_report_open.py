@@ -73,7 +73,8 @@ def test_the_overlay_of_hand_made_records():
     ser = o["series"]
     assert ser["live"] == [4, 4, 5, 5, 3, 3, 3, 3]
     assert ser["joins"] == [4, 0, 1, 0, 0, 0, 0, 0] and o["joined"] == {0: 0, 1: 0, 2: 0, 3: 0, 4: 2}
-    assert o["left"] == {1: {"after_round": 3, "how": "goodbye"}, 2: {"after_round": 3, "how": "silence"}}
+    assert o["left"] == {1: {"after_round": 3, "how": "goodbye", "neighbours": 2, "dropped_at_once": 2},  # 0 and 4 (2 left too)
+                         2: {"after_round": 3, "how": "silence", "neighbours": 2, "dropped_at_once": 0}}  # 0 and 3 kept it
     assert ser["leaves_goodbye"] == [0, 0, 0, 0, 1, 0, 0, 0] and ser["leaves_silence"] == [0, 0, 0, 0, 1, 0, 0, 0]
     assert ser["connected"] == [True, False, True, True, True, True, True, True] and o["rounds_not_connected"] == [1]
     assert ser["components"][1] == 2 and ser["isolated"][1] == 1 and ser["one_sided"][1] == 2  # 0-3 and 2-3
@@ -115,6 +116,8 @@ def test_open_run_report_shows_what_the_simulation_did(churn):
     assert sorted(o["goodbyes"]) == list(LEAVES) and sorted(o["silences"]) == list(CRASHES) and not o["unknown_leaves"]
     for p in (*LEAVES, *CRASHES):
         assert o["left"][str(p)]["after_round"] == sim.records[p][-1]["round"] < ROUNDS - 1
+        assert o["left"][str(p)]["neighbours"] >= 1
+    assert all(o["left"][str(p)]["dropped_at_once"] == o["left"][str(p)]["neighbours"] for p in LEAVES)
     ser = o["series"]
     assert ser["round"] == list(range(ROUNDS)) and sum(ser["joins"]) == N
     assert sum(ser["leaves_goodbye"]) == len(LEAVES) and sum(ser["leaves_silence"]) == len(CRASHES)

@@ -46,14 +46,17 @@ def _band(values: Sequence[float]) -> tuple[float | None, float | None, float | 
     return (min(values), sum(values) / len(values), max(values)) if values else (None, None, None)
 
 
-def how_it_left(p: int, last: int, active: Mapping[int, Mapping[int, set[int]]]) -> str:
-    """GOODBYE when no peer names `p` in its active view beyond the round after its last record,
-    SILENCE when one still does (it waited for its liveness timeout), UNKNOWN when no peer named it
-    at or after its last round (no neighbour to tell)."""
-    held = [r for q, by_round in active.items() if q != p for r, view in by_round.items() if r >= last and p in view]
-    if not held:
-        return UNKNOWN
-    return SILENCE if max(held) >= last + 2 else GOODBYE
+def how_it_left(p: int, last: int, active: Mapping[int, Mapping[int, set[int]]]) -> dict[str, Any]:
+    """How `p` left after round `last`, from the peers that named it in their active view then or
+    later and stayed two rounds past it: GOODBYE when every one dropped it within a round, SILENCE when one kept it two rounds
+    or more (until its liveness timeout), UNKNOWN when none named it (no neighbour to tell). With
+    how many neighbours named it, and how many of them dropped it at once: a silent peer some
+    dropped at once either crashed where they saw it fail sooner, or said a goodbye that only
+    those heard."""
+    kept = {q: max(held) - last for q, by_round in active.items() if q != p and max(by_round, default=-1) >= last + 2
+            if (held := [r for r, view in by_round.items() if r >= last and p in view])}  # q stayed long enough to tell
+    how = UNKNOWN if not kept else SILENCE if max(kept.values()) >= 2 else GOODBYE
+    return {"after_round": last, "how": how, "neighbours": len(kept), "dropped_at_once": sum(1 for k in kept.values() if k <= 1)}
 
 
 def overlay_summary(idx: Mapping[int, Mapping[int, Record]], size_k: int, size_epoch: int) -> dict[str, Any]:
@@ -71,7 +74,7 @@ def overlay_summary(idx: Mapping[int, Mapping[int, Record]], size_k: int, size_e
     for p, by_round in idx.items():
         for r in by_round:
             members.setdefault(r // size_epoch, set()).add(p)
-    left = {p: {"after_round": last[p], "how": how_it_left(p, last[p], active)} for p in sorted(idx) if last[p] < end}
+    left = {p: how_it_left(p, last[p], active) for p in sorted(idx) if last[p] < end}
 
     series: dict[str, list[Any]] = {k: [] for k in (
         "round", "live", "joins", "leaves_goodbye", "leaves_silence", "leaves_unknown", "degree_min", "degree_mean",
@@ -138,7 +141,9 @@ def overlay_rows(o: Mapping[str, Any]) -> list[tuple[str, str]]:
     left = o["left"]
 
     def who(ps: Sequence[int]) -> str:
-        return ", ".join(f"{p} after round {left[p]['after_round']}" for p in ps)
+        return ", ".join(f"{p} after round {left[p]['after_round']}" + (
+            f" ({left[p]['dropped_at_once']} of {left[p]['neighbours']} neighbours dropped it at once)"
+            if left[p]["how"] == SILENCE and left[p]["dropped_at_once"] else "") for p in ps)
 
     leaves = f"{len(left)}"
     for name, ps in (("goodbyes (dropped by its neighbours at once)", o["goodbyes"]),
