@@ -4,16 +4,17 @@
 - ring-16 `--no-train`, exact gossip, one process per peer (every edge through the proxy):
   loopback, the WAN profile (one-way delay 25-75 ms per link, 5 ms jitter, 20 Mbit/s, a reset of
   some link every few seconds), and partition-and-heal (the halves 0-7 and 8-15 cut for 15 rounds
-  at round 5). Rounds, wall time, deadline misses, resyncs, the network mean's drift and, after the
-  heal, exact consensus against the spectral bound counted from the first round the cut links
-  are both up and mixed with again.
+  at round 2, with `--after-heal` more rounds than the others so that at least that many follow
+  the heal). Rounds, wall time, deadline misses, gaps asked for again, states applied, the network
+  mean's drift and, after the heal, exact consensus against the spectral bound counted from the
+  first round the cut links are both up and mixed with again.
 - ring-8 training (make run's settings, fewer rounds) in the simulator, loopback against the WAN
   link model (delay, jitter and the rate cap per message); work takes no virtual time there, so
   the wall ratio comes from the TCP runs. Accuracy at the same rounds, deadline misses, and the
   bytes that are not deltas (consensus sketches, headers, controls) over the delta bytes.
 
-usage: .venv/bin/python bench/wan.py [--rounds 30] [--train-rounds 10] [--dim 4096] [--seed 0]
-Prints one JSON line (about 5 minutes on 2 cores).
+usage: .venv/bin/python bench/wan.py [--rounds 30] [--after-heal 15] [--train-rounds 10] [--dim 4096] [--seed 0]
+Prints one JSON line (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ async def _tcp_run(topo: T.Topology, run: Path, args: list[str], proxy: Proxy | 
                            "rounds_completed": min(len(r) for r in recs.values()),
                            "deadline_miss_share": sum(len(r["late_neighbors"]) for rs in recs.values() for r in rs)
                            / max(1, sum(r["live_neighbors"] for rs in recs.values() for r in rs)),
-                           "resyncs_asked": sum(rs[-1].get("rejected_by_reason", {}).get("seq-window", 0) for rs in recs.values()),
+                           "gaps_asked": sum(rs[-1].get("gaps_asked", 0) for rs in recs.values()),
+                           "states_applied": sum(rs[-1].get("states_applied", 0) for rs in recs.values()),
                            "late_settled": sum(rs[-1].get("late_settled", 0) for rs in recs.values())}
     if proxy is not None:
         out["connections_reset"] = sum(link.resets for link in proxy.links.values())
@@ -114,13 +116,14 @@ async def _tcp_run(topo: T.Topology, run: Path, args: list[str], proxy: Proxy | 
         xi_back = max(recs[p][back]["consensus_distance"] for p in topo.ids) if back < len(recs[0]) else float("nan")
         bound = topo.mixing_lambda() ** (len(recs[0]) - 1 - back) * xi_back
         out.update(rounds_alone={p: len(a) for p, a in alone.items()}, healed_round=healed, back_round=back,
+                   rounds_after_back=len(recs[0]) - 1 - back,
                    xi_at_back_estimate=xi_back, spectral_bound=bound, heal_within_bound=bool(xi <= bound * 1.3))
     return out
 
 
-def tcp_part(rounds: int, dim: int, seed: int) -> dict[str, Any]:
+def tcp_part(rounds: int, after_heal: int, dim: int, seed: int) -> dict[str, Any]:
     n = 16
-    args = ["--no-train", "--dim", str(dim), "--rounds", str(rounds), "--min-wait", "0.2", "--round-timeout", "2",
+    args = ["--no-train", "--dim", str(dim), "--min-wait", "0.2", "--round-timeout", "2",
             "--peer-timeout", "2", "--heartbeat", "0.3", "--sketch-dim", "256", "--monitor-share", "0", "--seed", "0"]
     out = {}
     with tempfile.TemporaryDirectory(prefix="wan-") as tmp:
@@ -130,7 +133,8 @@ def tcp_part(rounds: int, dim: int, seed: int) -> dict[str, Any]:
             if name != "loopback":
                 topo, proxy = route(topo, free_base_port(4 * n))
             profile = WAN if name == "wan" else None
-            paced = ["--round-period", "0.2"] if name == "partition" else []  # neither half runs --max-lag rounds ahead
+            # Paced, so that neither half runs --max-lag rounds ahead; rounds enough for `after_heal` after the heal.
+            paced = ["--round-period", "0.2", "--rounds", str(rounds + after_heal)] if name == "partition" else ["--rounds", str(rounds)]
             out[name] = asyncio.run(_tcp_run(topo, Path(tmp) / name, args + paced, proxy, profile, 2 if name == "partition" else None,
                                              15, seed))
     return out
@@ -173,13 +177,14 @@ def sim_part(rounds: int, sets: list[str], seed: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=30, help="ring-16 --no-train rounds (partition needs >= 35)")
+    ap.add_argument("--after-heal", type=int, default=15, help="rounds the partition run adds, to follow the heal")
     ap.add_argument("--train-rounds", type=int, default=10)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer option (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    tcp = tcp_part(max(args.rounds, 35), args.dim, args.seed)
+    tcp = tcp_part(max(args.rounds, 35), args.after_heal, args.dim, args.seed)
     sim = sim_part(args.train_rounds, args.set, args.seed)
     emit({"bench": "wan", "seed": args.seed, "profile": {"delay_s": WAN.delay, "jitter_s": WAN.jitter, "rate_Bps": WAN.rate,
                                                          "reset_every_s": WAN.reset_every},

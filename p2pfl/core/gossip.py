@@ -8,7 +8,10 @@ With the identity codec and gamma = 1 this is exact gossip averaging x <- W x.
 A round mixed with a neighbour's replica before its delta of that round came (the deadline
 passed) would move the network mean: the neighbour adds its half of the pair, we did not. The engine remembers those
 rounds and, as the missing delta applies, owes gamma * w_ij * q_j for each of them; the debt is
-added to x at the next mix (`settle`), so both ends have mixed the same pair (docs/wan.md).
+added to x at the next mix (`settle`), so both ends have mixed the same pair (docs/wan.md). A delta
+lost on the way (a reset connection) is a late delta too: the sender keeps its last `window`
+deltas and answers a request naming the gap (`GAP`) with them, so what was owed is paid as they
+apply; only a gap it no longer holds is answered with a state, which cannot say what was owed.
 
 The engine is pure: it consumes and produces `wire.Message`s and never touches sockets or
 clocks, so every protocol path (gaps, restarts, resyncs) is unit-tested in-process.  Replicas
@@ -33,6 +36,7 @@ from p2pfl.errors import P2pflError
 Action = tuple[int, Message]  # (destination peer, message)
 FLAT = "_flat"  # name of the single tensor a flat delta carries
 ASK_AGAIN = 4  # rounds of ours before a state asked for and not applied is asked for again
+GAP = "gap"  # a resync's info key: [first, end), the sequence numbers its asker lacks (docs/wire.md section 6)
 
 
 class GossipError(P2pflError, ValueError):
@@ -65,6 +69,8 @@ class Replica:
     state_round: int | None = None  # our round when this neighbour last got our full state
     state_owed: bool = False  # it asked again in that round: the answer waits for our next round
     stale: list[int] = field(default_factory=list)  # our rounds mixed with this replica before it held that round
+    gap: tuple[int, int] | None = None  # the sequence numbers [first, end) asked for again and not yet applied
+    owed_gap: tuple[int, int] | None = None  # the gap of a request whose answer the rate limit deferred
 
 
 @dataclass
@@ -120,6 +126,7 @@ class ChocoEngine:
         self.flat = not self.plan.overrides and self.plan.default.local
         self.xhat: State = zeros_like_state(self.x)
         self.out_seq = 0
+        self.sent: dict[int, Message] = {}  # our last `window` deltas by seq, to answer a gap with
         self.round = -1
         self.replicas = {j: Replica(xhat=zeros_like_state(self.x)) for j in self.weights}
         self.robust = RobustSpec.parse(robust) if isinstance(robust, str) else robust
@@ -128,6 +135,8 @@ class ChocoEngine:
         self.last_stats = RoundStats(round=-1)
         self.owed: State | None = None  # gamma * w_ij * q_j for late deltas of rounds mixed without them
         self.settled = 0  # late deltas whose missing term was owed (one count per round mixed without it)
+        self.gaps = 0  # requests for deltas lost on the way
+        self.states = 0  # full states that replaced a replica
 
     # ------------------------------------------------------------------ sending
 
@@ -167,6 +176,9 @@ class ChocoEngine:
         stats.compression_error = math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
         self.last_stats = stats
         msg = Message(Kind.DELTA, self.me, round=rnd, seq=self.out_seq, inc=self.inc, tensors=tensors)
+        if self.replicas:  # kept as sent (a mixer may add to it); an engine without neighbours only encodes
+            self.sent[msg.seq] = msg
+            self.sent.pop(msg.seq - self.window, None)
         self.out_seq += 1
         self._drain_all()
         return msg
@@ -212,26 +224,41 @@ class ChocoEngine:
         elif msg.kind == Kind.STATE:
             self._on_state(rep, msg)
         elif msg.kind == Kind.RESYNC:
-            actions += self._give_state(msg.sender, rep)
+            try:
+                actions += self._give_state(msg.sender, rep, wanted(msg))
+            except Refused as e:
+                e.replies = actions + e.replies
+                raise
+        elif msg.kind in (Kind.HEARTBEAT, Kind.HELLO):
+            actions += self._ask_gap(msg.sender, rep, msg.seq)  # it sent deltas up to seq - 1: one lost on the way shows
         return actions
 
-    def _give_state(self, peer: int, rep: Replica) -> list[Action]:
-        """At most one full state per neighbour per round of ours: a small request must not buy
-        a whole model each time. A second request waits for the next round (`take_owed`)."""
+    def _give_state(self, peer: int, rep: Replica, gap: tuple[int, int] | None = None) -> list[Action]:
+        """Answer a request: the deltas of `gap` when we still hold them all, else our full state.
+        At most one answer per neighbour per round of ours: a small request must not buy a whole
+        model (or `window` deltas) each time. A second request waits for the next round (`take_owed`)."""
         if rep.state_round == self.round:
             if rep.state_owed:
                 raise Refused("state-rate", f"peer {peer}: another full-state request in round {self.round}; one is already owed")
-            rep.state_owed = True
+            rep.state_owed, rep.owed_gap = True, gap
             return []
-        rep.state_round, rep.state_owed = self.round, False
-        return [(peer, self.state_message())]
+        rep.state_round, rep.state_owed, rep.owed_gap = self.round, False, None
+        kept = self._kept(gap)
+        return [(peer, m) for m in kept] if kept else [(peer, self.state_message())]
+
+    def _kept(self, gap: tuple[int, int] | None) -> list[Message]:
+        """Our deltas [first, end) as sent, or [] where one is no longer kept (or never was)."""
+        if gap is None or gap[1] - gap[0] > len(self.sent) or gap[1] > self.out_seq:
+            return []
+        out = [self.sent[s] for s in range(*gap) if s in self.sent]
+        return out if len(out) == gap[1] - gap[0] else []
 
     def take_owed(self) -> list[Action]:
-        """The full states deferred by the rate limit, due now that our round has moved on."""
+        """The answers deferred by the rate limit, due now that our round has moved on."""
         out: list[Action] = []
         for j, rep in sorted(self.replicas.items()):
             if rep.state_owed and rep.state_round != self.round:
-                out += self._give_state(j, rep)
+                out += self._give_state(j, rep, rep.owed_gap)
         return out
 
     def overdue(self) -> list[Action]:
@@ -244,6 +271,9 @@ class ChocoEngine:
         for j, rep in sorted(self.replicas.items()):
             if not rep.synced and (not rep.resync_asked or self.round - rep.asked_round >= ASK_AGAIN):
                 out.append(self._ask_resync(j, rep))
+            elif rep.synced and rep.gap is not None and self.round - rep.asked_round >= ASK_AGAIN:
+                end, rep.gap = rep.gap[1], None  # the deltas asked for were lost too
+                out += self._ask_gap(j, rep, end)
         return out
 
     def forget(self, peer: int) -> Action:
@@ -251,7 +281,7 @@ class ChocoEngine:
         rep = self.replicas[peer]
         rep.pending.clear()
         rep.stale.clear()
-        rep.synced = False
+        rep.synced, rep.gap = False, None
         return self._ask_resync(peer, rep)
 
     def _check_incarnation(self, rep: Replica, msg: Message) -> list[Action]:
@@ -265,7 +295,7 @@ class ChocoEngine:
         rep.inc = msg.inc
         rep.pending.clear()
         rep.stale.clear()
-        rep.resync_asked = False
+        rep.resync_asked, rep.gap = False, None
         actions: list[Action] = []
         if msg.seq == 0:
             rep.xhat = zeros_like_state(self.x)
@@ -287,6 +317,21 @@ class ChocoEngine:
     def _ask_resync(self, peer: int, rep: Replica) -> Action:
         rep.resync_asked, rep.asked_round = True, self.round
         return (peer, self._control(Kind.RESYNC))
+
+    def _ask_gap(self, peer: int, rep: Replica, upto: int) -> list[Action]:
+        """A synced replica whose next delta is missing while later ones (before `upto`, or
+        buffered) were sent asks for the missing ones. It stays in use meanwhile, as a late
+        neighbour's does, and what its rounds lacked is owed as the deltas apply."""
+        if not rep.synced or rep.gap is not None or rep.next_seq in rep.pending:
+            return []
+        end = min([*rep.pending, upto])
+        if end <= rep.next_seq:
+            return []
+        rep.gap, rep.asked_round = (rep.next_seq, end), self.round
+        self.gaps += 1
+        msg = self._control(Kind.RESYNC)
+        msg.info[GAP] = list(rep.gap)
+        return [(peer, msg)]
 
     def _split(self, flat: torch.Tensor) -> State:
         """A flat vector back into the layout's named tensors (views, in `order`)."""
@@ -324,7 +369,7 @@ class ChocoEngine:
         ahead = msg.seq - rep.next_seq
         if ahead >= self.window:
             replies = [] if rep.resync_asked else [self._ask_resync(msg.sender, rep)]
-            rep.synced = False
+            rep.synced, rep.gap = False, None
             rep.pending.clear()
             raise Refused("seq-window", f"delta {msg.seq} from peer {msg.sender}: {ahead} ahead of the next expected "
                           f"{rep.next_seq} (window {self.window})", replies)
@@ -351,11 +396,8 @@ class ChocoEngine:
         if len(rep.pending) > self.window:  # only while awaiting a state, which supersedes the oldest
             evicted = min(rep.pending)
             del rep.pending[evicted]
-        actions: list[Action] = []
-        if rep.synced and msg.seq > rep.next_seq and rep.next_seq not in rep.pending and not rep.resync_asked:
-            rep.synced = False
-            actions.append(self._ask_resync(msg.sender, rep))
         self._drain(rep)
+        actions = self._ask_gap(msg.sender, rep, msg.seq)
         if evicted is not None:
             raise Refused("seq-window", f"peer {msg.sender}: more than {self.window} deltas buffered while awaiting its state; "
                           f"dropped delta {evicted}", actions)
@@ -366,10 +408,11 @@ class ChocoEngine:
             return  # older than what we already applied
         state = self._decode(msg)
         rep.xhat = {k: v.clone() for k, v in state.items()}
+        self.states += 1
         rep.stale.clear()  # which of the deltas it holds those rounds lacked is not known: the debt lapses
         # A state holds the deltas before `seq`, the last of them of round `round`; with seq 0 it is
         # the all-zero start and holds no round.
-        rep.next_seq, rep.round, rep.synced, rep.resync_asked = msg.seq, msg.round if msg.seq > 0 else -1, True, False
+        rep.next_seq, rep.round, rep.synced, rep.resync_asked, rep.gap = msg.seq, msg.round if msg.seq > 0 else -1, True, False, None
         for s in [s for s in rep.pending if s < msg.seq]:
             del rep.pending[s]
         self._drain(rep)
@@ -388,6 +431,8 @@ class ChocoEngine:
             rep.round = max(rep.round, rnd)
             if rep.stale:
                 self._owe(rep, rnd, q)
+        if rep.gap is not None and rep.next_seq >= rep.gap[1]:
+            rep.gap = None
 
     def _owe(self, rep: Replica, rnd: int, q: State) -> None:
         """A delta of round `rnd` applied after rounds >= `rnd` were mixed without it: what each of
@@ -457,3 +502,14 @@ class ChocoEngine:
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != self.layout:
             raise GossipError(f"{what}: layout {sorted(got.items())[:3]}... differs from the engine's")
+
+
+def wanted(msg: Message) -> tuple[int, int] | None:
+    """The gap a resync request names (`GAP`), None for a plain request of a state."""
+    gap = msg.info.get(GAP)
+    if gap is None:
+        return None
+    if not (isinstance(gap, list) and len(gap) == 2 and all(type(v) is int for v in gap) and 0 <= gap[0] < gap[1]):
+        raise Refused("resync-gap", f"resync from peer {msg.sender}: info {GAP!r} must be [first, end) with 0 <= first < end, "
+                      f"got {gap!r}"[:200])
+    return gap[0], gap[1]

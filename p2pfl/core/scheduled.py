@@ -39,6 +39,7 @@ from p2pfl.core.gossip import (
     Replica,
     RoundStats,
     State,
+    wanted,
     zeros_like_state,
 )
 from p2pfl.core.schedule import Schedule
@@ -66,12 +67,12 @@ class EdgeEngine(ChocoEngine):
         if msg.kind == Kind.RESYNC:
             if msg.sender != self.dest:
                 raise GossipError(f"peer {msg.sender}: asks for the copy of this peer's edge to peer {self.dest}")
-            return self._give_state(self.dest, self.asker)
+            return self._give_state(self.dest, self.asker, wanted(msg))
         return super().receive(msg)
 
     def take_owed(self) -> list[Action]:
         if self.asker.state_owed and self.asker.state_round != self.round:
-            return self._give_state(self.dest, self.asker)
+            return self._give_state(self.dest, self.asker, self.asker.owed_gap)
         return []
 
 

@@ -164,7 +164,9 @@ class ChocoMixer(Mixer):
         self.engine.settle()
 
     def stats(self, rnd: int, nbh: Neighbourhood) -> dict[str, Any]:
-        return {**self._stats(self.engine, nbh.live, len(nbh.live), self.engine.duplicates), "late_settled": self.engine.settled}
+        e = self.engine
+        return {**self._stats(e, nbh.live, len(nbh.live), e.duplicates), "late_settled": e.settled, "gaps_asked": e.gaps,
+                "states_applied": e.states}
 
 
 class ScheduledMixer(Mixer):

@@ -163,4 +163,6 @@ def round_record(me: int, rnd: int, now: float, round_s: float, waited: float, l
         "internal_errors": intake.internal_errors,
         "duplicates": stats["duplicates"],
         "late_settled": stats.get("late_settled", 0),
+        "gaps_asked": stats.get("gaps_asked", 0),
+        "states_applied": stats.get("states_applied", 0),
     }
