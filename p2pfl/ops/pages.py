@@ -274,14 +274,14 @@ def plot_clusters(idx: Mapping[int, Mapping[int, Record]], s: Mapping[str, Any],
 def plot_overlay(o: Mapping[str, Any], title: str, path: Path) -> Path:
     """An open network's overlay over time (`p2pfl.ops.overlay.overlay_summary`): membership,
     degrees and connectedness, and the size estimate against the live count."""
-    fig = _figure(8.5, 7.0)  # within the page's width and, below its table, the height of a screen
+    fig = _figure(9.5, 7.0)  # within the page's width and, below its table, the height of a screen
     top, mid, low = fig.subplots(3, 1, sharex=True)
     ser = o["series"]
     rounds = ser["round"]
-    top.step(rounds, ser["live"], where="mid", color="black", lw=2, label="live peers (a record this round)")
+    top.step(rounds, ser["live"], where="mid", color="black", lw=2, label="live peers\n(a record this round)")
     top.bar(rounds, ser["joins"], color="tab:green", width=0.8, label="joins (first record)")
     below = np.zeros(len(rounds))
-    for key, colour, label in (("leaves_goodbye", "tab:orange", "leaves: goodbye"), ("leaves_silence", "tab:red", "leaves: silent (crash)"),
+    for key, colour, label in (("leaves_goodbye", "tab:orange", "leaves: goodbye"), ("leaves_silence", "tab:red", "leaves: silent"),
                                ("leaves_unknown", "0.5", "leaves: no neighbour to tell")):
         if any(ser[key]):
             top.bar(rounds, [-v for v in ser[key]], bottom=below, color=colour, width=0.8, label=label)
@@ -290,27 +290,27 @@ def plot_overlay(o: Mapping[str, Any], title: str, path: Path) -> Path:
     top.set_ylabel("peers")
     top.set_title(f"Overlay — {title}\n{o['peers_seen']} peers seen, {len(o['left'])} left "
                   f"({len(o['goodbyes'])} goodbyes, {len(o['silences'])} silent)", fontsize=10)
-    top.legend(loc="center right", fontsize=8)
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
 
     pts = [(r, lo, m, hi) for r, lo, m, hi in zip(rounds, ser["degree_min"], ser["degree_mean"], ser["degree_max"], strict=True) if m is not None]
     if pts:
         r_, lo, m, hi = zip(*pts, strict=True)
-        mid.fill_between(r_, lo, hi, color="tab:blue", alpha=0.25, step="mid", label="degree min–max over live peers")
+        mid.fill_between(r_, lo, hi, color="tab:blue", alpha=0.25, step="mid", label="degree min–max\nover live peers")
         mid.plot(r_, m, color="tab:blue", lw=2, drawstyle="steps-mid", label="mean degree")
     for k, r in enumerate(o["rounds_not_connected"]):
-        mid.axvspan(r - 0.5, r + 0.5, color="tab:red", alpha=0.15, lw=0, label="not connected (links held at both ends)" if k == 0 else None)
+        mid.axvspan(r - 0.5, r + 0.5, color="tab:red", alpha=0.15, lw=0, label="not connected\n(links held at both ends)" if k == 0 else None)
     mid.set_ylim(bottom=0)
     mid.set_ylabel("degree")
     mid.set_title(f"connected in {o['rounds_connected']} of {len(rounds)} rounds (at most {max(ser['components'])} components, "
                   f"{max(ser['isolated'])} isolated peers in a round)", fontsize=10)
-    mid.legend(loc="lower right", fontsize=8)
+    mid.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
 
     low.step(rounds, ser["live"], where="mid", color="black", lw=1.5, label="live peers")
     est = [(r, lo, m, hi) for r, lo, m, hi in zip(rounds, ser["size_min"], ser["size_mean"], ser["size_max"], strict=True) if m is not None]
     if est:
         r_, lo, m, hi = zip(*est, strict=True)
         low.fill_between(r_, lo, hi, color="tab:purple", alpha=0.25, step="mid")
-        low.plot(r_, m, color="tab:purple", lw=2, marker=".", label="size estimate (mean, min–max over peers)")
+        low.plot(r_, m, color="tab:purple", lw=2, marker=".", label="size estimate\n(mean, min–max over peers)")
     else:
         low.text(0.5, 0.5, f"no size estimate recorded (the first comes after an epoch of {o['size_epoch']} rounds)",
                  ha="center", va="center", transform=low.transAxes, fontsize=9, color="0.35")
@@ -318,13 +318,13 @@ def plot_overlay(o: Mapping[str, Any], title: str, path: Path) -> Path:
     if tgt:
         r_, t = zip(*tgt, strict=True)
         sd = o["size_relative_std"]
-        low.step(r_, t, where="mid", color="tab:green", ls="--", lw=1.5, label="peers of the epoch it measures")
+        low.step(r_, t, where="mid", color="tab:green", ls="--", lw=1.5, label="peers of the epoch\nit measures")
         low.fill_between(r_, [v * (1 - sd) for v in t], [v * (1 + sd) for v in t], color="tab:green", alpha=0.12, step="mid",
-                         label=f"± one standard deviation ({sd:.1%}, K = {o['size_k']})")
+                         label=f"± one standard deviation\n({sd:.1%}, K = {o['size_k']})")
     low.set_ylim(bottom=0)
     low.set_ylabel("peers")
     low.set_title(f"network size: extrema propagation, epochs of {o['size_epoch']} rounds", fontsize=10)
-    low.legend(loc="lower right", fontsize=8)
+    low.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     for ax in (top, mid, low):
         ax.grid(True, alpha=0.3)
     _integer_rounds(low)
