@@ -12,8 +12,11 @@ from typing import Any
 
 import networkx as nx
 import pytest
+import torch
 
+from p2pfl.core.consensus import flatten
 from p2pfl.core.membership.size import relative_std
+from p2pfl.host.checkpoint import save_state
 from p2pfl.host.files import JsonlWriter, dump_topology
 from p2pfl.ops import overlay, pages, report
 from p2pfl.sim.simulation import OpenNet, Simulation
@@ -97,7 +100,10 @@ def churn(tmp_path_factory) -> tuple[Simulation, Path]:
     sim = Simulation(OpenNet(ids=list(range(N)), leaves=dict.fromkeys(LEAVES, 20.0), crashes=dict.fromkeys(CRASHES, 22.0)),
                      cfg(rounds=ROUNDS), starts=starts)
     sim.run()
-    return sim, write_open_run(tmp_path_factory.mktemp("open") / "run", sim.records)
+    run = write_open_run(tmp_path_factory.mktemp("open") / "run", sim.records)
+    for p, model in sim.models().items():  # as the daemon saves them, a departed peer's of its last round
+        save_state(run / f"peer-{p}" / "adapter.safetensors", model, {"round": str(sim.records[p][-1]["round"]), "peer": str(p)})
+    return sim, run
 
 
 def test_open_run_report_shows_what_the_simulation_did(churn):
@@ -144,6 +150,9 @@ def test_open_run_report_shows_what_the_simulation_did(churn):
     assert row(rows, "topology").startswith("demo: open network")
     assert not any(k.startswith("lambda") for k in rows)  # no fixed graph, no spectral bound
     assert "no consensus estimate: " + sim.records[0][-1]["consensus_absent"] in (out / "summary.md").read_text()
+    x = torch.stack([flatten(m).double() for p, m in sim.models().items() if p not in (*LEAVES, *CRASHES)])
+    exact = float((x - x.mean(0)).norm(dim=1).pow(2).mean().sqrt())  # the live peers' models only: the others are older
+    assert float(row(rows, "final consensus distance, exact from the saved adapters of the 24 peers live")) == pytest.approx(exact, rel=1e-5)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium executable installed")

@@ -380,7 +380,8 @@ def summary_rows(s: Mapping[str, Any], topo_name: str, n_peers: int | None, sche
             (f"final mean consensus estimate (round {_fmt(s['consensus_final_round'])})", _fmt(s["consensus_final"])),
         ]
     if s["consensus_exact_final"] is not None:
-        rows.append(("final consensus distance, exact from the saved adapters", _fmt(s["consensus_exact_final"])))
+        among = f" of the {s['overlay']['live_final']} peers live at the end" if "overlay" in s else ""
+        rows.append((f"final consensus distance, exact from the saved adapters{among}", _fmt(s["consensus_exact_final"])))
     if s["consensus_partial_records"]:
         rows.append(("consensus estimates over part of the network only",
                      f"{s['consensus_partial_records']} records: no sketch from peer(s) {s['consensus_missing_peers']}"))
