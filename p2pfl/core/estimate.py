@@ -150,28 +150,44 @@ class EstimatorConfig:
 
 
 ROW_KEY_BYTES = 8  # a row's [origin, round] key in the message's info, about (msgpack)
+MIN_FLOOD_ROWS = 128  # rows a flooded sketch keeps for estimates more often: about 4 % rms off the exact distance (docs/wan.md)
+MIN_ROWS = 16  # rows a sketch keeps whatever the budget
 
 
-def flood_every(n: int, edges: int, k: int, budget: float, rounds: int) -> int:
-    """Rounds between flooded sketch rounds so that a run's messages carry, on average, at most
-    `budget` bytes of sketch rows: a sketch round's n (n - 1) row deliveries (every peer gets every
-    other peer's row once) ride on the round's 2 |E| messages. A run of `rounds` rounds floods
-    floor(rounds / every) times, at least once (its last round's estimate), so short runs
-    spread them over the whole run."""
-    if n < 2 or edges < 1 or budget <= 0:
-        return 1
-    per_message = n * (n - 1) * (8 * k + ROW_KEY_BYTES) / (2 * edges)
-    every = max(1, math.ceil(per_message / budget))
-    return max(every, rounds // max(1, rounds // every))
+def flood_plan(deliveries: int, messages: int, diameter: int, k: int, budget: float, rounds: int,
+               block_bytes: int = 0) -> tuple[int, int]:
+    """(rows, every): the sketch rows and the rounds between flooded sketch rounds, so that a run's
+    messages carry, on average, at most `budget` bytes of sketches. A sketch round's `deliveries`
+    rows (all origins, `node.build.flood_deliveries`) ride on the `messages` messages of each
+    round it spreads over (at most `diameter`), each of which then also carries the block's
+    descriptor (`block_bytes`). Rows are halved, down to MIN_FLOOD_ROWS, while the floods would
+    be further apart than a flood takes to land (diameter + 1 rounds): estimates more often rather
+    than more exact ones; and down to MIN_ROWS while the one flood a run always gets would not fit. A run of `rounds` rounds floods on round `rounds` (its last record's
+    estimate) and every `every` rounds before it, floor((rounds - 1) / every) + 1 times in all,
+    at least once, so short runs spread them over the whole run."""
+    if deliveries < 1 or messages < 1 or budget <= 0:
+        return k, 1
+
+    def per_flood(rows: int) -> float:
+        return deliveries * (8 * rows + ROW_KEY_BYTES) / messages + max(1, diameter) * block_bytes
+
+    while k // 2 >= MIN_FLOOD_ROWS and per_flood(k) > (diameter + 1) * budget:
+        k //= 2
+    while k // 2 >= MIN_ROWS and per_flood(k) > max(1, rounds) * budget:  # not even the one flood fits
+        k //= 2
+    if rounds < 1:
+        return k, max(1, math.ceil(per_flood(k) / budget))
+    floods = max(1, math.floor(rounds * budget / per_flood(k)))  # the last round's and every `every` before it
+    return k, math.ceil(rounds / floods)
 
 
 def gossip_within(cfg: EstimatorConfig, budget: float) -> EstimatorConfig:
     """The gossip estimator's settings with at most `budget` bytes of payload per message: fewer
     instances in flight (an estimate every `lag` rounds at the least), then fewer sketch rows
-    (at least 16)."""
+    (at least MIN_ROWS)."""
     if budget <= 0 or cfg.max_payload_bytes <= budget:
         return cfg
-    k = max(16, min(cfg.k, int(budget // 8) - 1))
+    k = max(MIN_ROWS, min(cfg.k, int(budget // 8) - 1))
     in_flight = max(1, int(budget // ((k + 1) * 8)))
     return EstimatorConfig(k=k, lag=cfg.lag, every=max(cfg.every, math.ceil(cfg.lag / in_flight)))
 

@@ -4,8 +4,13 @@ refused by `core.specs`, which the command line also runs before it loads a mode
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
+import networkx as nx
 import torch
 
 from p2pfl.config import ConfigError, PeerConfig
@@ -14,8 +19,8 @@ from p2pfl.core.codec import CodecError
 from p2pfl.core.compress import CompressionPlan
 from p2pfl.core.conduct import Limits
 from p2pfl.core.consensus import flatten, shared_sketcher
-from p2pfl.core.estimate import EstimatorConfig, GossipEstimator, flood_every, gossip_within
-from p2pfl.core.gossip import ChocoEngine
+from p2pfl.core.estimate import ROW_KEY_BYTES, EstimatorConfig, GossipEstimator, flood_plan, gossip_within
+from p2pfl.core.gossip import FLAT, ChocoEngine
 from p2pfl.core.membership.messages import ViewConfig
 from p2pfl.core.membership.size import SizeEstimator
 from p2pfl.core.membership.views import Views
@@ -29,6 +34,7 @@ from p2pfl.core.specs import (
     parse_clusters,
 )
 from p2pfl.core.topology import Topology, TopologyError
+from p2pfl.core.wire import Kind, Message, TensorPayload, encode, frames_nbytes
 from p2pfl.node.faults import Faults
 from p2pfl.node.intake import Intake
 from p2pfl.node.membership import Open, OpenMixer
@@ -44,22 +50,74 @@ from p2pfl.ppfm.levels import Levels, PpfmConfig
 FLOOD_UP_TO = 32  # --estimator auto floods sketches up to this many peers, and gossip-averages beyond
 
 
-def delta_bytes(engine: ChocoEngine) -> int:
-    """The payload bytes of one of the engine's deltas (the codecs' sizes do not depend on the values)."""
+INC_PROBE = (1 << 64) - 1  # the largest incarnation: a probe's header is never smaller than a real one's
+HEARTBEATS_A_ROUND = 3  # heartbeats a neighbour gets between two deltas, in the monitoring budget: rounds of up to 4 --heartbeat periods
+
+
+@dataclass(frozen=True)
+class WireCosts:
+    """What one base-channel message of this peer costs on the wire, in bytes (from encoding
+    probes: no codec's size depends on the values)."""
+
+    payload: int  # a delta's tensor payload
+    header: int  # the rest of a delta message: header frame and descriptors
+    control: int  # a heartbeat, hello, goodbye or empty (drain-round) delta
+    block: int  # a flooded block's descriptor and framing, beside its rows
+
+
+def wire_costs(engine: ChocoEngine, net: int, rounds: int, sender: int) -> WireCosts:
+    """The same for every peer of a run (their budgets, hence their sketch rows, must agree): the
+    probes carry the run's largest peer id `sender` and the largest incarnation, not this peer's."""
     g = torch.Generator().manual_seed(0)
-    named = [(engine.plan.default, engine.numel)] if engine.flat else [(engine.plan.codec_for(n), engine.x[n].numel()) for n in engine.order]
-    return sum(sum(p.numel() * p.element_size() for p in codec.encode(torch.randn(n, generator=g), seed=0).parts.values())
-               for codec, n in named)
+    named = [(FLAT, engine.plan.default, (engine.numel,))] if engine.flat else [
+        (n, engine.plan.codec_for(n), tuple(engine.x[n].shape)) for n in engine.order]
+    tensors = {}
+    for name, codec, shape in named:
+        enc = codec.encode(torch.randn(math.prod(shape), generator=g).reshape(shape), seed=0)
+        tensors[name] = TensorPayload(codec=codec.spec, shape=shape, parts=dict(enc.parts), meta=dict(enc.meta))
+    delta = Message(Kind.DELTA, sender, round=rounds, seq=rounds, inc=INC_PROBE, tensors=tensors, net=net)
+    size = frames_nbytes(encode(delta))
+    payload = sum(tp.nbytes() for tp in tensors.values())
+    row = torch.zeros((1, 1), dtype=torch.float64)
+    blocked = replace(delta, tensors={**tensors, SKETCH_TENSOR: TensorPayload(codec="none", shape=(1, 1), parts={"data": row})},
+                      info={"sketches": [[sender, rounds]]})
+    control = frames_nbytes(encode(replace(delta, kind=Kind.HEARTBEAT, tensors={})))
+    return WireCosts(payload, size - payload, control, frames_nbytes(encode(blocked)) - size - 8 - ROW_KEY_BYTES)
 
 
-def estimator_config(kind: str, topo: Topology, k: int, rounds: int, budget: float = 0.0) -> EstimatorConfig | None:
+def monitor_budget(share: float, costs: WireCosts, drain: int, rounds: int, blocks: int = 0) -> float:
+    """Bytes a message may spend on the consensus estimate's rows: `share` of a delta's payload,
+    less what is not delta anyway (the delta's header, HEARTBEATS_A_ROUND heartbeats, the `drain`
+    rounds' empty deltas spread over the run, and `blocks` block descriptors). 0 (no cap) when
+    `share` is 0; a tiny positive budget when the overhead alone is over it (the estimate then
+    comes as rarely as a run allows)."""
+    if share <= 0:
+        return 0.0
+    overhead = costs.header + (HEARTBEATS_A_ROUND + drain / max(1, rounds)) * costs.control + blocks * costs.block
+    return max(1.0, share * costs.payload - overhead)
+
+
+@functools.lru_cache(maxsize=4)
+def flood_deliveries(edges: frozenset[tuple[int, int]]) -> int:
+    """Row deliveries of one flooded sketch round, all origins together: a row crosses every edge
+    once, and both ways where its two ends are as far from the origin (each forwards it to the
+    other in the same round). Between n |E| and 2 n |E|: flooding costs O(n) rows a message."""
+    g = nx.Graph(edges)
+    return sum(2 if dist[u] == dist[v] else 1 for _, dist in nx.all_pairs_shortest_path_length(g) for u, v in edges)
+
+
+def estimator_config(kind: str, topo: Topology, k: int, rounds: int,
+                     budget: Callable[[int], float] = lambda drain: 0.0) -> EstimatorConfig | None:
     """None for flooding (`consensus.SketchBook`), else the gossip estimator's settings, within
-    `budget` bytes a message (`gossip_within`). Its period is a divisor of `rounds` when one is
-    close to the default, so the last round gets an estimate."""
+    `budget(drain)` bytes a message of the run (`gossip_within`), its payload riding on the lag + 1
+    drain rounds' messages too. Its period is a divisor of `rounds` when one is close to the
+    default, so the last round gets an estimate."""
     check_estimator(kind)
     if k <= 0 or kind == "flood" or (kind == "auto" and topo.n <= FLOOD_UP_TO):
         return None
-    base = gossip_within(EstimatorConfig.for_topology(k, topo.mixing_lambda()), budget)
+    default = EstimatorConfig.for_topology(k, topo.mixing_lambda())
+    drain = default.lag + 1  # rounds after the last that carry its instance, beside the run's own
+    base = gossip_within(default, budget(drain) * rounds / (rounds + drain) if rounds > 0 else budget(drain))
     k = base.k
     every = max(d for d in range(1, base.every + 1) if rounds % d == 0) if rounds > 0 else base.every
     if 0 < rounds <= base.every:  # a run shorter than the period: its last round still starts an instance
@@ -94,14 +152,23 @@ def make_parts(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Log
         sketch_dim = 0  # the gossip estimator averages with fixed weights; flooding is O(n) per message
     numel = flatten(spec.x0).numel()
     check_monitor_share(cfg.monitor_share)
-    budget = cfg.monitor_share * delta_bytes(engine)
-    k_max = min(sketch_dim, 1 << max(0, (numel - 1).bit_length()))  # a sketch has at most the padded size's rows
-    est_cfg = None if schedule is not None else estimator_config(cfg.estimator, topo, k_max, cfg.rounds, budget)
-    k = est_cfg.k if est_cfg is not None else k_max
-    sketcher = shared_sketcher(numel, k, cfg.seed) if k > 0 else None
+    costs = wire_costs(engine, topo.network_id(), cfg.rounds, max(topo.ids))
+
+    def budget(drain: int, blocks: int = 0) -> float:
+        return monitor_budget(cfg.monitor_share, costs, drain, cfg.rounds, blocks)
+
+    k = min(sketch_dim, 1 << max(0, (numel - 1).bit_length()))  # a sketch has at most the padded size's rows
     diameter = schedule.flood_rounds() if schedule is not None else topo.diameter()
+    est_cfg = None if schedule is not None else estimator_config(cfg.estimator, topo, k, cfg.rounds,
+                                                                 lambda drain: budget(drain, blocks=1))
+    every = 1
+    if est_cfg is not None:
+        k = est_cfg.k
+    elif schedule is None:
+        edges = frozenset(tuple(e) for e in topo.graph.edges())
+        k, every = flood_plan(flood_deliveries(edges), 2 * len(edges), diameter, k, budget(diameter), cfg.rounds, costs.block)
+    sketcher = shared_sketcher(numel, k, cfg.seed) if k > 0 else None
     estimator = GossipEstimator(me, weights, est_cfg) if est_cfg is not None else None
-    every = 1 if schedule is not None else flood_every(topo.n, topo.graph.number_of_edges(), k, budget, cfg.rounds)
 
     k = check_clusters(cfg, topo.n)
     levels = None

@@ -15,6 +15,7 @@ matrices); a neighbourhood says whom they apply to this round.
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 
 from p2pfl.config import PeerConfig
@@ -35,6 +36,7 @@ class Neighbourhood(ABC):
         self._known = known
         self.rounds: dict[int, int] = {}  # the latest round each peer claimed in an accepted base-channel message
         self.heard: set[int] = set()  # peers that sent anything with a valid identity, accepted or not
+        self.sent_at: dict[int, float] = {}  # when a message last went to each peer
 
     @property
     @abstractmethod
@@ -75,16 +77,20 @@ class Neighbourhood(ABC):
         """What an accepted message says of its sender's liveness."""
 
     def contacted(self, peer: int, now: float) -> None:
-        """A message is going to `peer`."""
-        return None
+        """A message is going to `peer`: it needs no heartbeat in this heartbeat period."""
+        self.sent_at[peer] = now
 
     def participants(self, rnd: int) -> set[int]:
         """Live neighbours that are not lagging by more than --max-lag rounds: waited for and mixed with."""
         return {j for j in self.live if self.rounds.get(j, 0) >= rnd - self.cfg.max_lag}
 
     def beat(self, now: float, heartbeat: Message) -> list[Action]:
-        """Heartbeats to the neighbours; those silent too long go down (their queues are flushed)."""
-        out: list[Action] = [Send(j, heartbeat, offer=j not in self.live) for j in self.neighbours]
+        """Heartbeats to the neighbours that got nothing else in the last period (while that keeps
+        each one's silence under half --peer-timeout); those silent too long go down (their queues
+        are flushed)."""
+        quiet = min(self.cfg.heartbeat, self.cfg.peer_timeout / 2 - self.cfg.heartbeat)
+        out: list[Action] = [Send(j, heartbeat, offer=j not in self.live) for j in self.neighbours
+                             if now - self.sent_at.get(j, -math.inf) >= quiet]
         return out + [Flush(j) for j in self._expire(now)]
 
     def _expire(self, now: float) -> list[int]:

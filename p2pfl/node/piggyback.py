@@ -106,7 +106,7 @@ class Piggyback:
 
     def attach(self, msg: Message, peer: int, round_: int, payload: tuple[list[list[int]], torch.Tensor] | None) -> Message:
         """`msg` for `peer` with the rows it has not had yet, and on a delta this round's
-        estimator `payload`."""
+        estimator `payload` (if it has rows)."""
         tensors, info = dict(msg.tensors), dict(msg.info)
         for b in self.blocks:
             out = b.book.outgoing(peer, max(round_, 0))
@@ -114,7 +114,7 @@ class Piggyback:
                 data = torch.stack([s for _, _, s in out])
                 tensors[b.tensor] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
                 info[b.key] = [[o, r] for o, r, _ in out]
-        if payload is not None and msg.kind == Kind.DELTA:
+        if payload is not None and payload[0] and msg.kind == Kind.DELTA:  # no instance in flight: no block
             keys, data = payload
             tensors[ESTIMATE_TENSOR] = TensorPayload(codec="none", shape=tuple(data.shape), parts={"data": data})
             info["estimate"] = keys

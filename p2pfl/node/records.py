@@ -77,7 +77,7 @@ class Monitor:
         if self.estimator is None:
             if self.sketched(rnd):
                 self.book.add(self.me, rnd, self.sketcher(model))
-        elif self.estimator.starts(rnd):
+        elif rnd > 0 and self.estimator.starts(rnd):  # round 0's estimate would be no record's
             self.estimator.add_own(rnd, self.sketcher(model))
 
     def sketched(self, rnd: int) -> bool:
