@@ -94,7 +94,8 @@ def test_churn_joins_leaves_and_crashes_mid_run():
     starts = {p: 0.1 * p for p in range(24)} | {p: 12.0 + 0.5 * (p - 24) for p in range(24, n)}
     leaves = {p: 20.0 for p in (3, 9, 27, 30)}
     crashes = {p: 22.0 for p in (5, 14, 25, 29)}
-    sim = Simulation(OpenNet(ids=list(range(n)), leaves=leaves, crashes=crashes), cfg(rounds=rounds), starts=starts)
+    # --min-wait past the phase offsets, as in the test above: every live link is waited for
+    sim = Simulation(OpenNet(ids=list(range(n)), leaves=leaves, crashes=crashes), cfg(rounds=rounds, min_wait=1.5), starts=starts)
     after = watch(sim)
     live = [p for p in range(n) if p not in leaves and p not in crashes]
     sim.advance(35.0)  # those gone are out of every live peer's active view, the live peers' overlay is connected

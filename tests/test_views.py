@@ -41,7 +41,8 @@ def messages(draw, peers=ids, max_entries=CFG.max_entries):
     kind = draw(st.sampled_from(list(ViewKind)))
     vals = {"contact": blobs, "peer": peers, "peer_contact": blobs, "ttl": st.integers(0, CFG.max_ttl),
             "high": st.booleans(), "accept": st.booleans(), "leaving": st.booleans(), "nonce": ids,
-            "entries": st.lists(st.tuples(peers, blobs), max_size=max_entries, unique_by=lambda e: e[0]).map(tuple)}
+            "entries": st.lists(st.tuples(peers, blobs), max_size=max_entries, unique_by=lambda e: e[0]).map(tuple),
+            "revocations": st.lists(blobs, min_size=1, max_size=max_entries).map(tuple)}
     return ViewMsg(kind, **{f: draw(vals[f]) for f in FIELDS[kind]})
 
 
@@ -67,7 +68,7 @@ junk = st.recursive(st.none() | st.booleans() | st.integers(-(2**64), 2**64) | s
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(junk, st.builds(lambda m, k, v: {**encode(m), k: v}, messages(), st.sampled_from("kcpthaln"), junk)))
+@given(st.one_of(junk, st.builds(lambda m, k, v: {**encode(m), k: v}, messages(), st.sampled_from("kcpthalnr"), junk)))
 def test_decode_refuses_anything_malformed_with_a_wire_error(obj):
     try:
         msg = decode(obj, CFG)

@@ -7,6 +7,7 @@ is whatever the authority has certified, and a new site needs no edit here.
     bootstrap:          # like a topology file's peer entries; any admitted peers will do
       - {id: 0, host: 10.0.0.1, port: 29500, public_key: "Z85 CurveZMQ key of peer 0"}
     settings: {...}     # exactly a topology file's settings: (p2pfl.config)
+    membership: {...}   # optional: the view protocol's parameters, the same at every peer (ViewConfig)
 
 Pure: `p2pfl.host.files.load_network` reads the file.
 """
@@ -17,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pfl.config import resolve, unknown_key
+from p2pfl.config import ConfigError, resolve, unknown_key
 from p2pfl.core.admission import MAX_NAME, Z85_KEY, network_id
+from p2pfl.core.membership.messages import ViewConfig
 from p2pfl.core.topology import TopologyError, _need, load_yaml
 
-TOP_LEVEL_KEYS = ("name", "authority", "bootstrap", "settings")
+TOP_LEVEL_KEYS = ("name", "authority", "bootstrap", "settings", "membership")
 BOOTSTRAP_KEYS = ("id", "host", "port", "public_key")
 
 
@@ -45,6 +47,7 @@ class Network:
     authority: bytes  # Ed25519 public key, 32 bytes
     bootstrap: tuple[Bootstrap, ...]
     settings: dict[str, Any] = field(default_factory=dict)
+    views: ViewConfig = field(default_factory=ViewConfig)
 
     @property
     def id(self) -> int:
@@ -95,7 +98,11 @@ def from_dict(doc: Any, source: str = "<network>") -> Network:
             raise TopologyError(f"{source}.bootstrap: two entries have the {what} {twice[0]}")
     settings = doc.get("settings") or {}
     resolve(Path(source), boot[0].id, settings, {}, [], source)  # unknown keys and bad values, named now
-    return Network(name, authority, boot, dict(settings))
+    try:
+        views = ViewConfig.from_dict(doc.get("membership") or {}, f"{source}: membership")
+    except ConfigError as e:
+        raise TopologyError(str(e)) from None
+    return Network(name, authority, boot, dict(settings), views)
 
 
 def parse(text: str, source: str = "<network>") -> Network:

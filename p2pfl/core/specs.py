@@ -366,10 +366,9 @@ def check_schedule_codecs(plan: Plan[CodecSpec], schedule: str, recurring: bool)
                           f"({', '.join(lossy)}); whole models travel as {', '.join(WHOLE_MODEL_CODECS)}")
 
 
-def check_peer(cfg: PeerConfig, topo: Topology) -> None:
-    """Every check of a peer's settings that needs no model, each naming the option and the value:
-    codec plan, robust rule, attack, clusters and their knobs, estimator, and the combinations the
-    node refuses."""
+def check_peer_basics(cfg: PeerConfig) -> Plan[CodecSpec]:
+    """The checks of any peer's settings, topology or open network: codec plan, robust rule,
+    attack, estimator, monitoring share."""
     try:
         plan = parse_plan(cfg.compress)
     except CodecError as e:
@@ -378,8 +377,26 @@ def check_peer(cfg: PeerConfig, topo: Topology) -> None:
     ByzantineSpec.parse(cfg.byzantine)
     check_estimator(cfg.estimator)
     check_monitor_share(cfg.monitor_share)
+    return plan
+
+
+def check_peer(cfg: PeerConfig, topo: Topology) -> None:
+    """Every check of a peer's settings that needs no model, each naming the option and the value:
+    codec plan, robust rule, attack, clusters and their knobs, estimator, and the combinations the
+    node refuses."""
+    plan = check_peer_basics(cfg)
     check_algorithm(cfg, topo.schedule is not None)
     if check_clusters(cfg, topo.n) is not None:
         check_ppfm(cfg)
     if topo.schedule is not None:
         check_schedule_codecs(plan, str(topo.schedule), topo.schedule_for(cfg.seed).recurring)
+
+
+def check_open(cfg: PeerConfig) -> None:
+    """What an open network's peer does not do yet, named (`node.build.make_open_node`)."""
+    check_peer_basics(cfg)
+    unsupported = {"--algorithm gt": cfg.algorithm != "dsgd", "--byzantine": cfg.byzantine != "off",
+                   "--clusters": parse_clusters(cfg.clusters) is not None}
+    for option, used in unsupported.items():
+        if used:
+            raise ConfigError(f"{option}: not available in an open network yet (docs/membership.md)")

@@ -29,7 +29,9 @@ from p2pfl.core.wire import encode, frames_nbytes
 from p2pfl.errors import P2pflError
 from p2pfl.host import checkpoint as ckpt
 from p2pfl.host.files import JsonlWriter, load_topology, read_jsonl
+from p2pfl.host.site import OpenSite
 from p2pfl.net.alloc import keep_message_memory
+from p2pfl.net.gatekeeper import Gatekeeper
 from p2pfl.net.transport import CurveKeys, SharedContext, Transport, curve_keys
 from p2pfl.node import actions as A
 from p2pfl.node import node as N
@@ -76,16 +78,18 @@ def local_ids(topo: topo_mod.Topology) -> set[int]:
     return {p for p, s in topo.peers.items() if s.host in mine or s.host.startswith("127.")}
 
 
-TrainerFactory = Callable[[PeerConfig, topo_mod.Topology, int], Any]  # (peer's config, topology, worker) -> trainer or None
+TrainerFactory = Callable[[PeerConfig, "topo_mod.Topology | None", int], Any]  # (peer's config, topology, worker) -> trainer or None
 NodeFactory = Callable[[PeerConfig, topo_mod.Topology, N.NodeSpec, logging.Logger], N.Node]
-TransportFactory = Callable[[PeerConfig, topo_mod.PeerSpec, dict[int, topo_mod.PeerSpec], "CurveKeys | None", Any], Transport]
+TransportFactory = Callable[[PeerConfig, topo_mod.PeerSpec, dict[int, topo_mod.PeerSpec], "CurveKeys | None", Any, "Gatekeeper | None"],
+                            Transport]
 
 
-def build_trainer(cfg: PeerConfig, topo: topo_mod.Topology, worker: int) -> Any:
+def build_trainer(cfg: PeerConfig, topo: topo_mod.Topology | None, worker: int) -> Any:
     """The peer's `learn.trainer.Trainer` (on the `worker`-th copy of the frozen model), or None
     with --no-train. Imported here: a --no-train process never loads the learning stack."""
     if cfg.no_train:
         return None
+    assert topo is not None, "an open network's peers run --no-train (the command line checks it)"
     from p2pfl.config import peer_trainers, run_datasets
     from p2pfl.core.robust import flips_labels
     from p2pfl.learn.trainer import Trainer, TrainerConfig
@@ -96,24 +100,27 @@ def build_trainer(cfg: PeerConfig, topo: topo_mod.Topology, worker: int) -> Any:
 
 
 def build_transport(cfg: PeerConfig, me: topo_mod.PeerSpec, neighbours: dict[int, topo_mod.PeerSpec], curve: CurveKeys | None,
-                    ctx: Any) -> Transport:
-    """ZeroMQ over TCP: a ROUTER at `me`, DEALERs to `neighbours` (others open on first use)."""
-    return Transport(me, neighbours, cfg.max_frame, curve=curve, ctx=ctx, retire_grace=cfg.round_timeout)
+                    ctx: Any, gate: Gatekeeper | None = None) -> Transport:
+    """ZeroMQ over TCP: a ROUTER at `me`, DEALERs to `neighbours` (others open on first use);
+    `gate`: an open network's admission."""
+    return Transport(me, neighbours, cfg.max_frame, curve=curve, ctx=ctx, retire_grace=cfg.round_timeout, gate=gate)
 
 
 class Host:
     def __init__(self, cfg: PeerConfig, ids: list[int], *, trainers: TrainerFactory = build_trainer, nodes: NodeFactory = make_node,
-                 transports: TransportFactory = build_transport, exporter: RecordSink | None = None) -> None:
-        """Peers `ids` of `cfg.topology` in this process. `trainers`, `nodes` and `transports` build
-        each peer's parts (tests pass fakes); `exporter` sees every record written (the Prometheus
-        exporter of `--metrics-port`)."""
-        self.topo = load_topology(cfg.topology)
+                 transports: TransportFactory = build_transport, exporter: RecordSink | None = None,
+                 site: OpenSite | None = None) -> None:
+        """Peers `ids` of `cfg.topology` in this process, or of an open network's `site`.
+        `trainers`, `nodes` and `transports` build each peer's parts (tests pass fakes);
+        `exporter` sees every record written (the Prometheus exporter of `--metrics-port`)."""
+        self.site = site
+        self.topo = load_topology(cfg.topology) if site is None else None
         self.cfgs = {p: replace(cfg, id=p) for p in ids}
         self.trainers, self.nodes, self.transports = trainers, nodes, transports
         self.peers: dict[int, Hosted] = {}
         self.failed: dict[int, str] = {}
-        self.curve: dict[int, CurveKeys | None] = {p: curve_keys(self.topo, p, cfg.topology, cfg.secret_key if len(ids) == 1 else None)
-                                                   for p in ids}
+        self.curve: dict[int, CurveKeys | None] = {p: site.peers[p].keys for p in ids} if site is not None else \
+            {p: curve_keys(self.topo, p, cfg.topology, cfg.secret_key if len(ids) == 1 else None) for p in ids}
         workers = worker_threads(cfg.threads, len(ids), os.cpu_count() or 1)
         # One thread per model copy: the peers of a worker share its model and train one at a time.
         self.work = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"p2pfl-work{k}") for k in range(workers)]
@@ -135,8 +142,9 @@ class Host:
         x0 = synthetic_state(cfg.seed, cfg.id, cfg.dim) if trainer is None else trainer.adapter_state()
         spec = N.NodeSpec(x0=x0, inc=time.time_ns() // 1000, train=trainer is not None, **learner_spec(trainer),
                           secure=self.curve[cfg.id] is not None)
-        node = self.nodes(cfg, self.topo, spec, logging.getLogger(f"p2pfl.peer.{cfg.id}"))
-        if self.curve[cfg.id] is None and cfg.id == min(self.cfgs):  # once per process
+        nlog = logging.getLogger(f"p2pfl.peer.{cfg.id}")
+        node = self.site.node(cfg, spec, nlog) if self.site is not None else self.nodes(cfg, self.topo, spec, nlog)
+        if self.curve[cfg.id] is None and self.topo is not None and cfg.id == min(self.cfgs):  # once per process
             log.warning("peer %d: NO ENCRYPTION OR AUTHENTICATION: the topology lists no public keys, so anyone who can reach "
                         "port %s can read and inject updates (run p2pfl-topology keygen)", cfg.id,
                         ", ".join(str(self.topo.peers[p].port) for p in sorted(self.cfgs)[:4]) + (" ..." if len(self.cfgs) > 4 else ""))
@@ -156,6 +164,8 @@ class Host:
         return Hosted(cfg, node, trainer, JsonlWriter(metrics), log)
 
     def _needs_socket(self, p: int) -> bool:
+        if self.topo is None:
+            return True  # an open network's peers are anywhere
         remote = [j for j in self.topo.ids if j not in self.peers]
         if not remote:
             return False
@@ -168,16 +178,22 @@ class Host:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         sockets = [p for p in self.peers if self._needs_socket(p)]
+        gate = self.site.gate if self.site is not None else None
         if len(sockets) > 1:
-            self.shared = SharedContext(self.curve[sockets[0]])
+            self.shared = SharedContext(self.curve[sockets[0]], gate)
         tasks = []
         for p in sockets:
             h = self.peers[p]
-            neighbors = {j: self.topo.peers[j] for j in self.topo.neighbors(p) if j not in self.peers}
-            h.transport = self.transports(h.cfg, self.topo.peers[p], neighbors, self.curve[p], self.shared.ctx if self.shared else None)
+            if self.topo is not None:
+                me, neighbors = self.topo.peers[p], {j: self.topo.peers[j] for j in self.topo.neighbors(p) if j not in self.peers}
+            else:
+                me, neighbors = self.site.peers[p].spec, {}  # type: ignore[union-attr]
+            h.transport = self.transports(h.cfg, me, neighbors, self.curve[p], self.shared.ctx if self.shared else None, gate)
             h.transport.supervise = self._supervise
             await h.transport.start()
             tasks.append(self._supervise(asyncio.create_task(self._receive_loop(h), name=f"recv-{p}")))
+        if self.site is not None and self.site.revocations_path is not None:
+            tasks.append(self._supervise(asyncio.create_task(self._watch_revocations(self.site), name="revocations")))
         if not self.peers:
             self.done.set()
         for h in self.peers.values():
@@ -232,6 +248,22 @@ class Host:
                 self._run(h, h.node.fail(self.died, now))
         self.done.set()
 
+    async def _watch_revocations(self, site: OpenSite) -> None:
+        """The revocation file, read again when it changes: what is new there goes to each peer,
+        which passes it on to the network (`node.membership.Open.revoke`)."""
+        while True:
+            await asyncio.sleep(1.0)
+            blobs = site.refresh()
+            if not blobs:
+                continue
+            now = asyncio.get_running_loop().time()
+            for h in self.peers.values():
+                if not h.node.finished:
+                    try:
+                        self._run(h, h.node.nbh.revoke(blobs, now))  # type: ignore[attr-defined]
+                    except P2pflError as e:  # Refused: one that does not verify (logged by refresh); the others applied
+                        h.log.error("peer %d: %s", h.cfg.id, e)
+
     async def _receive_loop(self, h: Hosted) -> None:
         assert h.transport is not None
         while True:
@@ -250,6 +282,9 @@ class Host:
         h = self.peers[dst]
         if h.node.finished:
             return  # as a closed socket would
+        if self.site is not None and self.site.revoked(src):  # what the gatekeeper does to a TCP sender
+            self.site.gate.refused["revoked"] += 1
+            return
         h.counters.received += frames_nbytes(frames)
         try:
             self._run(h, h.node.receive(frames, src, asyncio.get_running_loop().time()))
@@ -302,9 +337,14 @@ class Host:
         if t is None:
             h.counters.dropped += 1
             return
-        # A PPFM overlay peer that is not a base neighbour, or a schedule's peer: opened on first
-        # use, and taken back if it is still retiring.
-        t.connect(a.dest, self.topo.peers[a.dest])
+        # A PPFM overlay peer that is not a base neighbour, a schedule's peer, an open network's
+        # new link: opened on first use, and taken back if it is still retiring.
+        spec = self.topo.peers[a.dest] if self.topo is not None else \
+            self.site.address(a.dest, h.node.nbh.views.contact(a.dest))  # type: ignore[union-attr, attr-defined]
+        if spec is None:
+            h.counters.dropped += 1
+            return
+        t.connect(a.dest, spec)
         (t.offer if a.offer else t.send)(a.dest, encode(a.msg))
 
     def _submit(self, h: Hosted, a: A.Train | A.Evaluate) -> None:
@@ -338,6 +378,9 @@ class Host:
         rec.update(time=wall, bytes_sent=sent - c.at_record[0], bytes_received=received - c.at_record[1],
                    dropped_messages=c.dropped + (t.stats.dropped if t else 0))
         c.at_record = (sent, received)
+        if self.site is not None:  # the process's gatekeeper: refused messages and handshakes by reason
+            gate = self.site.gate
+            rec["admission_refused"] = dict(gate.refused + gate.handshakes_refused)
         h.writer.write(rec)
         if self.prom is not None:
             self.prom.update(rec)
@@ -352,7 +395,7 @@ class Host:
 
 
 def run_peers(cfg: PeerConfig, ids: list[int], exporter: RecordSink | None = None,
-              started: Callable[[Host], None] | None = None) -> int:
+              started: Callable[[Host], None] | None = None, site: OpenSite | None = None) -> int:
     """Host `ids` until they finish. `started` sees the host on its loop once built (a Ray actor
     keeps it, to stop the peers from another thread); SIGTERM/SIGINT stop them in the main thread."""
     import signal
@@ -365,7 +408,7 @@ def run_peers(cfg: PeerConfig, ids: list[int], exporter: RecordSink | None = Non
         logging.getLogger("p2pfl").info("no glibc mallopt here; allocator left as it is")
 
     async def main() -> int:
-        host = Host(cfg, ids, exporter=exporter)
+        host = Host(cfg, ids, exporter=exporter, site=site)
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):

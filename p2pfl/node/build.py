@@ -15,6 +15,7 @@ import torch
 
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.core.abuse import Abuser, abuse_rate
+from p2pfl.core.admission import Revocations
 from p2pfl.core.codec import CodecError
 from p2pfl.core.compress import CompressionPlan
 from p2pfl.core.conduct import Limits
@@ -31,7 +32,7 @@ from p2pfl.core.specs import (
     check_clusters,
     check_estimator,
     check_monitor_share,
-    parse_clusters,
+    check_open,
 )
 from p2pfl.core.topology import Topology, TopologyError
 from p2pfl.core.wire import Kind, Message, TensorPayload, encode, frames_nbytes
@@ -210,21 +211,19 @@ def _plan(cfg: PeerConfig) -> CompressionPlan:
 
 
 def make_open_node(cfg: PeerConfig, contact: int | None, spec: NodeSpec, net: int, views: ViewConfig | None = None,
-                   payload: bytes = b"", size: tuple[int, int] = (64, 16), log: logging.Logger | None = None) -> Node:
+                   payload: bytes = b"", size: tuple[int, int] = (64, 16), log: logging.Logger | None = None,
+                   revocations: Revocations | None = None, wall: float = 0.0, shared: Revocations | None = None) -> Node:
     """Peer `cfg.id` of an open network (`net`: its id, `core.admission.network_id`), joining
     through `contact` (None: the first peer); `payload`: its contact for the views (address and
-    certificate); `size`: the size estimator's K and epoch in rounds. D-SGD with CHOCO on the
-    active view (`node.membership`); the consensus estimate is absent (`membership.NO_ESTIMATE`)."""
+    certificate); `size`: the size estimator's K and epoch in rounds; `revocations`, `wall` and
+    `shared`: `membership.Open`'s. D-SGD with CHOCO on the active view (`node.membership`); the consensus
+    estimate is absent (`membership.NO_ESTIMATE`)."""
     log = log or logging.getLogger(f"p2pfl.node.{cfg.id}")
-    unsupported = {"--algorithm gt": cfg.algorithm != "dsgd", "--byzantine": cfg.byzantine != "off",
-                   "--clusters": parse_clusters(cfg.clusters) is not None}
-    for option, used in unsupported.items():
-        if used:
-            raise ConfigError(f"{option}: not available in an open network yet")
+    check_open(cfg)
     me = cfg.id
     engine = ChocoEngine(me, {}, spec.x0, _plan(cfg), cfg.gamma, seed=cfg.seed, inc=spec.inc, robust=cfg.robust,
                          norm_factor=cfg.norm_factor, window=cfg.window)
-    nbh = Open(me, Views(me, views, seed=cfg.seed, payload=payload), contact, spec.inc, cfg, log)
+    nbh = Open(me, Views(me, views, seed=cfg.seed, payload=payload), contact, spec.inc, cfg, log, revocations, wall, shared)
     mixer = OpenMixer(engine, SizeEstimator(me, size[0], size[1], cfg.seed))
     monitor = Monitor(me, [me], None, 1, None, None, log)
     return Node(cfg, spec, Parts(nbh, mixer, monitor, Dsgd(), Faults(None, None), _intake(cfg, net, spec, monitor.drain, log)), log)

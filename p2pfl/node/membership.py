@@ -6,7 +6,10 @@ on a neighbourhood that changes between rounds.
   admitted peer (admission is the transport's job), model messages only from active neighbours.
   Liveness runs over the active view (`Liveness`, heartbeats): a neighbour is down until heard
   from and goes down after `--peer-timeout` of silence, which `Views.down` turns into NEIGHBOR
-  requests to passive entries. `Views.tick` runs on the heartbeat; the first one sends the JOIN.
+  requests to passive entries; one never heard from within `--peer-timeout` of entering the
+  active view (a link held at this end only: an accept or a goodbye was lost) goes the same way.
+  Revocations (REVOKE view messages) are flooded on the active view and given to every new
+  neighbour; a revoked peer leaves both views (`revoke`). `Views.tick` runs on the heartbeat; the first one sends the JOIN.
   The node does not start its first round before one active neighbour is alive (`ready`), so a
   joiner learns the network's round and catches up to it as a late peer of a static graph does.
 - `OpenMixer` keeps a replica per link. At each round's start the links are the live active
@@ -32,9 +35,10 @@ import msgpack
 import torch
 
 from p2pfl.config import PeerConfig
+from p2pfl.core.admission import AdmissionError, Revocations, verify_revocation
 from p2pfl.core.gossip import Action as Reply
 from p2pfl.core.gossip import ChocoEngine, Refused, Replica
-from p2pfl.core.membership.messages import ViewConfig, ViewMsg, ViewWireError, decode, encode
+from p2pfl.core.membership.messages import ViewConfig, ViewKind, ViewMsg, ViewWireError, decode, encode
 from p2pfl.core.membership.size import SizeError, SizeEstimator
 from p2pfl.core.membership.views import Out, ViewRefused, Views, mh_weights
 from p2pfl.core.state import zeros_like_state
@@ -76,12 +80,20 @@ def read_view(msg: Message, cfg: ViewConfig) -> ViewMsg:
 
 
 class Open(Neighbourhood):
-    def __init__(self, me: int, views: Views, contact: int | None, inc: int, cfg: PeerConfig, log: logging.Logger) -> None:
-        """`contact`: the peer to join through (None: the first peer of a network, which waits to be joined)."""
+    def __init__(self, me: int, views: Views, contact: int | None, inc: int, cfg: PeerConfig, log: logging.Logger,
+                 revocations: Revocations | None = None, wall: float = 0.0, shared: Revocations | None = None) -> None:
+        """`contact`: the peer to join through (None: the first peer of a network, which waits to be
+        joined). `revocations`: this peer's, which REVOKE messages add to (what is news here is
+        passed on); `shared`: the host's
+        gatekeeper's, which refuses a revoked key's messages and gets every revocation this
+        peer applies; `wall`: unix time minus this node's clock, to read a revocation's expiry."""
         super().__init__(me, set(), cfg, log)
         self.views, self.contact, self.inc = views, contact, inc
+        self.revocations, self.wall, self.shared = revocations, wall, shared
+        self.revocations_applied = 0
         self.liveness = Liveness(me, [], cfg.peer_timeout, log)
         self._outbox: list[Action] = []
+        self._unheard: dict[int, float] = {}  # active neighbours not heard from yet: since when
         self._joined = contact is None
         self._now = 0.0
 
@@ -103,7 +115,20 @@ class Open(Neighbourhood):
         return True  # any admitted peer may send view messages
 
     def ready(self) -> bool:
-        return bool(self.live)
+        """The network's first peer starts with its first neighbour; a joiner once a live
+        neighbour runs rounds (a fellow joiner does not: both would start a network of their own
+        at round 0), or at the start-up timeout."""
+        return bool(self.live) and (self.contact is None or bool(self.running()))
+
+    def running(self) -> dict[int, int]:
+        """The rounds of the live neighbours that run rounds: a joiner's fellow joiners do not."""
+        return {j: r for j, r in self.rounds.items() if j in self.live and r > 0}
+
+    def claims(self) -> dict[int, int]:
+        """Only peers that have run a round are evidence against a claim: fellow joiners at round 0
+        must not make a joiner refuse the network's round (a lone liar can then set a joiner's
+        first round; its honest neighbours, which compare, refuse it until the network gets there)."""
+        return {j: r for j, r in self.rounds.items() if r > 0}
 
     def refuse(self, msg: Message) -> tuple[str, str] | None:
         if msg.channel != BASE:
@@ -118,17 +143,57 @@ class Open(Neighbourhood):
             return None
         self._now = now
         try:
-            out = self.views.receive(msg.sender, read_view(msg, self.views.cfg), now)
+            vm = read_view(msg, self.views.cfg)
+            out = self.views.receive(msg.sender, vm, now)
         except ViewWireError as e:
             raise Refused("view-malformed", f"from peer {msg.sender}: {e}") from None
         except ViewRefused as e:
             raise Refused(f"view-{e.reason}", str(e)) from None
+        if vm.kind == ViewKind.REVOKE:
+            return self.revoke(list(vm.revocations), now, msg.sender)
         return self._sends(out, now)
 
-    def accepted(self, msg: Message, now: float) -> list[Action]:
+    def revoke(self, blobs: list[bytes], now: float, sender: int | None = None) -> list[Action]:
+        """Apply the authority's revocations (from a neighbour, or the host's revocation file): a
+        revoked peer leaves both views at once, and each revocation that is news here goes on to
+        every other active neighbour, so a live peer applies it within the overlay's diameter in
+        hops (docs/membership.md). `Refused` names one that does not verify; the others apply."""
         self._now = now
+        if self.revocations is None:
+            raise Refused("view-revoke", f"REVOKE from peer {sender}: this network has no admission authority")
+        news, bad, out = [], None, []
+        for blob in blobs:
+            try:
+                if self.revocations.add(blob, now + self.wall):
+                    news.append(blob)
+                    if self.shared is not None:
+                        self.shared.add(blob, now + self.wall)
+                    peer = verify_revocation(blob, self.revocations.authority_public, self.revocations.network).peer
+                    self.log.warning("peer %d: peer %d is revoked (from %s)", self.me, peer, "the revocation file" if sender is None else f"peer {sender}")
+                    out += self.views.down(peer, now)
+                    self.liveness.drop(peer)
+            except AdmissionError as e:
+                bad = e
+        self.revocations_applied += len(news)
+        acts = self._sends(out, now) + self._revocations_to([j for j in self.neighbours if j != sender], news)
+        if bad is not None:
+            self._outbox += acts
+            raise Refused(f"revocation-{bad.reason}", f"from peer {sender}: {bad}")
+        return acts
+
+    def _revocations_to(self, peers: list[int], blobs: list[bytes]) -> list[Action]:
+        k = self.views.cfg.max_entries
+        chunks = [tuple(blobs[i:i + k]) for i in range(0, len(blobs), k)]
+        return [Send(j, view_message(self.me, self.inc, ViewMsg(ViewKind.REVOKE, revocations=c))) for j in peers for c in chunks]
+
+    def accepted(self, msg: Message, now: float) -> list[Action]:
+        """A neighbour's message; one that comes up gets the revocations this peer knows (a joiner
+        learns the ones issued before it came)."""
+        self._now = now
+        new = msg.sender not in self.liveness.live
         down = self.liveness.seen(msg.sender, now, alive=msg.kind != Kind.BYE)
-        return ([Flush(msg.sender)] if down else []) + self._drain()
+        known = self.revocations.blobs() if new and self.revocations is not None and msg.sender in self.liveness.live else []
+        return ([Flush(msg.sender)] if down else []) + self._drain() + self._revocations_to([msg.sender], known)
 
     def beat(self, now: float, heartbeat: Message) -> list[Action]:
         """Heartbeats to the active view, the view's timers (the JOIN, first), and neighbours
@@ -143,6 +208,15 @@ class Open(Neighbourhood):
         for j in self.liveness.expire(now):
             acts.append(Flush(j))
             out += self.views.down(j, now)
+        for j in list(self._unheard):  # a link held at this end only (its accept or goodbye was lost) ends too
+            if j not in self.views.active or j in self.live:
+                del self._unheard[j]
+            elif now - self._unheard[j] > self.cfg.peer_timeout:
+                del self._unheard[j]
+                self.log.warning("peer %d: neighbour %d never answered in %.1fs; replacing it", self.me, j, self.cfg.peer_timeout)
+                out += self.views.down(j, now)
+        for j in self.views.active - self.live.union(self._unheard):
+            self._unheard[j] = now
         return acts + self._sends(out, now)
 
     def exclude(self, peer: int) -> bool:
@@ -236,9 +310,9 @@ class OpenMixer(ChocoMixer):
         return seen[max(earlier)] if earlier else None
 
     def waiting_for(self, rnd: int, training: bool, nbh: Neighbourhood, banned: set[int]) -> list[int]:
-        """Links whose other end has sent a delta on them (a new link is not waited for)."""
-        known = [j for j in nbh.participants(rnd) & self._links if self._deg.get(j)]
-        return sorted(self.engine.waiting_for(rnd, known))
+        """Every live link of the round: a new one's other end sends on it this round once it has
+        heard from us too, else the deadline ends the wait (once per link)."""
+        return sorted(self.engine.waiting_for(rnd, nbh.participants(rnd) & self._links))
 
     def mix(self, rnd: int, nbh: Neighbourhood, banned: set[int]) -> dict[str, Any]:
         use: dict[int, int] = {}

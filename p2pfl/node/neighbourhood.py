@@ -54,6 +54,17 @@ class Neighbourhood(ABC):
         """Whether the first round may start (besides every neighbour heard from, or the start-up timeout)."""
         return True
 
+    def claims(self) -> dict[int, int]:
+        """The neighbours' rounds a new claim is judged against (`core.conduct.check_claim`)."""
+        return self.rounds
+
+    def running(self) -> dict[int, int]:
+        """The live neighbours' rounds a starting peer catches up to: only once every one is past
+        round 0, so that one claim alone (a liar's, or a fault's) cannot make it skip rounds the
+        others still run."""
+        running = {j: r for j, r in self.rounds.items() if j in self.live}
+        return running if running and min(running.values()) > 0 else {}
+
     def handle(self, msg: Message, now: float) -> list[Action] | None:
         """The actions of a message the neighbourhood answers itself (open membership's VIEW),
         None for the others; `Refused` names the rule that refuses one. A fixed graph has no views."""

@@ -197,7 +197,7 @@ class Node:
             return
         base = msg.channel == BASE  # the graph's channel: rounds, the flooded blocks, liveness
         if base:
-            lie = self.intake.lie(msg, self.round, self.nbh.rounds)
+            lie = self.intake.lie(msg, self.round, self.nbh.claims())
             if lie is not None:
                 self._reject("round-claim", lie, msg.sender, now)
                 return
@@ -301,10 +301,7 @@ class Node:
             self.log.warning("peer %d: starting without neighbours %s (not heard from in %.1fs)", self.me, missing, waited)
         # One more hello so neighbours that saw us before we saw them have our latest state.
         self._broadcast(self.mixer.control("hello"), nbrs)
-        # Catch up only when every live neighbour is past round 0: one neighbour's claim alone
-        # (a liar's, or a fault's) must not make a starting peer skip rounds the others still run.
-        running = {j: r for j, r in self.nbh.rounds.items() if j in live}
-        self._running = running if running and min(running.values()) > 0 else {}
+        self._running = self.nbh.running()
         self.phase = Phase.CATCHUP if self._running else Phase.ROUND
         if self.phase is Phase.ROUND:
             self._begin()

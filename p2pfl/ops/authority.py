@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--keys-dir", type=Path, help="where a new key pair goes (default: keys/ beside --output)")
     m.add_argument("--days", type=float, default=30.0, help=f"validity (default 30, at most {admission.MAX_VALIDITY // 86400})")
     m.add_argument("-o", "--output", type=Path, required=True, help="the certificate file to write")
+    m.add_argument("--append", action="store_true", help="add a line to --output (a file of several certificates: co-hosted peers)")
     r = cmds.add_parser("revoke", help="revoke every certificate issued so far for a peer id")
     r.add_argument("--dir", type=Path, required=True)
     r.add_argument("id", type=int, help="the peer id")
@@ -76,38 +77,45 @@ def init(d: Path) -> int:
     return 0
 
 
-def _curve_key(args: argparse.Namespace) -> bytes:
-    if args.public_key is not None:
-        key = args.public_key.strip().encode()
+def _curve_key(public_key: str | None, keys_dir: Path, peer: int) -> tuple[bytes, str]:
+    """The peer's CurveZMQ public key: given, or of a key pair made in `keys_dir`; and what was done."""
+    if public_key is not None:
+        key = public_key.strip().encode()
         if len(key) != admission.Z85_KEY or not key.isascii():
-            raise ConfigError(f"--public-key: expected a {admission.Z85_KEY}-character Z85 CurveZMQ key, got {args.public_key!r}")
-        return key
+            raise ConfigError(f"--public-key: expected a {admission.Z85_KEY}-character Z85 CurveZMQ key, got {public_key!r}")
+        return key, ""
     import zmq.auth
 
-    keys_dir = args.keys_dir or args.output.parent / "keys"
     keys_dir.mkdir(parents=True, exist_ok=True)
-    public_file, secret_file = zmq.auth.create_certificates(str(keys_dir), f"peer-{args.id}")
+    public_file, secret_file = zmq.auth.create_certificates(str(keys_dir), f"peer-{peer}")
     os.chmod(secret_file, 0o600)
-    print(f"made CurveZMQ key pair {secret_file} (keep it private) and {public_file}")
-    return zmq.auth.load_certificate(public_file)[0]
+    return zmq.auth.load_certificate(public_file)[0], f"made CurveZMQ key pair {secret_file} (keep it private) and {public_file}"
+
+
+def certify(d: Path, network: str, peer: int, output: Path, days: float = 30.0, public_key: str | None = None,
+            keys_dir: Path | None = None, append: bool = False) -> str:
+    """Certify `peer` (and its key pair, made in `keys_dir`, default keys/ beside `output`, unless
+    `public_key` is given) into `output`; what was done, to print."""
+    secret = _secret(d)
+    if not 0 < days <= admission.MAX_VALIDITY / 86400:
+        raise ConfigError(f"--days: expected more than 0 and at most {admission.MAX_VALIDITY // 86400}, got {days:g}")
+    if peer < 0:
+        raise ConfigError(f"--id: a peer id is a non-negative integer, got {peer}")
+    key, made = _curve_key(public_key, keys_dir or output.parent / "keys", peer)
+    issued = int(time.time())
+    expires = issued + int(days * 86400)
+    blob = admission.issue(secret, network, peer, key, issued, expires)
+    _write_line(output, blob, append=append)
+    record = {"peer": peer, "network": network, "issued": issued, "expires": expires, "key": key.decode()}
+    with (d / LEDGER).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return (made + "\n" if made else "") + (f"{'appended to' if append else 'wrote'} {output}: peer {peer} of network {network!r}, "
+                                             f"key {key.decode()}, valid until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expires))} "
+                                             f"({len(blob)} bytes)")
 
 
 def admit(args: argparse.Namespace) -> int:
-    secret = _secret(args.dir)
-    if not 0 < args.days <= admission.MAX_VALIDITY / 86400:
-        raise ConfigError(f"--days: expected more than 0 and at most {admission.MAX_VALIDITY // 86400}, got {args.days:g}")
-    if args.id < 0:
-        raise ConfigError(f"--id: a peer id is a non-negative integer, got {args.id}")
-    key = _curve_key(args)
-    issued = int(time.time())
-    expires = issued + int(args.days * 86400)
-    blob = admission.issue(secret, args.network, args.id, key, issued, expires)
-    _write_line(args.output, blob, append=False)
-    record = {"peer": args.id, "network": args.network, "issued": issued, "expires": expires, "key": key.decode()}
-    with (args.dir / LEDGER).open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"wrote {args.output}: peer {args.id} of network {args.network!r}, key {key.decode()}, "
-          f"valid until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expires))} ({len(blob)} bytes)")
+    print(certify(args.dir, args.network, args.id, args.output, args.days, args.public_key, args.keys_dir, args.append))
     return 0
 
 

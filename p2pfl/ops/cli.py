@@ -21,7 +21,7 @@ from p2pfl.config import (
     resolve,
 )
 from p2pfl.core import topology as topo_mod
-from p2pfl.core.specs import check_peer
+from p2pfl.core.specs import check_open, check_peer
 from p2pfl.errors import P2pflError
 from p2pfl.host.files import dump_topology, load_topology
 from p2pfl.learn.options import check_trainers
@@ -30,8 +30,16 @@ from p2pfl.ops import authority
 
 def _peer_parser() -> argparse.ArgumentParser:
     d = PeerConfig  # the defaults shown are the dataclass's own, never restated
-    p = argparse.ArgumentParser(prog="p2pfl-peer", description="Run one p2pfl peer of a topology.")
-    p.add_argument("--topology", required=True, type=Path, help="topology YAML (peers, edges, optional settings)")
+    p = argparse.ArgumentParser(prog="p2pfl-peer", description="Run p2pfl peers of a topology, or of an open network.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", type=Path, help="topology YAML (peers, edges, optional settings)")
+    where.add_argument("--network", type=Path, help="an open network's file (name, authority, bootstrap peers, settings; "
+                       "docs/membership.md): the peers join it with --cert and --listen")
+    g = p.add_argument_group("open network (with --network)")
+    g.add_argument("--cert", type=Path, help="admission certificates, one a line, one peer each (p2pfl-topology authority admit)")
+    g.add_argument("--listen", help="HOST:PORT other peers dial; co-hosted peers take the next ports")
+    g.add_argument("--revocations", type=Path, help="the authority's revocation file: read at start and whenever it changes, "
+                   "and passed on to the network")
     p.add_argument("--id", help="the peers this process runs: an id, a range 0-63, a list 1,5,7-9, or local "
                    "(every peer of the file whose host is an address of this machine); required unless --print-config")
     p.add_argument("--print-config", action="store_true", help="print the effective settings (defaults < the topology's "
@@ -94,6 +102,11 @@ def build_peer_config(argv: list[str] | None = None) -> tuple[PeerConfig, argpar
     that needs no model, trainer options included) before anything heavy is imported; the ids this
     process hosts; where each value came from."""
     args = _peer_parser().parse_args(argv)
+    if args.network is not None:
+        return _open_config(args)
+    for flag in ("cert", "listen", "revocations"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag}: only with --network (an open network); a topology lists its peers' addresses and keys")
     if args.id is None and not args.print_config:
         raise ConfigError("--id: required (an id, a range 0-63, a list 1,5,7-9, or local)")
     topo = load_topology(args.topology)
@@ -114,6 +127,30 @@ def build_peer_config(argv: list[str] | None = None) -> tuple[PeerConfig, argpar
     return replace(cfg, id=ids[0]), args, ids, origin
 
 
+def _open_config(args: argparse.Namespace) -> tuple[PeerConfig, argparse.Namespace, list[int], dict[str, str]]:
+    """An open network's peers: settings from its file and the flags; ids from the certificates."""
+    from p2pfl.host.files import load_network
+
+    net = load_network(args.network)
+    flags = {k: v for k in SETTINGS_KEYS if (v := getattr(args, k, None)) is not None}
+    cfg, origin = resolve(args.network, net.bootstrap[0].id, net.settings, flags, args.set, str(args.network))
+    check_open(cfg)
+    if not cfg.no_train:
+        raise ConfigError(f"{args.network}: an open network's peers run --no-train for now (a peer's data share needs n, "
+                          "which no peer knows); set no_train: true in its settings or pass --no-train")
+    if args.print_config:
+        return cfg, args, [], origin
+    if args.id is not None:
+        raise ConfigError("--id: an open network's peer ids come from their certificates (--cert)")
+    for flag in ("cert", "listen"):
+        if getattr(args, flag) is None:
+            raise ConfigError(f"--{flag}: required with --network")
+    from p2pfl.host.site import OpenSite
+
+    args.site = OpenSite(args.network, args.cert, args.listen, args.secret_key, args.revocations)
+    return replace(cfg, id=args.site.ids[0]), args, args.site.ids, origin
+
+
 def _entries(topo: topo_mod.Topology) -> dict[int, dict[str, Any]]:
     """Each peer entry's keys besides id, host and port (its own ``trainer:``, public key)."""
     return {p: s.extra for p, s in topo.peers.items()}
@@ -126,7 +163,7 @@ def peer_main(argv: list[str] | None = None) -> int:
         print(f"p2pfl-peer: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(render(cfg, origin, ids, _entries(load_topology(cfg.topology))), end="")
+        print(render(cfg, origin, ids, _entries(load_topology(cfg.topology)) if args.network is None else None), end="")
         return 0
     from p2pfl.host.daemon import run_peers
     from p2pfl.host.logs import setup_logging
@@ -137,7 +174,7 @@ def peer_main(argv: list[str] | None = None) -> int:
         from p2pfl.ops.prometheus import PromExporter
 
         exporter = PromExporter(cfg.metrics_port, ids[0], cfg.metrics_host)
-    return run_peers(cfg, ids, exporter)
+    return run_peers(cfg, ids, exporter, site=getattr(args, "site", None))
 
 
 def topology_main(argv: list[str] | None = None) -> int:

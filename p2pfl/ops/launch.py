@@ -105,6 +105,32 @@ def finish(run_dir: Path, ids: list[int], codes: dict[int, int | None], report: 
     return 0
 
 
+def follow(run_dir: Path, procs: dict[int, subprocess.Popen[bytes]], blocks: dict[int, list[int]]) -> None:
+    """Until every process exits: the progress line, and SIGINT or SIGTERM forwarded to the peers
+    (SIGTERM, then SIGKILL the second time). `procs` and `blocks` by a block's first id."""
+    stopping = {"n": 0}
+
+    def forward(sig: int, _frame: Any) -> None:
+        stopping["n"] += 1
+        target = signal.SIGTERM if stopping["n"] == 1 else signal.SIGKILL
+        print(f"\nlaunch: forwarding {signal.Signals(target).name} to all peers", flush=True)
+        for pr in procs.values():
+            if pr.poll() is None:
+                pr.send_signal(target)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    ids = sorted(p for b in blocks.values() for p in b)
+    last_line = ""
+    while any(pr.poll() is None for pr in procs.values()):
+        time.sleep(1.0)
+        alive = sum(len(blocks[k]) for k, pr in procs.items() if pr.poll() is None)
+        line = progress_line(last_records(run_dir, ids), ids, alive)
+        if line != last_line:
+            print(line, flush=True)
+            last_line = line
+
+
 def id_spec(block: list[int]) -> str:
     """A block of ids as `--id` takes it: a range where it is one, else a list."""
     return f"{block[0]}-{block[-1]}" if block == list(range(block[0], block[-1] + 1)) else ",".join(map(str, block))
@@ -118,6 +144,10 @@ def spread(ids: list[int], processes: int) -> list[list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--open", "--join"):  # an open network: no topology file (`p2pfl.ops.open_launch`)
+        from p2pfl.ops import open_launch
+
+        return open_launch.main(argv)
     extra: list[str] = []
     if "--" in argv:
         k = argv.index("--")
@@ -161,26 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
 
-    stopping = {"n": 0}
-
-    def forward(sig: int, _frame: Any) -> None:
-        stopping["n"] += 1
-        target = signal.SIGTERM if stopping["n"] == 1 else signal.SIGKILL
-        print(f"\nlaunch: forwarding {signal.Signals(target).name} to all peers", flush=True)
-        for pr in procs.values():
-            if pr.poll() is None:
-                pr.send_signal(target)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    last_line = ""
-    while any(pr.poll() is None for pr in procs.values()):
-        time.sleep(1.0)
-        alive = sum(len(b) for b in blocks if procs[b[0]].poll() is None)
-        line = progress_line(last_records(run_dir, topo.ids), topo.ids, alive)
-        if line != last_line:
-            print(line, flush=True)
-            last_line = line
+    follow(run_dir, procs, {b[0]: b for b in blocks})
     return finish(run_dir, topo.ids, {p: procs[b[0]].returncode for b in blocks for p in b}, not args.no_report)
 
 

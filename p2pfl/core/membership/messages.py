@@ -111,6 +111,7 @@ class ViewKind(StrEnum):
     DISCONNECT = "disconnect"  # the link is gone (leaving: the sender leaves the network)
     SHUFFLE = "shuffle"  # a random walk carrying a sample of the origin's views
     SHUFFLE_REPLY = "shuffle_reply"  # the walk's end answers the origin with a sample of its own
+    REVOKE = "revoke"  # the authority's revocations, flooded on the active view (node.membership.Open)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class ViewMsg:
     leaving: bool = False
     nonce: int = 0
     entries: tuple[Entry, ...] = ()
+    revocations: tuple[bytes, ...] = ()
 
 
 # Which fields each kind carries, and their keys on the wire.
@@ -136,9 +138,10 @@ FIELDS: dict[ViewKind, tuple[str, ...]] = {
     ViewKind.DISCONNECT: ("leaving",),
     ViewKind.SHUFFLE: ("peer", "peer_contact", "ttl", "nonce", "entries"),
     ViewKind.SHUFFLE_REPLY: ("nonce", "entries"),
+    ViewKind.REVOKE: ("revocations",),
 }
 KEYS = {"contact": "c", "peer": "p", "peer_contact": "pc", "ttl": "t", "high": "h", "accept": "a",
-        "leaving": "l", "nonce": "n", "entries": "e"}
+        "leaving": "l", "nonce": "n", "entries": "e", "revocations": "r"}
 
 
 def encode(msg: ViewMsg) -> dict[str, Any]:
@@ -146,7 +149,7 @@ def encode(msg: ViewMsg) -> dict[str, Any]:
     out: dict[str, Any] = {"k": msg.kind.value}
     for f in FIELDS[msg.kind]:
         v = getattr(msg, f)
-        out[KEYS[f]] = [[p, c] for p, c in v] if f == "entries" else v
+        out[KEYS[f]] = [[p, c] for p, c in v] if f == "entries" else list(v) if f == "revocations" else v
     return out
 
 
@@ -178,6 +181,10 @@ def _field(name: str, v: Any, cfg: ViewConfig) -> Any:
         if not isinstance(v, bool):
             raise ViewWireError(f"view message: field {key!r} must be a bool, got {type(v).__name__}")
         return v
+    if name == "revocations":
+        if not isinstance(v, list | tuple) or not 0 < len(v) <= cfg.max_entries:
+            raise ViewWireError(f"view message: field 'r' must be a list of 1 to ka + kp = {cfg.max_entries} revocations")
+        return tuple(_blob(b, f"field 'r'[{i}]", cfg) for i, b in enumerate(v))
     if not isinstance(v, list | tuple):
         raise ViewWireError(f"view message: field 'e' must be a list, got {type(v).__name__}")
     if len(v) > cfg.max_entries:

@@ -301,6 +301,9 @@ class Views:
             return [(s, ViewMsg(ViewKind.DISCONNECT))]
         return self._admit(s, msg.contact, forced=False, own=True) or []
 
+    def _on_revoke(self, s: int, msg: ViewMsg, now: float, _: _Bucket) -> Out:
+        return []  # revocations are the admission layer's (`node.membership.Open`); the rate limit is this one's
+
     def _on_disconnect(self, s: int, msg: ViewMsg, now: float, _: _Bucket) -> Out:
         was = s in self._active
         contact = self._active.get(s, b"")
