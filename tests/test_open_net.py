@@ -45,13 +45,18 @@ def spread_of(x: torch.Tensor) -> float:
 
 def models_at(run: Path, peers: list[int], rnd: int, procs) -> torch.Tensor:
     """The peers' models of their checkpoint of round `rnd` (--checkpoint-every 10: rnd = 9, 19,
-    ...), read while the run goes on: each peer keeps only its last two."""
-    wait_until(lambda: all(records(run, p) and records(run, p)[-1]["round"] > rnd for p in peers), 200, f"round {rnd}", procs)
-    xs = []
-    for p in peers:
-        c = read(run / f"peer-{p}" / f"checkpoint-{rnd:08d}.safetensors")
-        xs.append(torch.cat([c.tensors[n].flatten().double() for n in sorted(c.tensors) if n.startswith("x/")]))
-    return torch.stack(xs)
+    ...), each read as soon as it is written: a peer keeps only its last two."""
+    got: dict[int, torch.Tensor] = {}
+
+    def take() -> bool:
+        for p in peers:
+            if p not in got and (run / f"peer-{p}" / f"checkpoint-{rnd:08d}.sha256").exists():
+                c = read(run / f"peer-{p}" / f"checkpoint-{rnd:08d}.safetensors")
+                got[p] = torch.cat([c.tensors[n].flatten().double() for n in sorted(c.tensors) if n.startswith("x/")])
+        return len(got) == len(peers)
+
+    wait_until(take, 200, f"every peer's checkpoint of round {rnd}", procs)
+    return torch.stack([got[p] for p in peers])
 
 
 def final_models(run: Path, peers: list[int]) -> torch.Tensor:
@@ -169,3 +174,31 @@ def test_a_revocation_given_to_one_process_cuts_the_peer_off_everywhere(spawn, t
         assert after and not any(revoked in r["active"] or revoked in r["mixed_with"] for r in after), (p, at)
     refused = records(run, 0)[-1]["admission_refused"]
     assert refused.get("revoked", 0) > 0, refused  # its messages still come, and are refused at the socket
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--topology", "topologies/ring.yaml", "--id", "0", "--cert", "x"], "--cert: only with --network"),
+    (["--network", "{net}", "--listen", "127.0.0.1:1"], "--cert: required with --network"),
+    (["--network", "{net}", "--cert", "{cert}"], "--listen: required with --network"),
+    (["--network", "{net}", "--cert", "{cert}", "--listen", "127.0.0.1:1", "--id", "3"], "--id: an open network's peer ids come from"),
+    (["--network", "{net}", "--cert", "{cert}", "--listen", "127.0.0.1"], "--listen: expected HOST:PORT"),
+    (["--network", "{net}", "--cert", "{cert}", "--listen", "127.0.0.1:1", "--algorithm", "gt"], "--algorithm gt: not available"),
+    (["--network", "{net}", "--cert", "{cert}", "--listen", "127.0.0.1:1", "--resume"], "--resume (its links changed"),
+    (["--network", "{net}", "--cert", "{other}", "--listen", "127.0.0.1:1"], "line 1: other-authority"),
+    (["--network", "{net}", "--cert", "{nokey}", "--listen", "127.0.0.1:1"], "cannot load CurveZMQ secret key"),
+    (["--network", "{net}", "--cert", "{cert}", "--listen", "127.0.0.1:1", "--set", "no_train=1"], "unknown trainer key"),
+])
+def test_an_open_peer_refuses_bad_flags_and_certificates_with_exit_2(tmp_path, capsys, argv, message):
+    from p2pfl.ops.cli import peer_main
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    run.mkdir()
+    other.mkdir()
+    O.create(run, {"dim": 128}, HOST, 2)
+    O.create(other, {"dim": 128}, HOST, 2)
+    cert = O.certify(run, [1], "one")
+    nokey = O.certify(run, [2], "two")
+    (run / "certs" / "keys" / "peer-2.key_secret").unlink()
+    names = {"net": run / "network.yaml", "cert": cert, "other": O.certify(other, [1], "one"), "nokey": nokey}
+    assert peer_main([a.format(**names) for a in argv]) == 2
+    assert message in capsys.readouterr().err

@@ -396,7 +396,8 @@ def check_open(cfg: PeerConfig) -> None:
     """What an open network's peer does not do yet, named (`node.build.make_open_node`)."""
     check_peer_basics(cfg)
     unsupported = {"--algorithm gt": cfg.algorithm != "dsgd", "--byzantine": cfg.byzantine != "off",
-                   "--clusters": parse_clusters(cfg.clusters) is not None}
+                   "--clusters": parse_clusters(cfg.clusters) is not None,
+                   "--resume (its links changed while it was down)": cfg.resume}
     for option, used in unsupported.items():
         if used:
             raise ConfigError(f"{option}: not available in an open network yet (docs/membership.md)")

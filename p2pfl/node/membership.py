@@ -42,7 +42,8 @@ from p2pfl.core.membership.messages import ViewConfig, ViewKind, ViewMsg, ViewWi
 from p2pfl.core.membership.size import SizeError, SizeEstimator
 from p2pfl.core.membership.views import Out, ViewRefused, Views, mh_weights
 from p2pfl.core.state import zeros_like_state
-from p2pfl.core.wire import BASE, Kind, Message, TensorPayload
+from p2pfl.core.wire import BASE, Kind, Message, TensorPayload, frames_nbytes
+from p2pfl.core.wire import encode as encode_message
 from p2pfl.node.actions import Action, Flush, Send
 from p2pfl.node.liveness import Liveness
 from p2pfl.node.mixer import ChocoMixer
@@ -91,6 +92,7 @@ class Open(Neighbourhood):
         self.views, self.contact, self.inc = views, contact, inc
         self.revocations, self.wall, self.shared = revocations, wall, shared
         self.revocations_applied = 0
+        self.view_bytes = 0  # view and revocation messages sent, as framed on the wire
         self.liveness = Liveness(me, [], cfg.peer_timeout, log)
         self._outbox: list[Action] = []
         self._unheard: dict[int, float] = {}  # active neighbours not heard from yet: since when
@@ -184,7 +186,7 @@ class Open(Neighbourhood):
     def _revocations_to(self, peers: list[int], blobs: list[bytes]) -> list[Action]:
         k = self.views.cfg.max_entries
         chunks = [tuple(blobs[i:i + k]) for i in range(0, len(blobs), k)]
-        return [Send(j, view_message(self.me, self.inc, ViewMsg(ViewKind.REVOKE, revocations=c))) for j in peers for c in chunks]
+        return self._counted([Send(j, view_message(self.me, self.inc, ViewMsg(ViewKind.REVOKE, revocations=c))) for j in peers for c in chunks])
 
     def accepted(self, msg: Message, now: float) -> list[Action]:
         """A neighbour's message; one that comes up gets the revocations this peer knows (a joiner
@@ -234,7 +236,11 @@ class Open(Neighbourhood):
             self.liveness.live.discard(j)
             self.liveness.last_seen.pop(j, None)
         sends: list[Action] = [Send(dest, view_message(self.me, self.inc, vm)) for dest, vm in out]
-        return self._drain() + sends
+        return self._drain() + self._counted(sends)
+
+    def _counted(self, sends: list[Action]) -> list[Action]:
+        self.view_bytes += sum(frames_nbytes(encode_message(a.msg)) for a in sends if isinstance(a, Send))
+        return sends
 
     def _drain(self) -> list[Action]:
         out, self._outbox = self._outbox, []
@@ -251,6 +257,7 @@ class OpenMixer(ChocoMixer):
         self._degree = 0
         self._deg: dict[int, dict[int, int]] = {}  # neighbour -> round -> the degree its delta of that round carried
         self._gone: list[int] = []
+        self._view_bytes = 0  # the neighbourhood's view bytes at the last record
 
     def synced(self, peer: int) -> bool:
         rep = self.engine.replicas.get(peer)
@@ -324,6 +331,8 @@ class OpenMixer(ChocoMixer):
         for j in use:
             self.engine.weights[j] = w[j]
         self.engine.mix(use)
+        sent = nbh.view_bytes if isinstance(nbh, Open) else 0
+        view_bytes, self._view_bytes = sent - self._view_bytes, sent
         return {"network_size_estimate": self.size.estimate(rnd), "degree": self._degree, "mixed_with": sorted(use),
-                "active": sorted(nbh.neighbours),
+                "active": sorted(nbh.neighbours), "view_bytes": view_bytes,
                 "consensus_absent": NO_ESTIMATE}
