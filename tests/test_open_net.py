@@ -6,6 +6,7 @@ reaches every peer through the others."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import networkx as nx
@@ -129,13 +130,14 @@ def test_churn_joins_goodbyes_and_crashes_keep_the_overlay_connected(spawn, tmp_
     assert all(codes[k] == 0 for k in (0, 8, 24, 16, 17, 18, 19)), codes  # no live peer waits forever; goodbyes exit cleanly
     recs = {p: records(run, p) for p in range(32)}
     assert all(recs[p][-1]["round"] == rounds - 1 for p in live)
-    # Joiners start at the network's round and mix within 4 s (a wide-area round lasts longer than
-    # that; 13 of these 0.3 s rounds). The 8 join at once through one contact and evict one another
-    # at the walks' ends (docs/membership.md has the rounds each took).
+    # Joiners start at the network's round and mix within 3 rounds of their first, or 4 s where
+    # rounds are shorter (these are 0.3 s: the 8 join at once through one contact and evict one
+    # another at the walks' ends; docs/membership.md has the rounds each took).
     for p in range(24, 32):
         first = recs[p][0]
         mixed = next(r for r in recs[p] if r["mixed_with"])
-        assert first["round"] >= 10 and mixed["time"] - first["time"] <= 4.0, (p, first["round"], mixed["round"])
+        assert first["round"] >= 10 and (mixed["round"] <= first["round"] + 3 or mixed["time"] - first["time"] <= 4.0), \
+            (p, first["round"], mixed["round"], mixed["time"] - first["time"])
     # Every round's records are consistent with a connected overlay: the peers with a record of the
     # round (a joiner from its fourth), linked where either end names the link (the two ends record
     # a change a moment apart), from the round every first peer runs to the end.
@@ -164,14 +166,14 @@ def test_a_revocation_given_to_one_process_cuts_the_peer_off_everywhere(spawn, t
     wait_until(lambda: min(last(p) for p in range(8)) >= 10, 200, "round 10 everywhere", procs.values())
     assert any(revoked in r["active"] for p in range(8) if p != revoked for r in records(run, p)[-1:])
     assert topology_main(["authority", "revoke", "--dir", str(run / "authority"), str(revoked), "-o", str(run / "revocations.txt")]) == 0
-    at = max(last(p) for p in range(8))
+    written = time.time()
     assert wait_all(procs, 300) == {0: 0, 4: 0}
     for p in range(8):
         if p == revoked:
             continue
         recs = records(run, p)
-        after = [r for r in recs if r["round"] > at + 3]  # the file is read within a second: 4 rounds at 0.3 s
-        assert after and not any(revoked in r["active"] or revoked in r["mixed_with"] for r in after), (p, at)
+        after = [r for r in recs if r["time"] > written + 2.0]  # the file is read within a second, then one flood
+        assert len(after) > 10 and not any(revoked in r["active"] or revoked in r["mixed_with"] for r in after), p
     refused = records(run, 0)[-1]["admission_refused"]
     assert refused.get("revoked", 0) > 0, refused  # its messages still come, and are refused at the socket
 

@@ -20,9 +20,10 @@ import msgpack
 import numpy as np
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-VERSION = 4
+VERSION = 5
 PINNED = {3: "009dbf77cf5eac270282585f63abed192405e6091bc8a6ecbba06790c4de9c28",
-          4: "65fbaf7524a6147f2c67dd49defb44feb240c5c57305cfa50ffd4e3826952c4b"}  # sha256 of each version's golden vectors (`digest`): its bytes never change
+          4: "65fbaf7524a6147f2c67dd49defb44feb240c5c57305cfa50ffd4e3826952c4b",
+          5: "160264bc8071314657076d7798b6289d9b9f3569eb4daea71475a131b6dc4742"}  # sha256 of each version's golden vectors (`digest`): its bytes never change
 
 NET = 0x0123_4567_89AB_CDEF  # any 63-bit value
 INC = 1_733_600_000_000_000  # a start time in microseconds
@@ -94,6 +95,9 @@ VIEW = {"kind": "view", "sender": 3, "round": 0, "seq": 0,
         "tensors": [tensor("view", "msgpack", [len(VIEW_BODY)], {"data": np.frombuffer(VIEW_BODY, np.uint8)})]}
 
 
+REVOKE_BODY = msgpack.packb({"k": "revoke", "r": [bytes(range(16))]}, use_bin_type=True)  # a revocation is opaque here
+
+
 def vectors() -> list[dict]:
     """One input per message kind and per kind of payload."""
     x = f32(0.5, -1.25, 2.0, 0.0, -0.75, 3.5)  # two tensors of 3 values, flattened in name order
@@ -134,6 +138,8 @@ def vectors() -> list[dict]:
         {"name": "state-push-sum", "kind": "state", **control, "tensors": [tensor("_flat", "none", [6], {"data": x})],
          "info": {"weight": 0.375}},
         {"name": "view-neighbor", **VIEW},
+        {"name": "view-revoke", **VIEW, "tensors": [tensor("view", "msgpack", [len(REVOKE_BODY)], {"data": np.frombuffer(REVOKE_BODY, np.uint8)})]},
+        {"name": "resync-gap", "kind": "resync", **control, "info": {"gap": [5, 8]}},
         {"name": "delta-open", "kind": "delta", **control, "tensors": [
             tensor("_flat", "none", [6], {"data": x}), tensor("_size", "none", [4], {"data": f32(0.5, 1.25, 0.0625, 2.0)})],
          "info": {"deg": 5, "size": 2}},

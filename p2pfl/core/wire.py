@@ -29,7 +29,7 @@ from p2pfl.errors import P2pflError
 # of seq 0 holds no round. 4: the kind `view` (open networks' peer sampling), and an open network's
 # deltas carry the sender's degree (info `deg`) and size-estimate minima (`_size`, info `size`).
 # docs/wire.md is the whole protocol; tests/golden/ pins its bytes.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_HEADER = 4 * 1024 * 1024
 MAX_TENSORS = 4096
 BASE, CLUSTER, GLOBAL = "base", "cluster", "global"
