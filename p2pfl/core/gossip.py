@@ -318,14 +318,18 @@ class ChocoEngine:
         rep.resync_asked, rep.asked_round = True, self.round
         return (peer, self._control(Kind.RESYNC))
 
-    def _ask_gap(self, peer: int, rep: Replica, upto: int) -> list[Action]:
+    def _ask_gap(self, peer: int, rep: Replica, upto: int, regrow: bool = False) -> list[Action]:
         """A synced replica whose next delta is missing while later ones (before `upto`, or
         buffered) were sent asks for the missing ones. It stays in use meanwhile, as a late
-        neighbour's does, and what its rounds lacked is owed as the deltas apply."""
-        if not rep.synced or rep.gap is not None or rep.next_seq in rep.pending:
+        neighbour's does, and what its rounds lacked is owed as the deltas apply. A gap already
+        asked for is asked for again, whole, at `ASK_AGAIN`, or (`regrow`: a delta came past it)
+        once it has grown and a round has passed: the request may have been lost with the link
+        that lost the deltas. Regrowth needs a new delta, so the sender is asked at most once per
+        delta it sends, within its rate limit."""
+        if not rep.synced or rep.next_seq in rep.pending:
             return []
         end = min([*rep.pending, upto])
-        if end <= rep.next_seq:
+        if end <= rep.next_seq or (rep.gap is not None and (not regrow or end <= rep.gap[1] or self.round == rep.asked_round)):
             return []
         rep.gap, rep.asked_round = (rep.next_seq, end), self.round
         self.gaps += 1
@@ -397,7 +401,7 @@ class ChocoEngine:
             evicted = min(rep.pending)
             del rep.pending[evicted]
         self._drain(rep)
-        actions = self._ask_gap(msg.sender, rep, msg.seq)
+        actions = self._ask_gap(msg.sender, rep, msg.seq, regrow=True)
         if evicted is not None:
             raise Refused("seq-window", f"peer {msg.sender}: more than {self.window} deltas buffered while awaiting its state; "
                           f"dropped delta {evicted}", actions)
