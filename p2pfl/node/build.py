@@ -20,7 +20,14 @@ from p2pfl.core.codec import CodecError
 from p2pfl.core.compress import CompressionPlan
 from p2pfl.core.conduct import Limits
 from p2pfl.core.consensus import flatten, shared_sketcher
-from p2pfl.core.estimate import ROW_KEY_BYTES, EstimatorConfig, GossipEstimator, flood_plan, gossip_within
+from p2pfl.core.estimate import (
+    MIN_ROWS,
+    ROW_KEY_BYTES,
+    EstimatorConfig,
+    GossipEstimator,
+    flood_plan,
+    gossip_within,
+)
 from p2pfl.core.gossip import FLAT, ChocoEngine
 from p2pfl.core.membership.messages import ViewConfig
 from p2pfl.core.membership.size import SizeEstimator
@@ -111,19 +118,24 @@ def estimator_config(kind: str, topo: Topology, k: int, rounds: int,
                      budget: Callable[[int], float] = lambda drain: 0.0) -> EstimatorConfig | None:
     """None for flooding (`consensus.SketchBook`), else the gossip estimator's settings, within
     `budget(drain)` bytes a message of the run (`gossip_within`), its payload riding on the lag + 1
-    drain rounds' messages too. Its period is a divisor of `rounds` when one is close to the
-    default, so the last round gets an estimate."""
+    drain rounds' messages too. Its period is a divisor of `rounds` when one is at least half the
+    default (with fewer rows for the more instances in flight), so the last round gets an estimate."""
     check_estimator(kind)
     if k <= 0 or kind == "flood" or (kind == "auto" and topo.n <= FLOOD_UP_TO):
         return None
     default = EstimatorConfig.for_topology(k, topo.mixing_lambda())
     drain = default.lag + 1  # rounds after the last that carry its instance, beside the run's own
-    base = gossip_within(default, budget(drain) * rounds / (rounds + drain) if rounds > 0 else budget(drain))
+    per_message = budget(drain) * rounds / (rounds + drain) if rounds > 0 else budget(drain)
+    base = gossip_within(default, per_message)
     k = base.k
     every = max(d for d in range(1, base.every + 1) if rounds % d == 0) if rounds > 0 else base.every
     if 0 < rounds <= base.every:  # a run shorter than the period: its last round still starts an instance
         every = rounds
-    return EstimatorConfig(k=k, lag=base.lag, every=every if 2 * every >= base.every or every == rounds else base.every)
+    elif 2 * every < base.every:
+        every = base.every
+    elif every < base.every and per_message > 0:  # more instances in flight: fewer rows, the same bytes
+        k = max(MIN_ROWS, min(k, int(per_message // (8 * math.ceil(base.lag / every))) - 1))
+    return EstimatorConfig(k=k, lag=base.lag, every=every)
 
 
 def make_node(cfg: PeerConfig, topo: Topology, spec: NodeSpec, log: logging.Logger | None = None) -> Node:
