@@ -116,6 +116,30 @@ def test_a_heartbeat_shows_a_lost_last_delta_and_a_gap_no_longer_held_gets_a_sta
     assert e.value.reason == "resync-gap"
 
 
+def test_a_gap_whose_request_was_lost_is_asked_for_again_when_a_delta_passes_it():
+    """Peer 1's deltas of rounds 1-3 never reach 2 and neither does 2's request for the first,
+    made on a heartbeat: the link was down. Round 4's delta comes past the gap a round later,
+    and 2 asks again for the whole gap, which 1 still holds: no state, and the replica is exact."""
+    topo = T.generate("ring", 4)
+    net = EngineNetwork(topo, {p: synthetic_state(0, p, 256) for p in topo.ids})
+    a, b = net.engines[1], net.engines[2]
+    net.step()
+    kinds: list[Kind] = []
+
+    def down(src: int, dst: int, msg: Message) -> bool:
+        kinds.append(msg.kind)
+        return {src, dst} == {1, 2}
+
+    net.step(drop=down)
+    net.deliver(1, 2, a.heartbeat(), drop=lambda src, dst, msg: (src, dst) == (2, 1))  # a gap of one delta, asked for in vain
+    net.step(drop=down)
+    net.step(drop=down)
+    assert b.replicas[1].gap == (1, 2) and b.gaps == 1
+    net.step(drop=lambda src, dst, msg: kinds.append(msg.kind) and False)
+    assert b.gaps == 2 and b.states == 0 and Kind.STATE not in kinds
+    assert b.replicas[1].round == 4 and b.replicas[1].gap is None and net.stale_replicas() == []
+
+
 # ---------------------------------------------------------------------- over TCP, through the proxy
 
 
