@@ -30,8 +30,20 @@ Per seed:
 `lambda_overlay` and `lambda_static`: ||W - 11^T/n||_2 of the overlay at round 70 and of the
 static graph (-ln lambda is the asymptotic contraction per round).
 
+With ``--processes P`` (`"setting": "daemon"`), the first keys come from real peers instead:
+`--peers` co-hosted in P processes over loopback TCP with CURVE and admission certificates, all
+knowing only peer 0's address (`scripts/launch.sh --open`'s network), `--no-train` exact gossip
+of `--dim` floats at `--round-period`, against the same peers on a static random regular graph
+of degree `active` (a topology file, the same settings) in the same run:
+`rounds_to_all_mixing` (the first round every peer mixes with a neighbour and the links both
+ends hold connect them), `membership_bytes_per_peer_round` (the records' `view_bytes`, view and
+revocation messages as framed, per peer per round over the second half) and its share of the
+default codec's deltas, `contraction_vs_static` (-log of the per-round factor of the exact
+consensus distance between the checkpoint of mid-run (round 29 of 60) and the final models, open
+over static). Churn and attackers stay in the simulator (keys `churn_*`, `attacker_*`).
+
 usage: python bench/membership.py [--peers 256] [--seeds 0,1,2] [--payload 160] [--no-delta]
-                                  [--rewires 4]
+                                  [--rewires 4] [--processes 4 [--rounds 60] [--dim 256] [--round-period 0.5]]
 """
 
 from __future__ import annotations
@@ -196,6 +208,99 @@ def delta_bytes() -> int:
     return encoded_nbytes(get_codec("sign:2048").encode(torch.randn(numel), seed=7))
 
 
+def _models(run, peers: list[int], rnd: int | None) -> np.ndarray:
+    """The peers' models at their checkpoint of round `rnd` (read while the run goes on: a peer
+    keeps its last two), or their final adapters (None)."""
+    from p2pfl.host.checkpoint import load_state, read
+
+    xs = []
+    for p in peers:
+        if rnd is None:
+            t = load_state(run / f"peer-{p}" / "adapter.safetensors")
+            xs.append(np.concatenate([t[k].double().numpy().ravel() for k in sorted(t)]))
+        else:
+            c = read(run / f"peer-{p}" / f"checkpoint-{rnd:08d}.safetensors")
+            xs.append(np.concatenate([c.tensors[k].double().numpy().ravel() for k in sorted(c.tensors) if k.startswith("x/")]))
+    return np.stack(xs)
+
+
+def _spread(x: np.ndarray) -> float:
+    return float(np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean()))
+
+
+def daemon_runs(n: int, processes: int, rounds: int, dim: int, period: float, seed: int) -> dict:
+    """The open network and the static graph over real processes (module docstring)."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from p2pfl.core import topology as T
+    from p2pfl.host.files import dump_topology, read_jsonl
+    from p2pfl.net.ports import free_base_port
+    from p2pfl.ops import open_launch as O
+    from p2pfl.ops.launch import id_spec, spread
+
+    settings = {"rounds": rounds, "dim": dim, "compress": "none", "sketch_dim": 0, "round_period": period, "min_wait": 2.0,
+                "heartbeat": 1.0, "peer_timeout": 10.0, "checkpoint_every": 10, "seed": seed}
+    blocks = spread(list(range(n)), processes)
+    tmp = Path(tempfile.mkdtemp(prefix="membership-"))
+    out: dict = {}
+    for kind in ("open", "static"):
+        run = tmp / kind
+        run.mkdir()
+        t0 = time.monotonic()
+        if kind == "open":
+            port = O.create(run, settings, "127.0.0.1", len(blocks[0]))
+            procs = [O.start(run, b, O.certify(run, b, f"p{b[0]}"), "127.0.0.1", [], port if b[0] == 0 else None, False) for b in blocks]
+        else:
+            g = nx.random_regular_graph(ViewConfig().active, n, seed=seed)
+            base = free_base_port(n)
+            topo = T.Topology({p: T.PeerSpec(p, "127.0.0.1", base + p) for p in range(n)}, g, name="random-regular")
+            dump_topology(topo, run / "topology.yaml")
+            procs = [subprocess.Popen([sys.executable, "-m", "p2pfl", "--topology", str(run / "topology.yaml"), "--id", id_spec(b),
+                                       "--run-dir", str(run), *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()], "--no-train"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for b in blocks]
+        first = 10 * (rounds // 20) - 1  # the checkpoint of mid-run (--checkpoint-every 10), after the joins
+        got: dict[int, np.ndarray] = {}  # each peer's checkpoint of round `first`, taken before it is replaced
+        try:
+            while len(got) < n and all(pr.poll() is None for pr in procs):
+                for p in range(n):
+                    if p not in got and (run / f"peer-{p}" / f"checkpoint-{first:08d}.sha256").exists():
+                        got[p] = _models(run, [p], first)[0]
+                time.sleep(0.2)
+            codes = [pr.wait(timeout=1800) for pr in procs]
+        finally:  # no peer outlives the bench
+            for pr in procs:
+                if pr.poll() is None:
+                    pr.kill()
+        recs = {p: read_jsonl(run / "metrics" / f"peer-{p}.jsonl") for p in range(n)}
+        there = sorted(got)  # a peer that joined after round `first` has no checkpoint of it
+        factor = (_spread(_models(run, there, None)) / _spread(np.stack([got[p] for p in there]))) ** (1 / (rounds - 1 - first))
+        out[kind] = {"codes_ok": all(c == 0 for c in codes), "wall_s": round(time.monotonic() - t0, 1), "factor": factor,
+                     "peers_measured": len(there), "last_first_round": max(rs[0]["round"] for rs in recs.values())}
+        if kind == "open":
+            mixing = None
+            for rnd in range(rounds):
+                at = {p: r for p, rs in recs.items() for r in rs if r["round"] == rnd}
+                links = nx.Graph([(p, q) for p, r in at.items() for q in r["active"] if q in at and p in at[q]["active"]])
+                links.add_nodes_from(at)
+                if len(at) == n and all(r["mixed_with"] for r in at.values()) and nx.is_connected(links):
+                    mixing = rnd
+                    break
+            half = [r for rs in recs.values() for r in rs if r["round"] >= rounds // 2]
+            out[kind] |= {"rounds_to_all_mixing": mixing, "view_bytes": sum(r["view_bytes"] for r in half) / len(half),
+                          "mean_degree": float(np.mean([r["degree"] for r in half]))}
+    o = out["open"]
+    return {"peers": n, "processes": processes, "rounds": rounds, "dim": dim, "round_period": period, "seed": seed,
+            "runs_ok": o["codes_ok"] and out["static"]["codes_ok"], "wall_s_open": o["wall_s"], "wall_s_static": out["static"]["wall_s"],
+            "rounds_to_all_mixing": o["rounds_to_all_mixing"], "last_join_round": o["last_first_round"],
+            "peers_in_contraction": [o["peers_measured"], out["static"]["peers_measured"]], "membership_bytes_per_peer_round": round(o["view_bytes"], 1),
+            "mean_degree": round(o["mean_degree"], 3), "factor_open": round(o["factor"], 4), "factor_static": round(out["static"]["factor"], 4),
+            "contraction_vs_static": round(math.log(o["factor"]) / math.log(out["static"]["factor"]), 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", type=int, default=256)
@@ -203,6 +308,10 @@ def main() -> None:
     ap.add_argument("--payload", type=int, default=160, help="bytes of a peer's contact payload")
     ap.add_argument("--no-delta", action="store_true", help="skip the default model's delta size")
     ap.add_argument("--rewires", type=int, default=ViewConfig().rewires, help="switches of a new peer")
+    ap.add_argument("--processes", type=int, help="real peers in this many processes (setting daemon; see above)")
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--round-period", type=float, default=0.5)
     args = ap.parse_args()
     cfg = ViewConfig(rewires=args.rewires)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -223,6 +332,10 @@ def main() -> None:
             None if None in vals else round(float(np.mean(vals)), 4))
     out["honest_connected"] = all(r["honest_connected"] for r in runs)
     out["honest_connected_hubs"] = all(r["honest_connected_hubs"] for r in runs)
+    if args.processes:
+        daemon = daemon_runs(args.peers, args.processes, args.rounds, args.dim, args.round_period, seeds[0])
+        out["sim"] = {k: out.pop(k) for k in ("rounds_to_all_mixing", "membership_bytes_per_peer_round", "mean_degree", "contraction_vs_static")}
+        out |= daemon | {"setting": "daemon (churn_* and attacker_* from the simulator)"}
     if not args.no_delta:
         d = delta_bytes()
         out["delta_bytes"] = d

@@ -56,7 +56,8 @@ def test_a_malformed_block_is_refused_and_the_delta_it_rode_on_still_applies():
 
 
 def _lost_state_run(rounds: int = 16) -> Simulation:
-    """Peer 1's delta of round 2 to peer 0 is lost, so 0 asks for 1's state; that first state is
+    """Peer 1's delta of round 2 to peer 0 is lost, so 0 asks for 1's state (with --window 1 peer
+    1 holds only its last delta, so a gap gets a state, not the deltas again); that first state is
     lost too."""
     lost = {"delta": False, "state": False}
 
@@ -71,7 +72,7 @@ def _lost_state_run(rounds: int = 16) -> Simulation:
             return True
         return False
 
-    sim = Simulation(T.generate("ring", 4), cfg(rounds=rounds, min_wait=0.2), drop=drop)
+    sim = Simulation(T.generate("ring", 4), cfg(rounds=rounds, min_wait=0.2, window=1), drop=drop)
     sim.run()
     assert lost == {"delta": True, "state": True}
     return sim
@@ -113,8 +114,9 @@ def test_a_state_refused_on_arrival_is_asked_for_again_over_tcp(tmp_path, spawn)
     # Peers 1-3 wait for peer 0 (a long --min-wait): its deadlines, not theirs, set the pace, so
     # they cannot finish before peer 0 has asked again, however slowly this process runs.
     # --dim 100 with the default 1024-row sketch: the other fault of this file, over TCP too.
-    others = spawn(path, "1-3", run, "--no-train", "--rounds", "14", "--dim", "100", "--min-wait", "20")
-    cfg = PeerConfig(topology=path, id=0, no_train=True, rounds=14, dim=100, run_dir=run, min_wait=0.5)
+    # --window 1: a peer holds only its last delta, so the lost one's gap gets a state, not the delta again.
+    others = spawn(path, "1-3", run, "--no-train", "--rounds", "14", "--dim", "100", "--min-wait", "20", "--window", "1")
+    cfg = PeerConfig(topology=path, id=0, no_train=True, rounds=14, dim=100, run_dir=run, min_wait=0.5, window=1)
 
     def nodes(c, topo, spec, log):
         return RefusesFirstState(c, spec, make_parts(c, topo, spec, log), log) if c.id == 0 else Node(c, spec, make_parts(c, topo, spec, log), log)

@@ -172,6 +172,21 @@ def test_a_join_links_both_ends_and_carries_the_payloads():
     assert net.graph().number_of_edges() == 3  # the walk ended at 1, which linked to 2
 
 
+def test_a_refused_join_is_answered_at_an_address_the_contact_holds():
+    """The daemon dials a peer at the address its contact payload names: the answer to a JOIN a
+    full contact refuses (with its sample) goes to a peer in neither view, whose payload came only
+    on the JOIN."""
+    v = Views(0, CFG, 0, payload=b"addr-0")
+    for p in range(1, 7):  # fill the view; 6 evicts 5 and is the entry that got in by eviction
+        v.receive(p, ViewMsg(ViewKind.JOIN, contact=f"addr-{p}".encode()), 0.0)
+    v.receive(6, ViewMsg(ViewKind.DISCONNECT), 0.1)  # the evicted slot's holder leaves
+    v.receive(7, ViewMsg(ViewKind.JOIN, contact=b"addr-7"), 0.2)  # a random eviction, once
+    v.receive(7, ViewMsg(ViewKind.DISCONNECT), 0.3)
+    out = v.receive(8, ViewMsg(ViewKind.JOIN, contact=b"addr-8"), 0.4)
+    assert [(d, m.kind, m.accept) for d, m in out] == [(8, ViewKind.NEIGHBOR_REPLY, False)] and 8 not in v.active
+    assert v.contact(8) == b"addr-8"
+
+
 def test_a_leaver_is_replaced_from_the_passive_view():
     net = Net(seed=3)
     net.add(0)

@@ -161,6 +161,7 @@ class Views:
         for book in (self._active, self._passive):
             if msg.contact and sender in book:
                 book[sender] = msg.contact
+        self._remember(sender, msg.contact)  # a reply to a sender outside both views (a refused JOIN) needs its contact
         handler = getattr(self, f"_on_{msg.kind.value}")
         return handler(sender, msg, now, bucket)
 
