@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pfl.config import ConfigError, resolve, unknown_key
 from p2pfl.core.admission import MAX_NAME, Z85_KEY, network_id
-from p2pfl.core.membership.messages import ViewConfig
 from p2pfl.core.topology import TopologyError, _need, load_yaml
+
+if TYPE_CHECKING:  # the view protocol's module imports the wire, and with it torch: the CLI reads this file before torch
+    from p2pfl.core.membership.messages import ViewConfig
 
 TOP_LEVEL_KEYS = ("name", "authority", "bootstrap", "settings", "membership")
 BOOTSTRAP_KEYS = ("id", "host", "port", "public_key")
@@ -47,7 +49,7 @@ class Network:
     authority: bytes  # Ed25519 public key, 32 bytes
     bootstrap: tuple[Bootstrap, ...]
     settings: dict[str, Any] = field(default_factory=dict)
-    views: ViewConfig = field(default_factory=ViewConfig)
+    views: ViewConfig | None = None  # None: ViewConfig's defaults
 
     @property
     def id(self) -> int:
@@ -98,6 +100,8 @@ def from_dict(doc: Any, source: str = "<network>") -> Network:
             raise TopologyError(f"{source}.bootstrap: two entries have the {what} {twice[0]}")
     settings = doc.get("settings") or {}
     resolve(Path(source), boot[0].id, settings, {}, [], source)  # unknown keys and bad values, named now
+    from p2pfl.core.membership.messages import ViewConfig
+
     try:
         views = ViewConfig.from_dict(doc.get("membership") or {}, f"{source}: membership")
     except ConfigError as e:

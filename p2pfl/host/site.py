@@ -18,7 +18,7 @@ from pathlib import Path
 from p2pfl.config import ConfigError, PeerConfig
 from p2pfl.core.admission import AdmissionError, Certificate, Revocations, verify
 from p2pfl.core.membership.contact import Contact, decode_contact, encode_contact
-from p2pfl.core.membership.messages import ViewWireError
+from p2pfl.core.membership.messages import ViewConfig, ViewWireError
 from p2pfl.core.netfile import Network
 from p2pfl.core.topology import PeerSpec
 from p2pfl.host.files import load_blobs, load_network
@@ -60,7 +60,7 @@ class OpenSite:
         read at start and again whenever it changes (`refresh`)."""
         self.path = network_path
         self.network: Network = load_network(network_path)
-        self.views = self.network.views
+        self.views = self.network.views or ViewConfig()
         self.gate = Gatekeeper(self.network.authority, self.network.name)
         self.revocations_path = revocations
         self._seen: tuple[float, int] | None = None
