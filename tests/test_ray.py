@@ -128,7 +128,10 @@ def test_ring16_no_train_over_two_nodes_gives_the_local_launchers_adapters(tmp_p
         assert same_adapters(tmp_path / "local", tmp_path / "ray", p), p
         ra, rb = (read_jsonl(tmp_path / d / "metrics" / f"peer-{p}.jsonl") for d in ("local", "ray"))
         assert [r["round"] for r in ra] == [r["round"] for r in rb] == list(range(10))
-        assert [r["consensus_distance"] for r in ra] == pytest.approx([r["consensus_distance"] for r in rb], rel=1e-12)
+        # Estimates come every few rounds within the monitoring budget: the same rounds carry one, with the same value.
+        ca, cb = ([r["consensus_distance"] for r in recs] for recs in (ra, rb))
+        assert [c is None for c in ca] == [c is None for c in cb] and any(c is not None for c in ca)
+        assert [c for c in ca if c is not None] == pytest.approx([c for c in cb if c is not None], rel=1e-12)
         assert (tmp_path / "ray" / "logs" / f"peer-{p}.log").stat().st_size > 0
         assert sum(r["bytes_sent"] for r in rb) > 0 and all(r["late_neighbors"] == [] for r in ra + rb)
 

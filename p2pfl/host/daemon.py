@@ -192,7 +192,7 @@ class Host:
             h.transport.supervise = self._supervise
             await h.transport.start()
             tasks.append(self._supervise(asyncio.create_task(self._receive_loop(h), name=f"recv-{p}")))
-        if self.site is not None and self.site.revocations_path is not None:
+        if self.site is not None:
             tasks.append(self._supervise(asyncio.create_task(self._watch_revocations(self.site), name="revocations")))
         if not self.peers:
             self.done.set()
@@ -249,13 +249,18 @@ class Host:
         self.done.set()
 
     async def _watch_revocations(self, site: OpenSite) -> None:
-        """The revocation file, read again when it changes: what is new there goes to each peer,
-        which passes it on to the network (`node.membership.Open.revoke`)."""
+        """Every second, the revocations new to this process, from its revocation file (read again
+        when it changes) or applied by one of its peers (the gatekeeper's set), go to each peer,
+        which passes on what is news to it (`node.membership.Open.revoke`): a co-hosted peer need
+        not wait for a neighbour to tell it."""
+        known = set(site.gate.revocations.blobs())
         while True:
             await asyncio.sleep(1.0)
-            blobs = site.refresh()
+            site.refresh()
+            blobs = [b for b in site.gate.revocations.blobs() if b not in known]
             if not blobs:
                 continue
+            known.update(blobs)
             now = asyncio.get_running_loop().time()
             for h in self.peers.values():
                 if not h.node.finished:
