@@ -128,17 +128,17 @@ class OpenSite:
         c = self.peers[peer].cert
         return self.gate.revocations.revokes(c.peer, c.issued)
 
-    def refresh(self) -> list[bytes]:
-        """The revocation file's revocations if it changed since last read (all of them), else []."""
+    def refresh(self) -> None:
+        """Give the gatekeeper the revocation file's revocations, if it changed since last read."""
         p = self.revocations_path
         if p is None:
-            return []
+            return
         try:
             st = p.stat()
         except FileNotFoundError:
-            return []
+            return
         if self._seen == (st.st_mtime, st.st_size):
-            return []
+            return
         self._seen = (st.st_mtime, st.st_size)
         blobs = load_blobs(p, "revocation")
         for blob in blobs:
@@ -146,4 +146,3 @@ class OpenSite:
                 self.gate.revoke(blob, time.time())
             except AdmissionError as e:
                 log.error("%s: a revocation that does not verify: %s", p, e)
-        return blobs

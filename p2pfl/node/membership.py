@@ -91,7 +91,6 @@ class Open(Neighbourhood):
         super().__init__(me, set(), cfg, log)
         self.views, self.contact, self.inc = views, contact, inc
         self.revocations, self.wall, self.shared = revocations, wall, shared
-        self.revocations_applied = 0
         self.view_bytes = 0  # view and revocation messages sent, as framed on the wire
         self.liveness = Liveness(me, [], cfg.peer_timeout, log)
         self._outbox: list[Action] = []
@@ -176,7 +175,6 @@ class Open(Neighbourhood):
                     self.liveness.drop(peer)
             except AdmissionError as e:
                 bad = e
-        self.revocations_applied += len(news)
         acts = self._sends(out, now) + self._revocations_to([j for j in self.neighbours if j != sender], news)
         if bad is not None:
             self._outbox += acts
